@@ -1,0 +1,499 @@
+//! Pure domain types: device ids, topic templates, heartbeat payloads, device records and
+//! the status payload published over MQTT.
+//!
+//! Nothing here does I/O. Inputs from the outside world (topics, payloads, Redis records)
+//! are parsed here once, at the edge; the rest of the crate takes the parsed types and never
+//! re-checks them.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+/// The longest device id accepted, in bytes (contract: 1 to 128 bytes of UTF-8).
+pub const MAX_DEVICE_ID_LEN: usize = 128;
+
+/// The placeholder for the device id in topic templates.
+pub const DEVICE_PLACEHOLDER: &str = "{device}";
+
+/// Milliseconds since the Unix epoch: the one time unit used across the crate and in Redis.
+pub type Millis = u64;
+
+/// The wall clock, in milliseconds since the Unix epoch.
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// Formats a time as RFC 3339 UTC with exactly three fractional digits and `Z`.
+pub fn format_time(ms: Millis) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+// === impl DeviceId ===
+
+/// A validated device id: 1 to 128 bytes of UTF-8 without control characters.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(String);
+
+/// Why a device id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidDeviceId {
+    #[error("device id is empty")]
+    Empty,
+    #[error("device id is {0} bytes long, more than {MAX_DEVICE_ID_LEN}")]
+    TooLong(usize),
+    #[error("device id contains a control character")]
+    ControlCharacter,
+    #[error("device id is not valid UTF-8")]
+    NotUtf8,
+}
+
+impl DeviceId {
+    pub fn parse(s: &str) -> Result<Self, InvalidDeviceId> {
+        if s.is_empty() {
+            return Err(InvalidDeviceId::Empty);
+        }
+        if s.len() > MAX_DEVICE_ID_LEN {
+            return Err(InvalidDeviceId::TooLong(s.len()));
+        }
+        if s.chars().any(char::is_control) {
+            return Err(InvalidDeviceId::ControlCharacter);
+        }
+        Ok(DeviceId(s.to_owned()))
+    }
+
+    pub fn parse_bytes(b: &[u8]) -> Result<Self, InvalidDeviceId> {
+        std::str::from_utf8(b)
+            .map_err(|_| InvalidDeviceId::NotUtf8)
+            .and_then(Self::parse)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+// === impl TopicTemplate ===
+
+/// A topic with exactly one level that is `{device}`, e.g. `devices/{device}/heartbeat`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicTemplate {
+    levels: Vec<String>,
+    device_level: usize,
+}
+
+impl TopicTemplate {
+    /// Parses a template. The error says what is wrong, without naming the config key.
+    pub fn parse(template: &str) -> Result<Self, String> {
+        if template.is_empty() {
+            return Err("topic template is empty".into());
+        }
+        let levels: Vec<String> = template.split('/').map(str::to_owned).collect();
+        let mut device_level = None;
+        for (i, level) in levels.iter().enumerate() {
+            if level == DEVICE_PLACEHOLDER {
+                if device_level.replace(i).is_some() {
+                    return Err(format!("{DEVICE_PLACEHOLDER} appears more than once"));
+                }
+            } else if level.contains(DEVICE_PLACEHOLDER) {
+                return Err(format!("{DEVICE_PLACEHOLDER} must be a whole topic level"));
+            } else if level.contains(['+', '#']) {
+                return Err("wildcards (+, #) are not allowed in a template".into());
+            } else if level.contains('\0') {
+                return Err("NUL is not allowed in a topic".into());
+            }
+        }
+        match device_level {
+            Some(device_level) => Ok(TopicTemplate {
+                levels,
+                device_level,
+            }),
+            None => Err(format!("must contain {DEVICE_PLACEHOLDER} as one level")),
+        }
+    }
+
+    /// The subscription filter: the template with `{device}` replaced by `+`.
+    pub fn filter(&self) -> String {
+        self.render_with("+")
+    }
+
+    /// The topic for one device.
+    pub fn render(&self, device: &DeviceId) -> String {
+        self.render_with(device.as_str())
+    }
+
+    fn render_with(&self, device: &str) -> String {
+        let mut out = String::new();
+        for (i, level) in self.levels.iter().enumerate() {
+            if i > 0 {
+                out.push('/');
+            }
+            out.push_str(if i == self.device_level {
+                device
+            } else {
+                level
+            });
+        }
+        out
+    }
+
+    /// Extracts the raw device level from a topic that matches the template, or `None` if the
+    /// topic does not match it.
+    pub fn extract<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        let mut device = None;
+        let mut n = 0;
+        for (i, level) in topic.split('/').enumerate() {
+            let expected = self.levels.get(i)?;
+            if i == self.device_level {
+                device = Some(level);
+            } else if level != expected {
+                return None;
+            }
+            n += 1;
+        }
+        if n == self.levels.len() {
+            device
+        } else {
+            None
+        }
+    }
+}
+
+// === Heartbeat payload ===
+
+/// The TTL a heartbeat asks for, from an optional JSON object `{"ttl_s": <number>}`.
+///
+/// Any payload is a valid heartbeat; only a JSON object with a positive finite numeric
+/// `ttl_s` overrides the default. The result is clamped to `[min, max]`.
+pub fn heartbeat_ttl(payload: &[u8], default: Duration, min: Duration, max: Duration) -> Duration {
+    // Cheap pre-check: only something that looks like an object can carry ttl_s.
+    let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return default;
+    }
+    #[derive(serde::Deserialize)]
+    struct Payload {
+        ttl_s: Option<serde_json::Value>,
+    }
+    let Ok(Payload { ttl_s: Some(v) }) = serde_json::from_slice::<Payload>(payload) else {
+        return default;
+    };
+    match v.as_f64() {
+        Some(s) if s.is_finite() && s > 0.0 => {
+            let requested = Duration::try_from_secs_f64(s).unwrap_or(max);
+            requested.clamp(min, max)
+        }
+        _ => default,
+    }
+}
+
+// === State, records, events ===
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Online,
+    Offline,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Online => "online",
+            State::Offline => "offline",
+        }
+    }
+
+    /// The reason a transition to this state is made (contract: `heartbeat` or `ttl_expired`).
+    pub fn reason(self) -> &'static str {
+        match self {
+            State::Online => "heartbeat",
+            State::Offline => "ttl_expired",
+        }
+    }
+
+    fn from_flag(flag: &str) -> Option<State> {
+        match flag {
+            "1" => Some(State::Online),
+            "0" => Some(State::Offline),
+            _ => None,
+        }
+    }
+
+    pub fn flag(self) -> &'static str {
+        match self {
+            State::Online => "1",
+            State::Offline => "0",
+        }
+    }
+}
+
+/// One transition as committed in Redis: what the status payload says.
+///
+/// Its wire form in Redis (the outbox member) is `seq|state|since|last_seen|detected_at|id`,
+/// id last because it may contain `|`. The same string identifies the outbox entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusEvent {
+    pub device: DeviceId,
+    pub state: State,
+    pub seq: u64,
+    pub since: Millis,
+    /// For an online status equal to `since`; for offline the last heartbeat before it.
+    pub last_seen: Millis,
+    pub detected_at: Millis,
+}
+
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    device: &'a str,
+    state: &'static str,
+    since: String,
+    last_seen: String,
+    detected_at: String,
+    reason: &'static str,
+    seq: u64,
+}
+
+impl StatusEvent {
+    /// Parses an outbox member; `None` if it is malformed (never produced by our scripts).
+    pub fn parse_member(member: &str) -> Option<StatusEvent> {
+        let mut parts = member.splitn(6, '|');
+        let seq = parts.next()?.parse().ok()?;
+        let state = State::from_flag(parts.next()?)?;
+        let since = parts.next()?.parse().ok()?;
+        let last_seen = parts.next()?.parse().ok()?;
+        let detected_at = parts.next()?.parse().ok()?;
+        let device = DeviceId::parse(parts.next()?).ok()?;
+        Some(StatusEvent {
+            device,
+            state,
+            seq,
+            since,
+            last_seen,
+            detected_at,
+        })
+    }
+
+    pub fn member(&self) -> String {
+        format!(
+            "{}|{}|{}|{}|{}|{}",
+            self.seq,
+            self.state.flag(),
+            self.since,
+            self.last_seen,
+            self.detected_at,
+            self.device
+        )
+    }
+
+    /// The retained status payload (contract: "Status").
+    pub fn to_json(&self) -> Vec<u8> {
+        let json = StatusJson {
+            device: self.device.as_str(),
+            state: self.state.as_str(),
+            since: format_time(self.since),
+            last_seen: format_time(self.last_seen),
+            detected_at: format_time(self.detected_at),
+            reason: self.state.reason(),
+            seq: self.seq,
+        };
+        // Serializing a struct of strings and integers cannot fail.
+        serde_json::to_vec(&json).unwrap_or_default()
+    }
+}
+
+/// The current record of a device as kept in Redis: the fields of its last status, except
+/// `last_seen`, which is its latest heartbeat.
+///
+/// Wire form: `state|seq|since|last_seen|detected_at`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub device: DeviceId,
+    pub state: State,
+    pub seq: u64,
+    pub since: Millis,
+    pub last_seen: Millis,
+    pub detected_at: Millis,
+}
+
+#[derive(Serialize)]
+pub struct RecordJson<'a> {
+    device: &'a str,
+    state: &'static str,
+    since: String,
+    last_seen: String,
+    detected_at: String,
+    reason: &'static str,
+    seq: u64,
+}
+
+impl DeviceRecord {
+    pub fn parse(device: DeviceId, raw: &str) -> Option<DeviceRecord> {
+        let mut parts = raw.split('|');
+        let state = State::from_flag(parts.next()?)?;
+        let seq = parts.next()?.parse().ok()?;
+        let since = parts.next()?.parse().ok()?;
+        let last_seen = parts.next()?.parse().ok()?;
+        let detected_at = parts.next()?.parse().ok()?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(DeviceRecord {
+            device,
+            state,
+            seq,
+            since,
+            last_seen,
+            detected_at,
+        })
+    }
+
+    pub fn to_json(&self) -> RecordJson<'_> {
+        RecordJson {
+            device: self.device.as_str(),
+            state: self.state.as_str(),
+            since: format_time(self.since),
+            last_seen: format_time(self.last_seen),
+            detected_at: format_time(self.detected_at),
+            reason: self.state.reason(),
+            seq: self.seq,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_id_bounds() {
+        assert!(DeviceId::parse("sensor-17").is_ok());
+        assert!(DeviceId::parse("ü-ß|:+").is_ok());
+        assert_eq!(DeviceId::parse(""), Err(InvalidDeviceId::Empty));
+        assert!(DeviceId::parse(&"a".repeat(128)).is_ok());
+        assert_eq!(
+            DeviceId::parse(&"a".repeat(129)),
+            Err(InvalidDeviceId::TooLong(129))
+        );
+        // 64 two-byte characters are 128 bytes; one more is too long.
+        assert!(DeviceId::parse(&"é".repeat(64)).is_ok());
+        assert!(DeviceId::parse(&"é".repeat(65)).is_err());
+        assert_eq!(
+            DeviceId::parse("a\tb"),
+            Err(InvalidDeviceId::ControlCharacter)
+        );
+        assert_eq!(
+            DeviceId::parse("a\u{7f}"),
+            Err(InvalidDeviceId::ControlCharacter)
+        );
+        assert_eq!(
+            DeviceId::parse_bytes(b"\xff\xfe"),
+            Err(InvalidDeviceId::NotUtf8)
+        );
+    }
+
+    #[test]
+    fn topic_template_round_trip() {
+        let t = TopicTemplate::parse("devices/{device}/heartbeat").unwrap();
+        assert_eq!(t.filter(), "devices/+/heartbeat");
+        let id = DeviceId::parse("s1").unwrap();
+        assert_eq!(t.render(&id), "devices/s1/heartbeat");
+        assert_eq!(t.extract("devices/s1/heartbeat"), Some("s1"));
+        assert_eq!(t.extract("devices//heartbeat"), Some(""));
+        assert_eq!(t.extract("devices/s1/status"), None);
+        assert_eq!(t.extract("devices/s1/heartbeat/x"), None);
+        assert_eq!(t.extract("devices/s1"), None);
+        assert_eq!(t.extract("other/s1/heartbeat"), None);
+        let first = TopicTemplate::parse("{device}").unwrap();
+        assert_eq!(first.extract("abc"), Some("abc"));
+        assert_eq!(first.extract("a/b"), None);
+    }
+
+    #[test]
+    fn topic_template_rejects_bad_templates() {
+        assert!(TopicTemplate::parse("devices/heartbeat").is_err());
+        assert!(TopicTemplate::parse("devices/{device}/{device}").is_err());
+        assert!(TopicTemplate::parse("devices/x{device}/hb").is_err());
+        assert!(TopicTemplate::parse("devices/+/{device}").is_err());
+        assert!(TopicTemplate::parse("").is_err());
+    }
+
+    #[test]
+    fn ttl_override_and_clamp() {
+        let (d, min, max) = (
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        );
+        let ttl = |p: &str| heartbeat_ttl(p.as_bytes(), d, min, max);
+        assert_eq!(ttl(""), d);
+        assert_eq!(ttl("not json"), d);
+        assert_eq!(ttl("[1,2]"), d);
+        assert_eq!(ttl(r#"{"ttl_s": 5}"#), Duration::from_secs(5));
+        assert_eq!(
+            ttl(r#" {"ttl_s": 2.5, "x": 1}"#),
+            Duration::from_millis(2500)
+        );
+        assert_eq!(ttl(r#"{"ttl_s": 0.1}"#), min);
+        assert_eq!(ttl(r#"{"ttl_s": 1e9}"#), max);
+        assert_eq!(ttl(r#"{"ttl_s": 0}"#), d);
+        assert_eq!(ttl(r#"{"ttl_s": -3}"#), d);
+        assert_eq!(ttl(r#"{"ttl_s": "5"}"#), d);
+        assert_eq!(ttl(r#"{"ttl_s": null}"#), d);
+        assert_eq!(ttl(r#"{"other": 1}"#), d);
+        assert_eq!(ttl(r#"{"ttl_s": 5"#), d);
+    }
+
+    #[test]
+    fn time_format_has_three_fraction_digits() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_time(1_795_000_000_123), "2026-11-18T11:06:40.123Z");
+    }
+
+    #[test]
+    fn status_member_round_trip_and_json() {
+        let ev = StatusEvent {
+            device: DeviceId::parse("a|b").unwrap(),
+            state: State::Offline,
+            seq: 42,
+            since: 1_000,
+            last_seen: 500,
+            detected_at: 1_008,
+        };
+        let m = ev.member();
+        assert_eq!(m, "42|0|1000|500|1008|a|b");
+        assert_eq!(StatusEvent::parse_member(&m), Some(ev.clone()));
+        let v: serde_json::Value = serde_json::from_slice(&ev.to_json()).unwrap();
+        assert_eq!(v["device"], "a|b");
+        assert_eq!(v["state"], "offline");
+        assert_eq!(v["reason"], "ttl_expired");
+        assert_eq!(v["seq"], 42);
+        assert_eq!(v["since"], "1970-01-01T00:00:01.000Z");
+        assert_eq!(v["last_seen"], "1970-01-01T00:00:00.500Z");
+        assert_eq!(v["detected_at"], "1970-01-01T00:00:01.008Z");
+        assert_eq!(StatusEvent::parse_member("x|0|1|2|3|d"), None);
+        assert_eq!(StatusEvent::parse_member("1|2|1|2|3|d"), None);
+    }
+
+    #[test]
+    fn record_parse() {
+        let id = DeviceId::parse("d").unwrap();
+        let r = DeviceRecord::parse(id.clone(), "1|3|10|20|11").unwrap();
+        assert_eq!(r.state, State::Online);
+        assert_eq!(
+            (r.seq, r.since, r.last_seen, r.detected_at),
+            (3, 10, 20, 11)
+        );
+        assert!(DeviceRecord::parse(id.clone(), "1|3|10|20").is_none());
+        assert!(DeviceRecord::parse(id, "1|3|10|20|11|9").is_none());
+    }
+}

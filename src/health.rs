@@ -1,0 +1,73 @@
+//! Connection health shared by the tasks: what `/readyz` answers and what the
+//! `presenced_redis_up` / `presenced_mqtt_up` gauges show. Setting a flag updates its gauge,
+//! so the two never disagree.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::metrics::Metrics;
+
+pub struct Health {
+    metrics: Metrics,
+    redis_commands: AtomicBool,
+    redis_listener: AtomicBool,
+    mqtt_connected: AtomicBool,
+    mqtt_subscribed: AtomicBool,
+}
+
+impl Health {
+    pub fn new(metrics: Metrics) -> Health {
+        metrics.set_redis_up(false);
+        metrics.set_mqtt_up(false);
+        Health {
+            metrics,
+            redis_commands: AtomicBool::new(false),
+            redis_listener: AtomicBool::new(false),
+            mqtt_connected: AtomicBool::new(false),
+            mqtt_subscribed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_redis_commands(&self, up: bool) {
+        self.redis_commands.store(up, Ordering::Relaxed);
+        self.update_redis();
+    }
+
+    pub fn set_redis_listener(&self, up: bool) {
+        self.redis_listener.store(up, Ordering::Relaxed);
+        self.update_redis();
+    }
+
+    fn update_redis(&self) {
+        self.metrics.set_redis_up(
+            self.redis_commands.load(Ordering::Relaxed)
+                && self.redis_listener.load(Ordering::Relaxed),
+        );
+    }
+
+    pub fn set_mqtt(&self, connected: bool, subscribed: bool) {
+        self.mqtt_connected.store(connected, Ordering::Relaxed);
+        self.mqtt_subscribed.store(subscribed, Ordering::Relaxed);
+        self.metrics.set_mqtt_up(connected && subscribed);
+    }
+
+    /// `Ok` when ready, else the reasons, one per line.
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut reasons = Vec::new();
+        if !self.redis_commands.load(Ordering::Relaxed) {
+            reasons.push("redis: not connected");
+        }
+        if !self.redis_listener.load(Ordering::Relaxed) {
+            reasons.push("redis: keyspace listener not subscribed");
+        }
+        if !self.mqtt_connected.load(Ordering::Relaxed) {
+            reasons.push("mqtt: not connected");
+        } else if !self.mqtt_subscribed.load(Ordering::Relaxed) {
+            reasons.push("mqtt: not subscribed");
+        }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons.join("\n"))
+        }
+    }
+}

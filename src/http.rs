@@ -1,0 +1,267 @@
+//! The HTTP server (hyper 1): `/metrics`, `/healthz`, `/readyz`, `/devices/{id}` and
+//! `/devices?state=&limit=&cursor=`. It only reads: Redis for devices and fleet counts,
+//! [`Health`] for readiness.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::device::{DeviceId, State};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// How long a request may wait on Redis before it is answered 503.
+const REDIS_WAIT: Duration = Duration::from_secs(2);
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+
+#[derive(Clone)]
+pub struct Api {
+    pub store: Store,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+}
+
+type Body = Full<Bytes>;
+
+/// Serves until cancelled, then lets requests in progress finish (up to 1 s).
+pub async fn serve(listener: TcpListener, api: Api, token: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    let http = hyper::server::conn::http1::Builder::new();
+    loop {
+        tokio::select! {
+            () = token.cancelled() => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "HTTP accept failed.");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let api = api.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let api = api.clone();
+                    async move { Ok::<_, Infallible>(api.handle(req).await) }
+                });
+                let conn = http.serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(error = %e, %peer, "HTTP connection ended with an error.");
+                    }
+                });
+            }
+        }
+    }
+    if tokio::time::timeout(Duration::from_secs(1), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        debug!("HTTP connections still open at shutdown.");
+    }
+    info!("HTTP server stopped.");
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+/// Percent-decodes a path segment or query value; `None` if malformed or not UTF-8.
+fn decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The cursor is the last id of the previous page, hex-encoded (opaque to clients).
+fn encode_cursor(id: &str) -> String {
+    id.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_cursor(c: &str) -> Option<String> {
+    if c.is_empty() || !c.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..c.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(c.get(i..i + 2)?, 16).ok())
+        .collect();
+    let id = String::from_utf8(bytes?).ok()?;
+    DeviceId::parse(&id).ok().map(|_| id)
+}
+
+impl Api {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
+        }
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().unwrap_or("").to_owned();
+        match path.as_str() {
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => match self.health.readiness() {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(reasons) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reasons}\n")),
+            },
+            "/metrics" => self.metrics_page().await,
+            "/devices" => self.list(&query).await,
+            p => match p.strip_prefix("/devices/") {
+                Some(raw) => self.device(raw).await,
+                None => error(StatusCode::NOT_FOUND, "no such route"),
+            },
+        }
+    }
+
+    async fn metrics_page(&self) -> Response<Body> {
+        // Fleet counts come from Redis at scrape time, so every replica reports the same
+        // figure. If Redis does not answer, the last known figures stand.
+        match tokio::time::timeout(REDIS_WAIT, self.store.counts()).await {
+            Ok(Ok((online, offline))) => self.metrics.set_fleet(online, offline),
+            Ok(Err(e)) => debug!(error = %e, "Fleet counts unavailable."),
+            Err(_) => debug!("Fleet counts timed out."),
+        }
+        let mut r = text(StatusCode::OK, self.metrics.render());
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        r
+    }
+
+    async fn device(&self, raw: &str) -> Response<Body> {
+        let Some(id) = decode(raw).and_then(|s| DeviceId::parse(&s).ok()) else {
+            return error(StatusCode::NOT_FOUND, "unknown device");
+        };
+        match tokio::time::timeout(REDIS_WAIT, self.store.device(&id)).await {
+            Ok(Ok(Some(record))) => json(StatusCode::OK, &record.to_json()),
+            Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "unknown device"),
+            Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+            Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "redis did not answer"),
+        }
+    }
+
+    async fn list(&self, query: &str) -> Response<Body> {
+        let mut state = None;
+        let mut limit = DEFAULT_LIMIT;
+        let mut cursor = None;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let Some(v) = decode(v) else {
+                return error(StatusCode::BAD_REQUEST, "malformed query");
+            };
+            match k {
+                "state" => {
+                    state = match v.as_str() {
+                        "online" => Some(State::Online),
+                        "offline" => Some(State::Offline),
+                        _ => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                "state must be online or offline",
+                            )
+                        }
+                    }
+                }
+                "limit" => match v.parse::<usize>() {
+                    Ok(n) if (1..=MAX_LIMIT).contains(&n) => limit = n,
+                    _ => return error(StatusCode::BAD_REQUEST, "limit must be 1 to 1000"),
+                },
+                "cursor" => match decode_cursor(&v) {
+                    Some(c) => cursor = Some(c),
+                    None => return error(StatusCode::BAD_REQUEST, "invalid cursor"),
+                },
+                _ => {}
+            }
+        }
+        let page = self.store.list(state, cursor.as_deref(), limit);
+        match tokio::time::timeout(REDIS_WAIT, page).await {
+            Ok(Ok((records, more))) => {
+                let next = if more {
+                    records.last().map(|r| encode_cursor(r.device.as_str()))
+                } else {
+                    None
+                };
+                let devices: Vec<_> = records.iter().map(|r| r.to_json()).collect();
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "devices": devices, "next_cursor": next }),
+                )
+            }
+            Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+            Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "redis did not answer"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trip_and_rejects_garbage() {
+        let c = encode_cursor("sim-000001|é");
+        assert_eq!(decode_cursor(&c).as_deref(), Some("sim-000001|é"));
+        assert_eq!(decode_cursor("zz"), None);
+        assert_eq!(decode_cursor("abc"), None);
+        assert_eq!(decode_cursor(""), None);
+        assert_eq!(decode_cursor("00"), None); // a control character is no device id
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(decode("a%2Fb").as_deref(), Some("a/b"));
+        assert_eq!(decode("a%zz"), None);
+        assert_eq!(decode("%ff"), None);
+    }
+}

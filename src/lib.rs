@@ -1,0 +1,328 @@
+//! `presenced` tells, within milliseconds, which devices of a fleet are online and which
+//! went silent: MQTT heartbeats refresh per-device TTLs in Redis, expiries become retained
+//! `offline` statuses over MQTT, and a Prometheus endpoint shows the fleet.
+//!
+//! Start with `ARCHITECTURE.md` at the repository root: the data flow, the Redis key layout,
+//! and the invariants behind "no transition lost, none duplicated". The modules:
+//!
+//! * [`config`]: the contract's configuration keys, from file, environment and flags.
+//! * [`device`]: pure domain types (ids, topics, payloads, records); no I/O.
+//! * [`store`]: every Redis command and Lua script; the key layout.
+//! * [`expiry`]: the keyspace-notification listener (the fast path).
+//! * [`presence`]: where transitions are decided: heartbeats, deadlines, reconciliation,
+//!   the outbox.
+//! * [`mqtt`]: all MQTT I/O: heartbeat ingest and acknowledged status publishing.
+//! * [`http`]: `/metrics`, `/healthz`, `/readyz`, `/devices`.
+//! * [`metrics`], [`health`], [`telemetry`]: what operators see.
+//! * [`simulate`]: the fleet simulator behind `presenced simulate`.
+//!
+//! [`run`] wires them together and owns the shutdown order.
+
+pub mod config;
+pub mod device;
+pub mod expiry;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod mqtt;
+pub mod presence;
+pub mod shutdown;
+pub mod simulate;
+pub mod store;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument};
+
+use crate::config::Config;
+use crate::expiry::{Listener, NotificationsOff};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::mqtt::MqttTask;
+use crate::presence::{Applier, DueTable, Expirer, Held, Outbox, HELD_CAP};
+use crate::store::{Store, StoreError};
+use crate::telemetry::Backoff;
+
+/// How long a shutdown may take before the remaining tasks are abandoned. Deployments keep
+/// their stop timeouts (systemd `TimeoutStopSec`, Kubernetes
+/// `terminationGracePeriodSeconds`) above it.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Capacity of the channel of statuses to publish (backpressure on the deciders).
+const STATUS_QUEUE: usize = 4_096;
+/// Capacity of the channel of broker acknowledgements (overflow: dropped, see `Outbox`).
+const ACK_QUEUE: usize = 16_384;
+/// Capacity of the channel of expired-key events (overflow: dropped, see `expiry`).
+const EXPIRED_QUEUE: usize = 16_384;
+
+/// Why the monitor stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    NotificationsOff(#[from] NotificationsOff),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("redis: {0}")]
+    Redis(#[from] StoreError),
+    #[error("mqtt: {0}")]
+    Mqtt(String),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Runs the monitor until `shutdown` completes, then shuts down in order: inputs stop,
+/// held heartbeats are applied, statuses in flight are flushed and the monitor's own
+/// `offline` presence is published, then the HTTP server stops.
+///
+/// Fails at start if the HTTP address cannot be bound or keyspace notifications are off and
+/// cannot be enabled; every later outage is survived (reconnect and reconcile).
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let cfg = Arc::new(cfg);
+    let registry = prometheus::Registry::new();
+    let metrics = Metrics::register(&registry)?;
+    let health = Arc::new(Health::new(metrics.clone()));
+    let listener = TcpListener::bind(cfg.http.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: cfg.http.listen,
+            source,
+        })?;
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        http = %cfg.http.listen,
+        instance = %cfg.mqtt.client_id,
+        "Starting presenced."
+    );
+
+    let token = CancellationToken::new();
+    let http_token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tokio::pin!(shutdown);
+
+    let client = redis::Client::open(cfg.redis.url.0.as_str()).map_err(StoreError::from)?;
+    let store = tokio::select! {
+        s = connect_store(&client, &cfg.redis.key_prefix) => s,
+        () = &mut shutdown => return Ok(()),
+    };
+    health.set_redis_commands(true);
+
+    // HTTP first, so /healthz answers and /readyz explains while the rest starts.
+    let api = http::Api {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+    };
+    let http_task = tokio::spawn(
+        http::serve(listener, api, http_token.clone()).instrument(tracing::info_span!("http")),
+    );
+
+    let reconcile = Arc::new(Notify::new());
+    let (expired_tx, expired_rx) = mpsc::channel(EXPIRED_QUEUE);
+    let (first_tx, first_rx) = oneshot::channel();
+    tracker.spawn(
+        Listener {
+            client: client.clone(),
+            store: store.clone(),
+            configure: cfg.redis.configure_notifications,
+            health: health.clone(),
+            expired_tx,
+            reconcile: reconcile.clone(),
+        }
+        .run(token.child_token(), first_tx)
+        .instrument(tracing::info_span!("expiry")),
+    );
+    let first = tokio::select! {
+        r = first_rx => Some(r.unwrap_or(Ok(()))),
+        () = &mut shutdown => None,
+    };
+    match first {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            token.cancel();
+            http_token.cancel();
+            let _ = http_task.await;
+            return Err(e.into());
+        }
+        None => {
+            token.cancel();
+            tracker.close();
+            tracker.wait().await;
+            http_token.cancel();
+            let _ = http_task.await;
+            return Ok(());
+        }
+    }
+
+    let held = Arc::new(Held::new(HELD_CAP));
+    let due = Arc::new(DueTable::default());
+    let (out_tx, out_rx) = mpsc::channel(STATUS_QUEUE);
+    let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE);
+    let (ingest_tx, ingest_rx) = watch::channel(None);
+    let republish = Arc::new(Notify::new());
+
+    tracker.spawn(
+        MqttTask {
+            cfg: cfg.mqtt.clone(),
+            presence: cfg.presence.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            held: held.clone(),
+            out_rx,
+            ack_tx,
+            republish: republish.clone(),
+            ingest: ingest_tx,
+        }
+        .run(token.child_token())
+        .instrument(tracing::info_span!("mqtt")),
+    );
+    tracker.spawn(
+        Applier {
+            cfg: cfg.clone(),
+            store: store.clone(),
+            held: held.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            out: out_tx.clone(),
+            due: due.clone(),
+        }
+        .run(token.child_token())
+        .instrument(tracing::info_span!("applier")),
+    );
+    tracker.spawn(
+        Expirer {
+            cfg: cfg.clone(),
+            store: store.clone(),
+            held: held.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            out: out_tx.clone(),
+            due,
+            expired_rx,
+            reconcile,
+            ingest: ingest_rx,
+        }
+        .run(token.child_token())
+        .instrument(tracing::info_span!("expirer")),
+    );
+    tracker.spawn(
+        Outbox {
+            cfg: cfg.clone(),
+            store: store.clone(),
+            out: out_tx,
+            ack_rx,
+            republish,
+        }
+        .run(token.child_token(), tracker.clone())
+        .instrument(tracing::info_span!("outbox")),
+    );
+    tracker.spawn(
+        watch_redis(store, health.clone(), token.child_token())
+            .instrument(tracing::info_span!("redis")),
+    );
+
+    shutdown.await;
+    info!("Shutting down.");
+    token.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(grace = ?SHUTDOWN_GRACE, "Graceful shutdown timed out; exiting anyway.");
+    }
+    http_token.cancel();
+    let _ = http_task.await;
+    info!("Stopped.");
+    Ok(())
+}
+
+/// Connects to Redis, retrying with backoff until it answers.
+async fn connect_store(client: &redis::Client, prefix: &str) -> Store {
+    let mut backoff = Backoff::new(Duration::from_secs(5));
+    loop {
+        match Store::connect(client, prefix).await {
+            Ok(store) => return store,
+            Err(e) => {
+                warn!(error = %e, "Cannot connect to Redis; retrying.");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
+
+/// Pings Redis every second so `presenced_redis_up` and `/readyz` follow the command
+/// connection even when no heartbeat or expiry exercises it.
+async fn watch_redis(store: Store, health: Arc<Health>, token: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            _ = tick.tick() => {
+                let ok = matches!(
+                    tokio::time::timeout(Duration::from_secs(2), store.ping()).await,
+                    Ok(Ok(()))
+                );
+                health.set_redis_commands(ok);
+            }
+        }
+    }
+}
+
+/// What `presenced check-config` found, one line per check.
+pub async fn check(cfg: &Config) -> Result<Vec<String>, Error> {
+    let mut report = vec![format!("config: ok (instance {})", cfg.mqtt.client_id)];
+    let client = redis::Client::open(cfg.redis.url.0.as_str()).map_err(StoreError::from)?;
+    let store = tokio::time::timeout(
+        Duration::from_secs(5),
+        Store::connect(&client, &cfg.redis.key_prefix),
+    )
+    .await
+    .map_err(|_| Error::Redis(StoreError::Protocol("connect timed out".into())))??;
+    store.ping().await?;
+    report.push("redis: reachable".into());
+    // Read-only: check-config never changes the server's configuration.
+    report.push(match store.ensure_notifications(false).await {
+        store::NotifyConfig::AlreadyOn => "redis: notify-keyspace-events has E and x".into(),
+        other => format!(
+            "redis: notify-keyspace-events not confirmed ({other:?}); `run` will {}",
+            if cfg.redis.configure_notifications {
+                "try to enable it"
+            } else {
+                "probe for it"
+            }
+        ),
+    });
+
+    let (_client, mut eventloop) = mqtt::client(mqtt::ConnectOptions {
+        cfg: &cfg.mqtt,
+        client_id: format!("{}-check-{:08x}", cfg.mqtt.client_id, fastrand::u32(..)),
+        persistent: false,
+        will: None,
+        inflight: 10,
+        keep_alive: Duration::from_secs(5),
+    });
+    let connack = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(mqtt::Event::ConnAck { .. }) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .map_err(|_| Error::Mqtt("connect timed out".into()))?;
+    connack.map_err(Error::Mqtt)?;
+    report.push("mqtt: reachable".into());
+    Ok(report)
+}

@@ -1,0 +1,207 @@
+//! The `presenced` binary: parses the command line, loads the configuration, installs
+//! logging, and hands off to the library. Exit codes (contract): 0 clean shutdown, 2 bad
+//! configuration or arguments, 1 anything else.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{value_parser, Arg, ArgMatches, Command};
+use presenced::config::{self, Config, Sources, KEYS};
+use presenced::simulate::SimOptions;
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+/// How a command failed, which decides the exit code.
+enum Failure {
+    /// Bad arguments: exit 2.
+    Usage(String),
+    /// Anything at run time: exit 1.
+    Runtime(String),
+}
+
+fn cli() -> Command {
+    let mut global = vec![
+        Arg::new("config")
+            .long("config")
+            .env("PRESENCED_CONFIG")
+            .value_name("FILE")
+            .global(true)
+            .help("TOML configuration file"),
+        Arg::new("log-format")
+            .long("log-format")
+            .env("PRESENCED_LOG_FORMAT")
+            .value_parser(["text", "json"])
+            .default_value("text")
+            .global(true)
+            .help("Log format on stderr"),
+    ];
+    for key in KEYS {
+        global.push(
+            Arg::new(key.path())
+                .long(key.flag())
+                .value_name("VALUE")
+                .global(true)
+                .hide_short_help(true)
+                .help(key.help),
+        );
+    }
+    Command::new("presenced")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Tells IoT fleet operators which devices are online and which went silent.")
+        .args(global)
+        .subcommand(Command::new("run").about("Run the monitor (the default)"))
+        .subcommand(
+            Command::new("simulate")
+                .about("Simulate a fleet publishing heartbeats")
+                .arg(
+                    Arg::new("devices")
+                        .long("devices")
+                        .required(true)
+                        .value_parser(value_parser!(usize))
+                        .help("Number of devices"),
+                )
+                .arg(
+                    Arg::new("interval")
+                        .long("interval")
+                        .required(true)
+                        .value_parser(|s: &str| config::parse_duration(s))
+                        .help("Heartbeat interval per device, e.g. 10s"),
+                )
+                .arg(
+                    Arg::new("offline-fraction")
+                        .long("offline-fraction")
+                        .default_value("0")
+                        .value_parser(value_parser!(f64))
+                        .help("Fraction of devices (the last ones) that go silent after their first heartbeat"),
+                )
+                .arg(
+                    Arg::new("duration")
+                        .long("duration")
+                        .value_parser(|s: &str| config::parse_duration(s))
+                        .help("Stop after this long (default: until SIGINT)"),
+                )
+                .arg(
+                    Arg::new("prefix")
+                        .long("prefix")
+                        .default_value("sim")
+                        .help("Device id prefix"),
+                ),
+        )
+        .subcommand(
+            Command::new("check-config")
+                .about("Validate the configuration and reach Redis and MQTT"),
+        )
+}
+
+fn sources(m: &ArgMatches) -> Sources {
+    Sources {
+        file: m.get_one::<String>("config").map(Into::into),
+        env: std::env::vars().collect(),
+        flags: KEYS
+            .iter()
+            .filter_map(|k| {
+                m.get_one::<String>(&k.path())
+                    .map(|v| (k.path(), v.clone()))
+            })
+            .collect(),
+    }
+}
+
+fn main() -> ExitCode {
+    let matches = match cli().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let json = matches.get_one::<String>("log-format").map(String::as_str) == Some("json");
+    presenced::telemetry::init(json);
+
+    let (name, sub) = match matches.subcommand() {
+        Some((name, sub)) => (name, sub),
+        None => ("run", &matches),
+    };
+    let loaded = match Config::load(&sources(sub)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("presenced: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    for w in &loaded.warnings {
+        tracing::warn!(warning = %w, "Configuration warning.");
+    }
+    let cfg = loaded.config;
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("presenced: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let result: Result<(), Failure> = runtime.block_on(async {
+        match name {
+            "simulate" => {
+                let opts = SimOptions {
+                    devices: sub.get_one::<usize>("devices").copied().unwrap_or(0),
+                    interval: sub
+                        .get_one::<Duration>("interval")
+                        .copied()
+                        .unwrap_or(Duration::from_secs(10)),
+                    offline_fraction: sub
+                        .get_one::<f64>("offline-fraction")
+                        .copied()
+                        .unwrap_or(0.0),
+                    duration: sub.get_one::<Duration>("duration").copied(),
+                    prefix: sub
+                        .get_one::<String>("prefix")
+                        .cloned()
+                        .unwrap_or_else(|| "sim".into()),
+                };
+                if let Err(e) = opts.validate() {
+                    return Err(Failure::Usage(e.to_string()));
+                }
+                presenced::simulate::run(&cfg.mqtt, opts, presenced::shutdown::signal())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| Failure::Runtime(e.to_string()))
+            }
+            "check-config" => match presenced::check(&cfg).await {
+                Ok(lines) => {
+                    for l in lines {
+                        println!("{l}");
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(Failure::Runtime(e.to_string())),
+            },
+            _ => {
+                tracing::info!(config = ?cfg, "Effective configuration.");
+                presenced::metrics::register_process_collector();
+                presenced::run(cfg, presenced::shutdown::signal())
+                    .await
+                    .map_err(|e| Failure::Runtime(e.to_string()))
+            }
+        }
+    });
+    // Don't wait for blocking tasks (e.g. a DNS lookup) left behind.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(e)) => {
+            eprintln!("presenced: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("presenced: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Every metric of the contract, registered once into a registry passed in (no global
+//! registry, so tests can run several monitors in one process).
+//!
+//! Label values come from enums, never from a device id: cardinality is fixed by
+//! construction. Every labelled series is created at start, at 0.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::device::State;
+
+/// Buckets for the notification lag, in seconds: dense below 1 s, up to 10 minutes.
+const LAG_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+];
+
+/// Why a heartbeat was refused (the `reason` label).
+#[derive(Clone, Copy, Debug)]
+pub enum Rejected {
+    InvalidId,
+    TooLarge,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    devices: IntGaugeVec,
+    heartbeats: IntCounter,
+    rejected: IntCounterVec,
+    transitions: IntCounterVec,
+    lag: Histogram,
+    missed: IntCounter,
+    redis_up: IntGauge,
+    mqtt_up: IntGauge,
+}
+
+impl Metrics {
+    /// Registers every metric into `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Metrics> {
+        let devices = IntGaugeVec::new(
+            Opts::new(
+                "presenced_devices",
+                "Devices known to the fleet, by state; every replica reports the same figure.",
+            ),
+            &["state"],
+        )?;
+        let heartbeats = IntCounter::new(
+            "presenced_heartbeats_total",
+            "Heartbeats accepted by this replica.",
+        )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "presenced_heartbeats_rejected_total",
+                "Heartbeats refused by this replica, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let transitions = IntCounterVec::new(
+            Opts::new(
+                "presenced_transitions_total",
+                "Transitions this replica committed, by target state.",
+            ),
+            &["to"],
+        )?;
+        let lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "presenced_notification_lag_seconds",
+                "Time from a device's TTL deadline to its offline status acknowledged by the broker.",
+            )
+            .buckets(LAG_BUCKETS.to_vec()),
+        )?;
+        let missed = IntCounter::new(
+            "presenced_missed_expirations_total",
+            "Offline transitions whose expiry was not seen as it happened (found at start, after a reconnect, or by a safety-net pass).",
+        )?;
+        let redis_up = IntGauge::new(
+            "presenced_redis_up",
+            "1 when Redis commands and the keyspace listener are connected, else 0.",
+        )?;
+        let mqtt_up = IntGauge::new(
+            "presenced_mqtt_up",
+            "1 when connected and subscribed to the MQTT broker, else 0.",
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("presenced_build_info", "Build information; always 1."),
+            &["version"],
+        )?;
+
+        registry.register(Box::new(devices.clone()))?;
+        registry.register(Box::new(heartbeats.clone()))?;
+        registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(transitions.clone()))?;
+        registry.register(Box::new(lag.clone()))?;
+        registry.register(Box::new(missed.clone()))?;
+        registry.register(Box::new(redis_up.clone()))?;
+        registry.register(Box::new(mqtt_up.clone()))?;
+        registry.register(Box::new(build_info.clone()))?;
+
+        for state in ["online", "offline"] {
+            devices.with_label_values(&[state]).set(0);
+            transitions.with_label_values(&[state]).reset();
+        }
+        for reason in ["invalid_id", "too_large"] {
+            rejected.with_label_values(&[reason]).reset();
+        }
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        Ok(Metrics {
+            registry: registry.clone(),
+            devices,
+            heartbeats,
+            rejected,
+            transitions,
+            lag,
+            missed,
+            redis_up,
+            mqtt_up,
+        })
+    }
+
+    pub fn heartbeat_accepted(&self) {
+        self.heartbeats.inc();
+    }
+
+    pub fn heartbeat_rejected(&self, reason: Rejected) {
+        let label = match reason {
+            Rejected::InvalidId => "invalid_id",
+            Rejected::TooLarge => "too_large",
+        };
+        self.rejected.with_label_values(&[label]).inc();
+    }
+
+    pub fn transition_committed(&self, to: State) {
+        self.transitions.with_label_values(&[to.as_str()]).inc();
+    }
+
+    pub fn observe_lag(&self, seconds: f64) {
+        self.lag.observe(seconds.max(0.0));
+    }
+
+    pub fn missed_expiration(&self, n: u64) {
+        self.missed.inc_by(n);
+    }
+
+    pub fn set_fleet(&self, online: i64, offline: i64) {
+        self.devices.with_label_values(&["online"]).set(online);
+        self.devices.with_label_values(&["offline"]).set(offline);
+    }
+
+    pub fn set_redis_up(&self, up: bool) {
+        self.redis_up.set(i64::from(up));
+    }
+
+    pub fn set_mqtt_up(&self, up: bool) {
+        self.mqtt_up.set(i64::from(up));
+    }
+
+    /// The Prometheus text exposition of this registry plus the process metrics.
+    pub fn render(&self) -> String {
+        let mut families = self.registry.gather();
+        families.extend(prometheus::gather());
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on invalid metric families, which register() rules out.
+        if TextEncoder::new().encode(&families, &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Registers the `process_*` collector in the default registry, once per process.
+///
+/// The process collector describes the whole process, so it belongs to the binary, not to
+/// each monitor instance; [`Metrics::render`] merges the default registry in.
+pub fn register_process_collector() {
+    #[cfg(target_os = "linux")]
+    {
+        let pc = prometheus::process_collector::ProcessCollector::for_self();
+        // A second registration (e.g. two monitors in one test process) is harmless.
+        let _ = prometheus::register(Box::new(pc));
+    }
+}

@@ -1,0 +1,739 @@
+//! All MQTT I/O: connection options (v5 or v3.1.1, TLS, credentials, will), the one task
+//! that polls the event loop, heartbeat parsing at the edge, and a publisher that knows
+//! when the broker acknowledged each status.
+//!
+//! It knows nothing of Redis: heartbeats go into [`Held`], statuses come in on a bounded
+//! channel, acknowledgements go out on another.
+//!
+//! **Invariant: the event loop is never blocked.** The task that polls it only ever uses
+//! `try_*` calls; it reads the status channel only while it has room in flight, which is the
+//! backpressure on everything upstream.
+//!
+//! rumqttc's `publish().await` only means "queued". Acknowledgements are matched here: the
+//! event loop reports `Outgoing::Publish(pkid)` in the order requests were queued, and a
+//! pkid already in flight is a retransmission. When a ConnAck says the session is gone, the
+//! client dropped everything queued or in flight; it is all sent again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{Outgoing as LoopOutgoing, QoS};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{MqttConfig, PresenceConfig, Protocol, MQTT_MAX_PACKET};
+use crate::device::{format_time, heartbeat_ttl, now_ms, DeviceId, Millis};
+use crate::health::Health;
+use crate::metrics::{Metrics, Rejected};
+use crate::presence::Held;
+use crate::store::Ack;
+use crate::telemetry::{Backoff, LogLimiter};
+
+/// Statuses in flight (queued in the client or awaiting PUBACK) at most.
+const INFLIGHT: usize = 100;
+/// How long a shutdown waits for statuses in flight to be acknowledged.
+const DRAIN: Duration = Duration::from_secs(3);
+/// How long to wait for our own sync marker before assuming the backlog was delivered.
+const SYNC_WAIT: Duration = Duration::from_secs(5);
+/// Session expiry asked for with v5 (contract: at least 1 hour).
+const SESSION_EXPIRY_S: u32 = 24 * 3600;
+
+/// Something to publish, QoS 1.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Bytes,
+    pub retain: bool,
+    pub kind: Kind,
+}
+
+#[derive(Clone, Debug)]
+pub enum Kind {
+    /// A device status; `lag_from` is the TTL deadline of an offline transition, for the
+    /// lag histogram.
+    Status { ack: Ack, lag_from: Option<Millis> },
+    /// The monitor's own presence.
+    Presence,
+    /// The sync marker (see [`MqttTask`]).
+    Marker,
+}
+
+/// The monitor's presence topic.
+pub fn instance_topic(instance: &str) -> String {
+    format!("presenced/instances/{instance}")
+}
+
+fn sync_topic(instance: &str) -> String {
+    format!("presenced/sync/{instance}")
+}
+
+fn presence_payload(online: bool, instance: &str, since: Millis) -> Bytes {
+    let v = if online {
+        serde_json::json!({"state": "online", "instance": instance, "since": format_time(since)})
+    } else {
+        serde_json::json!({"state": "offline", "instance": instance})
+    };
+    Bytes::from(v.to_string())
+}
+
+// === Client adapter (v5 / v3.1.1) ===
+
+/// The client half of either protocol.
+#[derive(Clone)]
+pub enum Client {
+    V5(rumqttc::v5::AsyncClient),
+    V4(rumqttc::AsyncClient),
+}
+
+/// The event loop of either protocol.
+pub enum EventLoop {
+    V5(Box<rumqttc::v5::EventLoop>),
+    V4(Box<rumqttc::EventLoop>),
+}
+
+/// The events this crate cares about, in protocol-neutral form.
+#[derive(Debug)]
+pub enum Event {
+    ConnAck { session_present: bool },
+    Publish { topic: Bytes, payload: Bytes },
+    SubAck { granted: Vec<bool> },
+    PubAck { pkid: u16, ok: bool, reason: String },
+    Sent { pkid: u16 },
+    Disconnected,
+    Other,
+}
+
+/// How a client connects.
+pub struct ConnectOptions<'a> {
+    pub cfg: &'a MqttConfig,
+    pub client_id: String,
+    pub persistent: bool,
+    /// `(topic, payload)` of a retained QoS 1 last will.
+    pub will: Option<(String, Bytes)>,
+    pub inflight: u16,
+    pub keep_alive: Duration,
+}
+
+/// TLS from the system store (or `SSL_CERT_FILE`), without panicking on a bad store.
+fn tls_transport() -> rumqttc::Transport {
+    let mut roots = rustls::RootCertStore::empty();
+    let result = rustls_native_certs::load_native_certs();
+    for e in &result.errors {
+        warn!(error = %e, "Could not load some CA certificates.");
+    }
+    let (added, _) = roots.add_parsable_certificates(result.certs);
+    debug!(added, "Loaded CA certificates for MQTT TLS.");
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
+}
+
+/// Builds a client and its event loop; nothing connects until the loop is polled.
+pub fn client(o: ConnectOptions<'_>) -> (Client, EventLoop) {
+    let cap = usize::from(o.inflight) + 16;
+    let url = &o.cfg.url;
+    match o.cfg.protocol {
+        Protocol::V5 => {
+            use rumqttc::v5::{mqttbytes::v5::LastWill, MqttOptions};
+            let mut opts = MqttOptions::new(o.client_id, url.host.clone(), url.port);
+            opts.set_keep_alive(o.keep_alive)
+                .set_clean_start(!o.persistent)
+                .set_outgoing_inflight_upper_limit(o.inflight)
+                // Announced on purpose, at the protocol maximum: without it rumqttc refuses
+                // packets over 10 KiB; a smaller announced size makes mosquitto silently
+                // drop larger messages yet keep them in flight, stalling the session
+                // (NOTES.md). Oversized heartbeats are counted and skipped by us instead.
+                .set_max_packet_size(Some(MQTT_MAX_PACKET as u32));
+            if o.persistent {
+                opts.set_session_expiry_interval(Some(SESSION_EXPIRY_S));
+            }
+            if let Some(user) = &o.cfg.username {
+                let pass = o
+                    .cfg
+                    .password
+                    .as_ref()
+                    .map(|p| p.0.clone())
+                    .unwrap_or_default();
+                opts.set_credentials(user.clone(), pass);
+            }
+            if let Some((topic, payload)) = o.will {
+                opts.set_last_will(LastWill::new(topic, payload.to_vec(), v5qos(), true, None));
+            }
+            if url.tls {
+                opts.set_transport(tls_transport());
+            }
+            let (c, l) = rumqttc::v5::AsyncClient::new(opts, cap);
+            (Client::V5(c), EventLoop::V5(Box::new(l)))
+        }
+        Protocol::V311 => {
+            use rumqttc::{LastWill, MqttOptions};
+            let mut opts = MqttOptions::new(o.client_id, url.host.clone(), url.port);
+            opts.set_keep_alive(o.keep_alive)
+                .set_clean_session(!o.persistent)
+                .set_inflight(o.inflight)
+                // Above anything a broker can send (see the v5 branch).
+                .set_max_packet_size(MQTT_MAX_PACKET + 16, MQTT_MAX_PACKET + 16);
+            if let Some(user) = &o.cfg.username {
+                let pass = o
+                    .cfg
+                    .password
+                    .as_ref()
+                    .map(|p| p.0.clone())
+                    .unwrap_or_default();
+                opts.set_credentials(user.clone(), pass);
+            }
+            if let Some((topic, payload)) = o.will {
+                opts.set_last_will(LastWill::new(
+                    topic,
+                    payload.to_vec(),
+                    QoS::AtLeastOnce,
+                    true,
+                ));
+            }
+            if url.tls {
+                opts.set_transport(tls_transport());
+            }
+            let (c, l) = rumqttc::AsyncClient::new(opts, cap);
+            (Client::V4(c), EventLoop::V4(Box::new(l)))
+        }
+    }
+}
+
+fn v5qos() -> rumqttc::v5::mqttbytes::QoS {
+    rumqttc::v5::mqttbytes::QoS::AtLeastOnce
+}
+
+impl Client {
+    /// Queues a QoS 1 publish without waiting; fails only if the request channel is full.
+    pub fn try_publish(&self, topic: &str, retain: bool, payload: Bytes) -> Result<(), String> {
+        match self {
+            Client::V5(c) => c
+                .try_publish(topic, v5qos(), retain, payload)
+                .map_err(|e| e.to_string()),
+            Client::V4(c) => c
+                .try_publish(topic, QoS::AtLeastOnce, retain, payload.to_vec())
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Publishes, waiting for room in the request channel (not for the broker).
+    pub async fn publish(&self, topic: String, qos1: bool, payload: Bytes) -> Result<(), String> {
+        match self {
+            Client::V5(c) => {
+                let qos = if qos1 {
+                    v5qos()
+                } else {
+                    rumqttc::v5::mqttbytes::QoS::AtMostOnce
+                };
+                c.publish(topic, qos, false, payload)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Client::V4(c) => {
+                let qos = if qos1 {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::AtMostOnce
+                };
+                c.publish(topic, qos, false, payload.to_vec())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    pub fn try_subscribe_many(&self, filters: &[String]) -> Result<(), String> {
+        match self {
+            Client::V5(c) => c
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|f| rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), v5qos())),
+                )
+                .map_err(|e| e.to_string()),
+            Client::V4(c) => c
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+                )
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn try_disconnect(&self) -> Result<(), String> {
+        match self {
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+impl EventLoop {
+    /// Polls once. An error means the connection is gone; polling again reconnects.
+    pub async fn poll(&mut self) -> Result<Event, String> {
+        match self {
+            EventLoop::V5(l) => {
+                use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
+                use rumqttc::v5::{Event as E, Incoming as I};
+                Ok(match l.poll().await.map_err(|e| e.to_string())? {
+                    E::Incoming(I::ConnAck(c)) => Event::ConnAck {
+                        session_present: c.session_present,
+                    },
+                    E::Incoming(I::Publish(p)) => Event::Publish {
+                        topic: p.topic,
+                        payload: p.payload,
+                    },
+                    E::Incoming(I::SubAck(s)) => Event::SubAck {
+                        granted: s
+                            .return_codes
+                            .iter()
+                            .map(|c| matches!(c, SubscribeReasonCode::Success(_)))
+                            .collect(),
+                    },
+                    E::Incoming(I::PubAck(a)) => Event::PubAck {
+                        pkid: a.pkid,
+                        ok: matches!(
+                            a.reason,
+                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                        ),
+                        reason: format!("{:?}", a.reason),
+                    },
+                    E::Incoming(I::Disconnect(_)) => Event::Disconnected,
+                    E::Outgoing(LoopOutgoing::Publish(pkid)) => Event::Sent { pkid },
+                    E::Outgoing(LoopOutgoing::Disconnect) => Event::Disconnected,
+                    _ => Event::Other,
+                })
+            }
+            EventLoop::V4(l) => {
+                use rumqttc::{Event as E, Incoming as I, SubscribeReasonCode};
+                Ok(match l.poll().await.map_err(|e| e.to_string())? {
+                    E::Incoming(I::ConnAck(c)) => Event::ConnAck {
+                        session_present: c.session_present,
+                    },
+                    E::Incoming(I::Publish(p)) => Event::Publish {
+                        topic: Bytes::from(p.topic.into_bytes()),
+                        payload: p.payload,
+                    },
+                    E::Incoming(I::SubAck(s)) => Event::SubAck {
+                        granted: s
+                            .return_codes
+                            .iter()
+                            .map(|c| matches!(c, SubscribeReasonCode::Success(_)))
+                            .collect(),
+                    },
+                    E::Incoming(I::PubAck(a)) => Event::PubAck {
+                        pkid: a.pkid,
+                        ok: true,
+                        reason: String::new(),
+                    },
+                    E::Incoming(I::Disconnect) => Event::Disconnected,
+                    E::Outgoing(LoopOutgoing::Publish(pkid)) => Event::Sent { pkid },
+                    E::Outgoing(LoopOutgoing::Disconnect) => Event::Disconnected,
+                    _ => Event::Other,
+                })
+            }
+        }
+    }
+}
+
+// === Tracker ===
+
+/// Matches queued publishes to packet ids and packet ids to PUBACKs.
+#[derive(Default)]
+struct Tracker {
+    next_order: u64,
+    /// Queued in the client, not yet given a packet id, in queue order.
+    queued: VecDeque<(u64, Outgoing)>,
+    /// Sent, awaiting PUBACK.
+    in_flight: HashMap<u16, (u64, Outgoing)>,
+}
+
+impl Tracker {
+    fn len(&self) -> usize {
+        self.queued.len() + self.in_flight.len()
+    }
+
+    fn queue(&mut self, out: Outgoing) {
+        self.queued.push_back((self.next_order, out));
+        self.next_order += 1;
+    }
+
+    fn sent(&mut self, pkid: u16) {
+        // A pkid already in flight is the client retransmitting it after a reconnect.
+        if self.in_flight.contains_key(&pkid) {
+            return;
+        }
+        if let Some(entry) = self.queued.pop_front() {
+            self.in_flight.insert(pkid, entry);
+        }
+    }
+
+    fn acked(&mut self, pkid: u16) -> Option<Outgoing> {
+        self.in_flight.remove(&pkid).map(|(_, out)| out)
+    }
+
+    /// Everything the client dropped when the broker lost the session, in original order.
+    fn take_all(&mut self) -> Vec<Outgoing> {
+        let mut all: Vec<(u64, Outgoing)> = self.in_flight.drain().map(|(_, e)| e).collect();
+        all.extend(self.queued.drain(..));
+        all.sort_by_key(|(order, _)| *order);
+        all.into_iter().map(|(_, out)| out).collect()
+    }
+}
+
+// === The task ===
+
+/// The MQTT task: polls the event loop, ingests heartbeats, publishes statuses.
+///
+/// After every connection it publishes a marker to a topic only it subscribes to. The
+/// broker delivers a session's queued messages in order, so once the marker comes back,
+/// every heartbeat queued while the monitor was away has arrived: only then does `ingest`
+/// say the backlog is in, and expiries may be decided.
+pub struct MqttTask {
+    pub cfg: MqttConfig,
+    pub presence: PresenceConfig,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+    pub held: Arc<Held>,
+    pub out_rx: mpsc::Receiver<Outgoing>,
+    pub ack_tx: mpsc::Sender<Ack>,
+    /// Woken when the broker lost our session: every device's status is published again.
+    pub republish: Arc<Notify>,
+    /// `Some(t)`: connected, and every heartbeat queued for us before `t` has been received.
+    pub ingest: watch::Sender<Option<Millis>>,
+}
+
+#[derive(PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Cancelled: flushing statuses in flight until the deadline.
+    Draining,
+    /// The offline presence is queued; waiting for its PUBACK.
+    Leaving,
+    /// DISCONNECT queued.
+    Disconnecting,
+}
+
+struct Limiters {
+    invalid: LogLimiter,
+    too_large: LogLimiter,
+    held_full: LogLimiter,
+    connection: LogLimiter,
+    refused: LogLimiter,
+}
+
+impl MqttTask {
+    pub async fn run(mut self, token: CancellationToken) {
+        let instance = self.cfg.client_id.clone();
+        let (client, mut eventloop) = client(ConnectOptions {
+            cfg: &self.cfg,
+            client_id: instance.clone(),
+            persistent: self.cfg.persistent_session(),
+            will: Some((
+                instance_topic(&instance),
+                presence_payload(false, &instance, 0),
+            )),
+            inflight: INFLIGHT as u16,
+            keep_alive: Duration::from_secs(15),
+        });
+        let sync = sync_topic(&instance);
+        let filters = vec![self.cfg.heartbeat_filter(), sync.clone()];
+        let limiters = Limiters {
+            invalid: LogLimiter::new(Duration::from_secs(10)),
+            too_large: LogLimiter::new(Duration::from_secs(10)),
+            held_full: LogLimiter::new(Duration::from_secs(10)),
+            connection: LogLimiter::new(Duration::from_secs(30)),
+            refused: LogLimiter::new(Duration::from_secs(10)),
+        };
+
+        let mut tracker = Tracker::default();
+        let mut resend: VecDeque<Outgoing> = VecDeque::new();
+        let mut connected = false;
+        let mut ever_connected = false;
+        let mut marker: Option<(Bytes, Instant)> = None;
+        let mut backoff = Backoff::new(Duration::from_secs(30));
+        let mut phase = Phase::Running;
+        let mut drain_deadline = Instant::now();
+        let mut out_open = true;
+
+        loop {
+            // Move what must be sent again into the client first, in order.
+            while connected && phase != Phase::Disconnecting && tracker.len() < INFLIGHT {
+                let Some(out) = resend.pop_front() else { break };
+                if client
+                    .try_publish(&out.topic, out.retain, out.payload.clone())
+                    .is_err()
+                {
+                    resend.push_front(out);
+                    break;
+                }
+                tracker.queue(out);
+            }
+
+            // Shutdown progress.
+            if phase == Phase::Draining {
+                let flushed = tracker.len() == 0 && resend.is_empty() && self.out_rx.is_empty();
+                if !connected || flushed || Instant::now() >= drain_deadline {
+                    if connected {
+                        let out = Outgoing {
+                            topic: instance_topic(&instance),
+                            payload: presence_payload(false, &instance, 0),
+                            retain: true,
+                            kind: Kind::Presence,
+                        };
+                        if client
+                            .try_publish(&out.topic, true, out.payload.clone())
+                            .is_ok()
+                        {
+                            tracker.queue(out);
+                        }
+                        phase = Phase::Leaving;
+                        drain_deadline =
+                            drain_deadline.max(Instant::now()) + Duration::from_secs(1);
+                    } else {
+                        break;
+                    }
+                }
+            }
+            if phase == Phase::Leaving && (tracker.len() == 0 || Instant::now() >= drain_deadline) {
+                let _ = client.try_disconnect();
+                phase = Phase::Disconnecting;
+                drain_deadline = Instant::now() + Duration::from_secs(1);
+            }
+
+            let can_take = connected
+                && out_open
+                && matches!(phase, Phase::Running | Phase::Draining)
+                && tracker.len() < INFLIGHT
+                && resend.is_empty();
+            let sync_timeout = marker
+                .as_ref()
+                .map(|(_, sent)| *sent + SYNC_WAIT)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let tick = if phase == Phase::Running {
+                Instant::now() + Duration::from_secs(3600)
+            } else {
+                Instant::now() + Duration::from_millis(50)
+            };
+
+            tokio::select! {
+                biased;
+                () = token.cancelled(), if phase == Phase::Running => {
+                    phase = Phase::Draining;
+                    drain_deadline = Instant::now() + DRAIN;
+                }
+                () = tokio::time::sleep_until(tick) => {
+                    if phase == Phase::Disconnecting && Instant::now() >= drain_deadline {
+                        break;
+                    }
+                }
+                () = tokio::time::sleep_until(sync_timeout), if marker.is_some() => {
+                    warn!("Sync marker did not come back; assuming queued heartbeats were delivered.");
+                    marker = None;
+                    let _ = self.ingest.send(Some(now_ms()));
+                }
+                ev = eventloop.poll() => match ev {
+                    Ok(Event::ConnAck { session_present }) => {
+                        connected = true;
+                        backoff.reset();
+                        info!(session_present, "Connected to the MQTT broker.");
+                        if !session_present {
+                            // The client dropped whatever it held; the broker may have lost
+                            // retained statuses too.
+                            resend.extend(
+                                tracker
+                                    .take_all()
+                                    .into_iter()
+                                    .filter(|o| matches!(o.kind, Kind::Status { .. })),
+                            );
+                            if ever_connected {
+                                warn!("The broker lost our session; republishing every device's status.");
+                            }
+                            self.republish.notify_one();
+                        }
+                        ever_connected = true;
+                        if let Err(e) = client.try_subscribe_many(&filters) {
+                            error!(error = %e, "Could not queue the subscription.");
+                        }
+                        let presence = Outgoing {
+                            topic: instance_topic(&instance),
+                            payload: presence_payload(true, &instance, now_ms()),
+                            retain: true,
+                            kind: Kind::Presence,
+                        };
+                        let token_bytes = Bytes::from(format!("{:016x}", fastrand::u64(..)));
+                        let mark = Outgoing {
+                            topic: sync.clone(),
+                            payload: token_bytes.clone(),
+                            retain: false,
+                            kind: Kind::Marker,
+                        };
+                        resend.push_front(mark);
+                        resend.push_front(presence);
+                        marker = Some((token_bytes, Instant::now()));
+                    }
+                    Ok(Event::SubAck { granted }) => {
+                        if granted.first() == Some(&true) {
+                            self.health.set_mqtt(true, true);
+                            info!(filter = %filters[0], "Subscribed to heartbeats.");
+                        } else {
+                            error!(filter = %filters[0], "The broker refused the heartbeat subscription.");
+                            self.health.set_mqtt(true, false);
+                        }
+                    }
+                    Ok(Event::Publish { topic, payload }) => {
+                        if topic.as_ref() == sync.as_bytes() {
+                            if marker.as_ref().is_some_and(|(t, _)| *t == payload) {
+                                marker = None;
+                                let _ = self.ingest.send(Some(now_ms()));
+                                debug!("Queued heartbeats delivered.");
+                            }
+                        } else {
+                            self.heartbeat(&topic, &payload, &limiters);
+                        }
+                    }
+                    Ok(Event::Sent { pkid }) => tracker.sent(pkid),
+                    Ok(Event::PubAck { pkid, ok, reason }) => {
+                        let Some(out) = tracker.acked(pkid) else { continue };
+                        if !ok {
+                            // Not stored by the broker; the outbox lease publishes it again.
+                            if let Some(n) = limiters.refused.check() {
+                                error!(topic = %out.topic, %reason, suppressed = n, "The broker refused a status.");
+                            }
+                            continue;
+                        }
+                        if let Kind::Status { ack, lag_from } = out.kind {
+                            if let Some(deadline) = lag_from {
+                                self.metrics
+                                    .observe_lag(now_ms().saturating_sub(deadline) as f64 / 1000.0);
+                            }
+                            // Full: dropped; the outbox lease publishes it once more.
+                            let _ = self.ack_tx.try_send(ack);
+                        }
+                    }
+                    Ok(Event::Disconnected) => {
+                        if phase == Phase::Disconnecting {
+                            break;
+                        }
+                    }
+                    Ok(Event::Other) => {}
+                    Err(e) => {
+                        if phase != Phase::Running {
+                            break;
+                        }
+                        if connected {
+                            warn!(error = %e, "Lost the MQTT connection; reconnecting.");
+                        } else if let Some(n) = limiters.connection.check() {
+                            warn!(error = %e, suppressed = n, "Cannot connect to the MQTT broker; retrying.");
+                        }
+                        connected = false;
+                        marker = None;
+                        self.health.set_mqtt(false, false);
+                        let _ = self.ingest.send(None);
+                        // rumqttc reconnects on the next poll, with no delay of its own.
+                        tokio::select! {
+                            () = token.cancelled() => break,
+                            () = tokio::time::sleep(backoff.next_delay()) => {}
+                        }
+                    }
+                },
+                out = self.out_rx.recv(), if can_take => match out {
+                    Some(out) => match client.try_publish(&out.topic, out.retain, out.payload.clone()) {
+                        Ok(()) => tracker.queue(out),
+                        Err(_) => resend.push_back(out),
+                    },
+                    None => out_open = false,
+                },
+            }
+        }
+        self.health.set_mqtt(false, false);
+        let _ = self.ingest.send(None);
+        self.held.close();
+        info!("MQTT task stopped.");
+    }
+
+    /// One message on the heartbeat subscription: validated, counted, held for Redis.
+    fn heartbeat(&self, topic: &[u8], payload: &[u8], limiters: &Limiters) {
+        let raw = std::str::from_utf8(topic)
+            .ok()
+            .and_then(|t| self.cfg.heartbeat_topic.extract(t));
+        let device = match raw.map(DeviceId::parse) {
+            Some(Ok(id)) => id,
+            Some(Err(e)) => {
+                self.metrics.heartbeat_rejected(Rejected::InvalidId);
+                if let Some(n) = limiters.invalid.check() {
+                    warn!(error = %e, suppressed = n, "Rejected a heartbeat with an invalid device id.");
+                }
+                return;
+            }
+            None => {
+                self.metrics.heartbeat_rejected(Rejected::InvalidId);
+                if let Some(n) = limiters.invalid.check() {
+                    warn!(
+                        suppressed = n,
+                        "Rejected a message whose topic does not match the heartbeat topic."
+                    );
+                }
+                return;
+            }
+        };
+        if payload.len() > self.cfg.max_packet_size {
+            self.metrics.heartbeat_rejected(Rejected::TooLarge);
+            if let Some(n) = limiters.too_large.check() {
+                warn!(%device, bytes = payload.len(), limit = self.cfg.max_packet_size, suppressed = n, "Rejected an oversized heartbeat.");
+            }
+            return;
+        }
+        let ttl = heartbeat_ttl(
+            payload,
+            self.presence.ttl,
+            self.presence.min_ttl,
+            self.presence.max_ttl,
+        );
+        if self.held.insert(device, ttl) {
+            self.metrics.heartbeat_accepted();
+        } else if let Some(n) = limiters.held_full.check() {
+            error!(
+                suppressed = n,
+                "Heartbeats held for Redis are at their limit; dropping new devices' heartbeats."
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(n: u8) -> Outgoing {
+        Outgoing {
+            topic: format!("t{n}"),
+            payload: Bytes::new(),
+            retain: false,
+            kind: Kind::Presence,
+        }
+    }
+
+    #[test]
+    fn tracker_matches_in_order_and_ignores_retransmissions() {
+        let mut t = Tracker::default();
+        t.queue(out(1));
+        t.queue(out(2));
+        t.sent(7);
+        t.sent(7); // retransmission
+        t.sent(3);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.acked(3).map(|o| o.topic), Some("t2".into()));
+        assert_eq!(t.acked(3).map(|o| o.topic), None);
+        t.queue(out(3));
+        let all: Vec<String> = t.take_all().into_iter().map(|o| o.topic).collect();
+        assert_eq!(all, vec!["t1", "t3"]);
+        assert_eq!(t.len(), 0);
+    }
+}

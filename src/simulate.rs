@@ -1,0 +1,237 @@
+//! `presenced simulate`: a fleet of N devices heartbeating over MQTT, a fraction of which go
+//! silent after their first heartbeat. For demos, tests and benchmarks; it needs only the
+//! broker.
+//!
+//! Schedule: heartbeat `j` (device `j mod N`, round `j / N`) is due at `j × interval / N`
+//! after the start, so the first round is spread over the first interval and every device
+//! keeps its phase. The devices share a few MQTT connections (QoS 1, so a broker holding a
+//! persistent session for the monitor queues them while it restarts).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config::MqttConfig;
+use crate::device::DeviceId;
+use crate::mqtt::{self, ConnectOptions, Event};
+
+/// Devices per MQTT connection (at most [`MAX_CONNECTIONS`] connections).
+const DEVICES_PER_CONNECTION: usize = 25_000;
+const MAX_CONNECTIONS: usize = 8;
+/// How often a progress line is printed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    pub devices: usize,
+    pub interval: Duration,
+    pub offline_fraction: f64,
+    pub duration: Option<Duration>,
+    pub prefix: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("--devices must be at least 1")]
+    NoDevices,
+    #[error("--offline-fraction must lie within 0 and 1, got {0}")]
+    Fraction(f64),
+    #[error("--prefix {0:?} does not make valid device ids: {1}")]
+    Prefix(String, crate::device::InvalidDeviceId),
+}
+
+/// What the simulator did.
+#[derive(Debug, Clone, Copy)]
+pub struct SimReport {
+    pub sent: u64,
+    pub elapsed: Duration,
+}
+
+/// The id of device `i` (0-based): `sim-000001` for `i = 0`.
+pub fn device_name(prefix: &str, i: usize) -> String {
+    format!("{prefix}-{:06}", i + 1)
+}
+
+impl SimOptions {
+    pub fn validate(&self) -> Result<(), SimError> {
+        if self.devices == 0 {
+            return Err(SimError::NoDevices);
+        }
+        if !(0.0..=1.0).contains(&self.offline_fraction) {
+            return Err(SimError::Fraction(self.offline_fraction));
+        }
+        DeviceId::parse(&device_name(&self.prefix, self.devices - 1))
+            .map_err(|e| SimError::Prefix(self.prefix.clone(), e))?;
+        Ok(())
+    }
+
+    /// How many devices (the last ones) stop after their first heartbeat.
+    pub fn silent(&self) -> usize {
+        ((self.devices as f64) * self.offline_fraction).round() as usize
+    }
+}
+
+/// Runs the simulator until `--duration` or `stop`; prints progress lines to stdout.
+pub async fn run(
+    cfg: &MqttConfig,
+    opts: SimOptions,
+    stop: impl Future<Output = ()>,
+) -> Result<SimReport, SimError> {
+    opts.validate()?;
+    let n = opts.devices;
+    let silent_from = n - opts.silent();
+    let conns = n.div_ceil(DEVICES_PER_CONNECTION).clamp(1, MAX_CONNECTIONS);
+    let token = CancellationToken::new();
+    let run_id = fastrand::u32(..);
+    let mut clients = Vec::new();
+    let mut loops = Vec::new();
+    for c in 0..conns {
+        let (client, mut eventloop) = mqtt::client(ConnectOptions {
+            cfg,
+            client_id: format!("{}-sim-{run_id:08x}-{c}", opts.prefix),
+            persistent: false,
+            will: None,
+            inflight: 100,
+            keep_alive: Duration::from_secs(30),
+        });
+        clients.push(client);
+        let t = token.clone();
+        loops.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = t.cancelled() => break,
+                    ev = eventloop.poll() => match ev {
+                        Ok(Event::ConnAck { .. }) => debug!(connection = c, "Simulator connected."),
+                        Ok(_) => {}
+                        Err(e) => {
+                            warn!(connection = c, error = %e, "Simulator connection failed; retrying.");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            }
+            // Let queued publishes go out before closing.
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while let Ok(Ok(_)) = tokio::time::timeout_at(deadline, eventloop.poll()).await {}
+        }));
+    }
+
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let progress = {
+        let sent = sent.clone();
+        let t = token.clone();
+        let silent = n - silent_from;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            tick.tick().await;
+            let mut last = 0;
+            loop {
+                tokio::select! {
+                    () = t.cancelled() => break,
+                    _ = tick.tick() => {
+                        let now = sent.load(Ordering::Relaxed);
+                        let rate = (now - last) as f64 / PROGRESS_EVERY.as_secs_f64();
+                        println!("simulate: sent={now} rate={rate:.0}/s devices={n} silent={silent}");
+                        last = now;
+                    }
+                }
+            }
+        })
+    };
+
+    let step_ns = (opts.interval.as_nanos() / n as u128).max(1);
+    let end = opts.duration.map(|d| started + d);
+    let publish = async {
+        let mut j: u64 = 0;
+        loop {
+            let due = started + Duration::from_nanos((j as u128 * step_ns) as u64);
+            if end.is_some_and(|e| due >= e) {
+                break;
+            }
+            tokio::time::sleep_until(due).await;
+            // Everything due by now, in one go.
+            let now = Instant::now();
+            while started + Duration::from_nanos((j as u128 * step_ns) as u64) <= now {
+                let i = (j % n as u64) as usize;
+                let round = j / n as u64;
+                j += 1;
+                if i >= silent_from && round > 0 {
+                    continue;
+                }
+                // `validate` proved every generated id valid.
+                let Ok(id) = DeviceId::parse(&device_name(&opts.prefix, i)) else {
+                    continue;
+                };
+                let topic = cfg.heartbeat_topic.render(&id);
+                let client = &clients[i % conns];
+                if client.publish(topic, true, Bytes::new()).await.is_err() {
+                    return;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    };
+    tokio::select! {
+        () = publish => {}
+        () = stop => {}
+    }
+    token.cancel();
+    for l in loops {
+        let _ = l.await;
+    }
+    let _ = progress.await;
+    let report = SimReport {
+        sent: sent.load(Ordering::Relaxed),
+        elapsed: started.elapsed(),
+    };
+    println!(
+        "simulate: done sent={} in {:.1}s",
+        report.sent,
+        report.elapsed.as_secs_f64()
+    );
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_fractions() {
+        assert_eq!(device_name("sim", 0), "sim-000001");
+        let o = SimOptions {
+            devices: 10,
+            interval: Duration::from_secs(1),
+            offline_fraction: 0.25,
+            duration: None,
+            prefix: "sim".into(),
+        };
+        assert_eq!(o.silent(), 3);
+        assert!(o.validate().is_ok());
+        assert!(SimOptions {
+            offline_fraction: 1.5,
+            ..o.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(SimOptions {
+            devices: 0,
+            ..o.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(SimOptions {
+            prefix: "a\nb".into(),
+            ..o
+        }
+        .validate()
+        .is_err());
+    }
+}

@@ -1,0 +1,771 @@
+//! Everything the monitor keeps in Redis, and the only module besides `expiry` that
+//! speaks Redis.
+//!
+//! Key layout (prefix `P`, bucket `b` = FNV-1a of the device id mod [`BUCKETS`]; `{b}` is a
+//! hash tag, so every key of a bucket lives in one Redis Cluster slot):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:{b}:ttl:<id>` | string, with TTL | the heartbeat TTL key; its `expired` event is the fast path |
+//! | `P:{b}:rec` | hash id → record | `state\|seq\|since\|last_seen\|detected_at`: what is needed at expiry lives here, not in the TTL key |
+//! | `P:{b}:deadline` | zset id → deadline ms | online devices, queryable by time (reconciliation, the deadline sweep) |
+//! | `P:{b}:online`, `P:{b}:offline` | zset (lex) | the state index: counts (ZCARD) and paging (ZRANGE BYLEX) |
+//! | `P:{b}:outbox` | zset member → lease ms | committed transitions not yet acknowledged by the broker |
+//!
+//! Every transition is decided by one Lua script on one bucket (src/lua/*.lua), so exactly one
+//! caller, whichever replica it is, commits it, with the next `seq`.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
+
+use crate::device::{DeviceId, DeviceRecord, Millis, State, StatusEvent};
+
+/// Number of buckets the fleet is split into. Part of the key layout: changing it needs a
+/// migration. 64 keeps every bucket (and cluster slot) below ~2% of the fleet.
+pub const BUCKETS: u16 = 64;
+
+/// How long a committed transition may wait for the broker's acknowledgement before any
+/// replica may claim and publish it again.
+pub const OUTBOX_LEASE: Duration = Duration::from_secs(10);
+
+const COMMON_LUA: &str = include_str!("lua/common.lua");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+    #[error("unexpected reply from redis: {0}")]
+    Protocol(String),
+}
+
+/// A bucket, i.e. a Redis Cluster slot's worth of devices.
+pub type Bucket = u16;
+
+/// The bucket of a device id (FNV-1a, stable across versions and processes).
+pub fn bucket_of(id: &str) -> Bucket {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h % u32::from(BUCKETS)) as Bucket
+}
+
+/// Key names; the one place the layout is spelled.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    fn key(&self, b: Bucket, name: &str) -> String {
+        format!("{}:{{{b}}}:{name}", self.prefix)
+    }
+
+    pub fn ttl_prefix(&self, b: Bucket) -> String {
+        self.key(b, "ttl:")
+    }
+
+    pub fn ttl(&self, id: &DeviceId) -> String {
+        format!("{}{}", self.ttl_prefix(bucket_of(id.as_str())), id)
+    }
+
+    pub fn records(&self, b: Bucket) -> String {
+        self.key(b, "rec")
+    }
+
+    pub fn deadlines(&self, b: Bucket) -> String {
+        self.key(b, "deadline")
+    }
+
+    pub fn index(&self, b: Bucket, state: State) -> String {
+        self.key(b, state.as_str())
+    }
+
+    pub fn outbox(&self, b: Bucket) -> String {
+        self.key(b, "outbox")
+    }
+
+    /// A key for the notification probe (under the prefix, outside every bucket).
+    pub fn probe(&self) -> String {
+        format!("{}:probe:{:016x}", self.prefix, fastrand::u64(..))
+    }
+
+    /// The device of a TTL key named in an `expired` event, if the key is one of ours.
+    pub fn parse_ttl_key(&self, key: &[u8]) -> Option<DeviceId> {
+        let key = std::str::from_utf8(key).ok()?;
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
+        let (bucket, rest) = rest.split_once('}')?;
+        let id = rest.strip_prefix(":ttl:")?;
+        let id = DeviceId::parse(id).ok()?;
+        (bucket.parse::<Bucket>().ok()? == bucket_of(id.as_str())).then_some(id)
+    }
+
+    fn bucket_keys(&self, b: Bucket) -> [String; 5] {
+        [
+            self.records(b),
+            self.deadlines(b),
+            self.index(b, State::Online),
+            self.index(b, State::Offline),
+            self.outbox(b),
+        ]
+    }
+}
+
+/// A Lua script with its SHA1, invoked with EVALSHA inside pipelines.
+struct LuaScript {
+    source: String,
+    sha: String,
+}
+
+impl LuaScript {
+    fn new(body: &str) -> LuaScript {
+        let source = format!("{COMMON_LUA}\n{body}");
+        let sha = redis::Script::new(&source).get_hash().to_owned();
+        LuaScript { source, sha }
+    }
+
+    fn cmd(&self, keys: &[String], args: Vec<String>) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.sha).arg(keys.len()).arg(keys).arg(args);
+        cmd
+    }
+}
+
+/// A transition committed in Redis (by this caller), waiting to be published.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    pub bucket: Bucket,
+    /// The outbox member: removing it records the broker's acknowledgement.
+    pub member: String,
+    pub event: StatusEvent,
+}
+
+/// The broker acknowledged a status.
+#[derive(Clone, Debug)]
+pub struct Ack {
+    pub bucket: Bucket,
+    pub member: String,
+    pub device: DeviceId,
+    pub seq: u64,
+}
+
+/// What a sweep of one bucket found.
+#[derive(Debug)]
+pub struct Swept {
+    pub bucket: Bucket,
+    pub next_deadline: Option<Millis>,
+    /// The sweep hit its limit: more devices may be overdue.
+    pub more: bool,
+    pub committed: Vec<Committed>,
+}
+
+/// One heartbeat to apply.
+#[derive(Clone, Debug)]
+pub struct Beat {
+    pub device: DeviceId,
+    pub arrival: Millis,
+    pub ttl_ms: u64,
+}
+
+/// What `notify-keyspace-events` looked like and what was done about it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotifyConfig {
+    /// Already had `E` and `x`.
+    AlreadyOn,
+    /// We merged `E` and `x` into the flags; `from` is what was set before.
+    Enabled { from: String },
+    /// Not enabled (configuring is off, or CONFIG was refused): must be probed.
+    Unknown { reason: String },
+}
+
+/// Handle to the Redis state. Cheap to clone: the connection is multiplexed and reconnects
+/// by itself (a command that hit a broken connection still fails; callers retry).
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    keys: Keys,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+struct Scripts {
+    heartbeat: LuaScript,
+    expire: LuaScript,
+    ack: LuaScript,
+    claim: LuaScript,
+}
+
+impl Store {
+    /// Connects (once; errors are returned, not retried) and loads the scripts.
+    pub async fn connect(client: &redis::Client, prefix: &str) -> Result<Store, StoreError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(3)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_max_delay(Duration::from_secs(2));
+        let conn = client.get_connection_manager_with_config(config).await?;
+        let store = Store {
+            conn,
+            keys: Keys::new(prefix),
+            scripts: std::sync::Arc::new(Scripts {
+                heartbeat: LuaScript::new(include_str!("lua/heartbeat.lua")),
+                expire: LuaScript::new(include_str!("lua/expire.lua")),
+                ack: LuaScript::new(include_str!("lua/ack.lua")),
+                claim: LuaScript::new(include_str!("lua/claim.lua")),
+            }),
+        };
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    async fn load_scripts(&self) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        for s in [
+            &self.scripts.heartbeat,
+            &self.scripts.expire,
+            &self.scripts.ack,
+            &self.scripts.claim,
+        ] {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(&s.source).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Runs a pipeline of script calls; after a restart or failover Redis has forgotten the
+    /// scripts (NOSCRIPT): load them and run the pipeline once more. Nothing ran the first
+    /// time, since every call in it failed the same way.
+    async fn run(&self, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
+        match pipe.query_async::<Vec<Value>>(&mut self.conn.clone()).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.load_scripts().await?;
+                Ok(pipe.query_async(&mut self.conn.clone()).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Applies heartbeats (any buckets) in one round trip; returns the online transitions.
+    pub async fn apply_heartbeats(
+        &self,
+        beats: &[Beat],
+        now: Millis,
+    ) -> Result<Vec<Committed>, StoreError> {
+        let mut by_bucket: Vec<Vec<&Beat>> = vec![Vec::new(); usize::from(BUCKETS)];
+        for beat in beats {
+            by_bucket[usize::from(bucket_of(beat.device.as_str()))].push(beat);
+        }
+        let mut pipe = redis::pipe();
+        let mut order = Vec::new();
+        for (b, beats) in by_bucket.iter().enumerate() {
+            if beats.is_empty() {
+                continue;
+            }
+            let b = b as Bucket;
+            let mut args = vec![
+                self.keys.ttl_prefix(b),
+                now.to_string(),
+                lease_ms().to_string(),
+            ];
+            for beat in beats {
+                args.push(beat.device.to_string());
+                args.push(beat.arrival.to_string());
+                args.push(beat.ttl_ms.to_string());
+            }
+            pipe.add_command(self.scripts.heartbeat.cmd(&self.keys.bucket_keys(b), args));
+            order.push(b);
+        }
+        if order.is_empty() {
+            return Ok(Vec::new());
+        }
+        let replies = self.run(&pipe).await?;
+        let mut out = Vec::new();
+        for (b, reply) in order.into_iter().zip(replies) {
+            out.extend(members(b, reply)?);
+        }
+        Ok(out)
+    }
+
+    /// Marks the given devices offline if their deadline is at or before `cutoff`.
+    pub async fn expire_devices(
+        &self,
+        ids: &[DeviceId],
+        now: Millis,
+        cutoff: Millis,
+    ) -> Result<Vec<Committed>, StoreError> {
+        let mut by_bucket: Vec<Vec<&DeviceId>> = vec![Vec::new(); usize::from(BUCKETS)];
+        for id in ids {
+            by_bucket[usize::from(bucket_of(id.as_str()))].push(id);
+        }
+        let mut pipe = redis::pipe();
+        let mut order = Vec::new();
+        for (b, ids) in by_bucket.iter().enumerate() {
+            if ids.is_empty() {
+                continue;
+            }
+            let b = b as Bucket;
+            let mut args = self.expire_args(b, now, cutoff, ids.len());
+            args.extend(ids.iter().map(|id| id.to_string()));
+            pipe.add_command(self.scripts.expire.cmd(&self.keys.bucket_keys(b), args));
+            order.push(b);
+        }
+        if order.is_empty() {
+            return Ok(Vec::new());
+        }
+        let replies = self.run(&pipe).await?;
+        let mut out = Vec::new();
+        for (b, reply) in order.into_iter().zip(replies) {
+            out.extend(parse_swept(b, reply)?.committed);
+        }
+        Ok(out)
+    }
+
+    /// Marks offline up to `limit` devices per bucket whose deadline is at or before
+    /// `cutoff`, in the given buckets, in one round trip.
+    pub async fn sweep(
+        &self,
+        buckets: &[Bucket],
+        now: Millis,
+        cutoff: Millis,
+        limit: usize,
+    ) -> Result<Vec<Swept>, StoreError> {
+        if buckets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for &b in buckets {
+            let args = self.expire_args(b, now, cutoff, limit);
+            pipe.add_command(self.scripts.expire.cmd(&self.keys.bucket_keys(b), args));
+        }
+        let replies = self.run(&pipe).await?;
+        buckets
+            .iter()
+            .zip(replies)
+            .map(|(&b, reply)| parse_swept(b, reply))
+            .collect()
+    }
+
+    fn expire_args(&self, b: Bucket, now: Millis, cutoff: Millis, limit: usize) -> Vec<String> {
+        vec![
+            self.keys.ttl_prefix(b),
+            now.to_string(),
+            cutoff.to_string(),
+            lease_ms().to_string(),
+            limit.max(1).to_string(),
+        ]
+    }
+
+    /// Records acknowledgements; returns statuses that must be published again because the
+    /// device moved on while an older status was in flight (see src/lua/ack.lua).
+    pub async fn ack(&self, acks: &[Ack], now: Millis) -> Result<Vec<Committed>, StoreError> {
+        let mut by_bucket: Vec<Vec<&Ack>> = vec![Vec::new(); usize::from(BUCKETS)];
+        for ack in acks {
+            by_bucket[usize::from(ack.bucket)].push(ack);
+        }
+        let mut pipe = redis::pipe();
+        let mut order = Vec::new();
+        for (b, acks) in by_bucket.iter().enumerate() {
+            if acks.is_empty() {
+                continue;
+            }
+            let b = b as Bucket;
+            let mut args = vec![now.to_string(), lease_ms().to_string()];
+            for ack in acks {
+                args.push(ack.member.clone());
+                args.push(ack.device.to_string());
+                args.push(ack.seq.to_string());
+            }
+            let keys = [self.keys.records(b), self.keys.outbox(b)];
+            pipe.add_command(self.scripts.ack.cmd(&keys, args));
+            order.push(b);
+        }
+        if order.is_empty() {
+            return Ok(Vec::new());
+        }
+        let replies = self.run(&pipe).await?;
+        let mut out = Vec::new();
+        for (b, reply) in order.into_iter().zip(replies) {
+            out.extend(members(b, reply)?);
+        }
+        Ok(out)
+    }
+
+    /// Claims outbox entries whose lease ran out (or, with `all`, every entry: at start,
+    /// whatever a previous run left unacknowledged), at most `limit` per bucket.
+    pub async fn claim_outbox(
+        &self,
+        now: Millis,
+        all: bool,
+        limit: usize,
+    ) -> Result<Vec<Committed>, StoreError> {
+        let mut pipe = redis::pipe();
+        let max = if all {
+            "+inf".to_owned()
+        } else {
+            now.to_string()
+        };
+        for b in 0..BUCKETS {
+            let args = vec![
+                now.to_string(),
+                lease_ms().to_string(),
+                limit.to_string(),
+                max.clone(),
+            ];
+            pipe.add_command(self.scripts.claim.cmd(&[self.keys.outbox(b)], args));
+        }
+        let replies = self.run(&pipe).await?;
+        let mut out = Vec::new();
+        for (b, reply) in (0..BUCKETS).zip(replies) {
+            out.extend(members(b, reply)?);
+        }
+        Ok(out)
+    }
+
+    /// The current record of one device.
+    pub async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let b = bucket_of(id.as_str());
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(self.keys.records(b))
+            .arg(id.as_str())
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(raw.and_then(|r| DeviceRecord::parse(id.clone(), &r)))
+    }
+
+    /// Fleet-wide counts `(online, offline)`, summed over the buckets.
+    pub async fn counts(&self) -> Result<(i64, i64), StoreError> {
+        let mut pipe = redis::pipe();
+        for b in 0..BUCKETS {
+            pipe.cmd("ZCARD").arg(self.keys.index(b, State::Online));
+            pipe.cmd("ZCARD").arg(self.keys.index(b, State::Offline));
+        }
+        let cards: Vec<i64> = pipe.query_async(&mut self.conn.clone()).await?;
+        let online = cards.iter().step_by(2).sum();
+        let offline = cards.iter().skip(1).step_by(2).sum();
+        Ok((online, offline))
+    }
+
+    /// One page of devices in id order, after `after` (exclusive), optionally of one state.
+    /// Returns the records and whether more may follow.
+    ///
+    /// Each bucket's state index is read from `after` on, at most `limit + 1` ids each; the
+    /// smallest `limit` ids overall form the page. Paging by id (not by a scan cursor) lists
+    /// every device of an unchanging fleet exactly once.
+    pub async fn list(
+        &self,
+        state: Option<State>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<DeviceRecord>, bool), StoreError> {
+        let states: &[State] = match state {
+            Some(State::Online) => &[State::Online],
+            Some(State::Offline) => &[State::Offline],
+            None => &[State::Online, State::Offline],
+        };
+        let start = match after {
+            Some(a) => format!("({a}"),
+            None => "-".to_owned(),
+        };
+        let mut pipe = redis::pipe();
+        for b in 0..BUCKETS {
+            for &s in states {
+                pipe.cmd("ZRANGE")
+                    .arg(self.keys.index(b, s))
+                    .arg(&start)
+                    .arg("+")
+                    .arg("BYLEX")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit + 1);
+            }
+        }
+        let pages: Vec<Vec<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        let mut ids: Vec<String> = pages.into_iter().flatten().collect();
+        // Redis orders BYLEX by bytes (memcmp); so does String's Ord.
+        ids.sort_unstable();
+        ids.dedup();
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+
+        let mut pipe = redis::pipe();
+        let mut parsed = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let Ok(device) = DeviceId::parse(id) else {
+                continue;
+            };
+            pipe.cmd("HGET")
+                .arg(self.keys.records(bucket_of(id)))
+                .arg(id);
+            parsed.push(device);
+        }
+        let raws: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        let records = parsed
+            .into_iter()
+            .zip(raws)
+            .filter_map(|(id, raw)| DeviceRecord::parse(id, &raw?))
+            // A device may change state between the two reads; keep the page to its filter.
+            .filter(|r| state.is_none_or(|s| r.state == s))
+            .collect();
+        Ok((records, more))
+    }
+
+    /// One HSCAN step over a bucket's records: every device's current status, for
+    /// republishing after the broker lost its retained messages.
+    pub async fn scan_records(
+        &self,
+        b: Bucket,
+        cursor: u64,
+    ) -> Result<(u64, Vec<Committed>), StoreError> {
+        let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
+            .arg(self.keys.records(b))
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(500)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let mut out = Vec::new();
+        for pair in flat.chunks_exact(2) {
+            let Ok(id) = DeviceId::parse(&pair[0]) else {
+                continue;
+            };
+            let Some(r) = DeviceRecord::parse(id, &pair[1]) else {
+                continue;
+            };
+            let event = StatusEvent {
+                last_seen: if r.state == State::Online {
+                    r.since
+                } else {
+                    r.last_seen
+                },
+                device: r.device,
+                state: r.state,
+                seq: r.seq,
+                since: r.since,
+                detected_at: r.detected_at,
+            };
+            out.push(Committed {
+                bucket: b,
+                member: event.member(),
+                event,
+            });
+        }
+        Ok((next, out))
+    }
+
+    /// Makes sure `notify-keyspace-events` has `E` and `x`, merging with the flags already
+    /// set (CONFIG SET replaces the whole set). With `configure = false` it only reads.
+    pub async fn ensure_notifications(&self, configure: bool) -> NotifyConfig {
+        let mut conn = self.conn.clone();
+        let current: Result<Vec<String>, _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("notify-keyspace-events")
+            .query_async(&mut conn)
+            .await;
+        let current = match current {
+            Ok(pair) if pair.len() == 2 => pair[1].clone(),
+            Ok(other) => {
+                return NotifyConfig::Unknown {
+                    reason: format!("CONFIG GET returned {other:?}"),
+                }
+            }
+            Err(e) => {
+                return NotifyConfig::Unknown {
+                    reason: format!("CONFIG GET refused: {e}"),
+                }
+            }
+        };
+        if has_expired_events(&current) {
+            return NotifyConfig::AlreadyOn;
+        }
+        if !configure {
+            return NotifyConfig::Unknown {
+                reason: format!(
+                    "notify-keyspace-events is {current:?} and redis.configure_notifications is false"
+                ),
+            };
+        }
+        let merged = merge_flags(&current);
+        let set: Result<(), _> = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("notify-keyspace-events")
+            .arg(&merged)
+            .query_async(&mut conn)
+            .await;
+        match set {
+            Ok(()) => NotifyConfig::Enabled { from: current },
+            Err(e) => NotifyConfig::Unknown {
+                reason: format!("CONFIG SET refused: {e}"),
+            },
+        }
+    }
+
+    /// Writes a short-lived probe key and returns its name.
+    pub async fn write_probe(&self, ttl: Duration) -> Result<String, StoreError> {
+        let key = self.keys.probe();
+        redis::cmd("SET")
+            .arg(&key)
+            .arg("1")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(key)
+    }
+
+    /// Touches a key, so that Redis deletes it (and notifies) at once if it is overdue.
+    pub async fn touch(&self, key: &str) -> Result<(), StoreError> {
+        redis::cmd("EXISTS")
+            .arg(key)
+            .query_async::<i64>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+}
+
+fn lease_ms() -> u64 {
+    OUTBOX_LEASE.as_millis() as u64
+}
+
+/// Whether the flags make Redis publish `expired` keyevent notifications.
+pub fn has_expired_events(flags: &str) -> bool {
+    flags.contains('E') && (flags.contains('x') || flags.contains('A'))
+}
+
+/// The flags with `E` and `x` added, keeping every flag already set.
+pub fn merge_flags(flags: &str) -> String {
+    let mut out = flags.to_owned();
+    if !out.contains('E') {
+        out.push('E');
+    }
+    // `A` is an alias that includes `x`.
+    if !out.contains('x') && !out.contains('A') {
+        out.push('x');
+    }
+    out
+}
+
+fn bulk_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn committed(b: Bucket, member: String) -> Result<Committed, StoreError> {
+    let event = StatusEvent::parse_member(&member)
+        .ok_or_else(|| StoreError::Protocol(format!("malformed outbox member {member:?}")))?;
+    Ok(Committed {
+        bucket: b,
+        member,
+        event,
+    })
+}
+
+fn members(b: Bucket, reply: Value) -> Result<Vec<Committed>, StoreError> {
+    match reply {
+        Value::Array(items) => items
+            .iter()
+            .map(|v| {
+                bulk_string(v)
+                    .ok_or_else(|| StoreError::Protocol(format!("expected a string, got {v:?}")))
+                    .and_then(|m| committed(b, m))
+            })
+            .collect(),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(StoreError::Protocol(format!(
+            "expected an array, got {other:?}"
+        ))),
+    }
+}
+
+fn parse_swept(b: Bucket, reply: Value) -> Result<Swept, StoreError> {
+    let Value::Array(items) = reply else {
+        return Err(StoreError::Protocol(format!(
+            "expected an array from the expire script, got {reply:?}"
+        )));
+    };
+    let mut it = items.iter();
+    let next = it.next().and_then(bulk_string).unwrap_or_default();
+    let more = it.next().and_then(bulk_string).unwrap_or_default() == "1";
+    let next_deadline = next
+        .parse::<f64>()
+        .ok()
+        .filter(|d| *d >= 0.0)
+        .map(|d| d as Millis);
+    let committed = it
+        .map(|v| {
+            bulk_string(v)
+                .ok_or_else(|| StoreError::Protocol(format!("expected a string, got {v:?}")))
+                .and_then(|m| committed(b, m))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Swept {
+        bucket: b,
+        next_deadline,
+        more,
+        committed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_stable_and_spread() {
+        assert_eq!(bucket_of("sensor-17"), bucket_of("sensor-17"));
+        let mut counts = vec![0usize; usize::from(BUCKETS)];
+        for i in 0..64_000 {
+            counts[usize::from(bucket_of(&format!("sim-{i:06}")))] += 1;
+        }
+        let max = counts.iter().max().copied().unwrap_or(0);
+        let min = counts.iter().min().copied().unwrap_or(0);
+        assert!(max < 1300 && min > 700, "uneven buckets: {min}..{max}");
+    }
+
+    #[test]
+    fn ttl_keys_round_trip() {
+        let keys = Keys::new("presence");
+        let id = DeviceId::parse("a:b}{c").unwrap();
+        let key = keys.ttl(&id);
+        assert!(key.starts_with("presence:{"));
+        assert_eq!(keys.parse_ttl_key(key.as_bytes()), Some(id));
+        assert_eq!(keys.parse_ttl_key(b"presence:{1}:rec"), None);
+        assert_eq!(keys.parse_ttl_key(b"other:{1}:ttl:x"), None);
+        // A bucket that does not match the id is not one of our keys.
+        let wrong = format!("presence:{{{}}}:ttl:x", (bucket_of("x") + 1) % BUCKETS);
+        assert_eq!(keys.parse_ttl_key(wrong.as_bytes()), None);
+    }
+
+    #[test]
+    fn notify_flags_merge() {
+        assert!(has_expired_events("Ex"));
+        assert!(has_expired_events("AKE"));
+        assert!(!has_expired_events("Kx"));
+        assert!(!has_expired_events(""));
+        assert_eq!(merge_flags(""), "Ex");
+        assert_eq!(merge_flags("Kg"), "KgEx");
+        assert_eq!(merge_flags("KA"), "KAE");
+        assert_eq!(merge_flags("xE"), "xE");
+    }
+}

@@ -1,0 +1,118 @@
+//! Logging setup and a limiter for warnings that bad input or outages could repeat
+//! thousands of times a second.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global tracing subscriber: human-readable or JSON, to stderr, filtered by
+/// `RUST_LOG` (default `presenced=info` plus warnings from the client libraries, whose
+/// `log` records reach tracing through tracing-log). Call once, from `main`.
+pub fn init(json: bool) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,presenced=info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // try_init: a second init (tests) is not an error worth failing over.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Lets one message through per interval and counts what it held back, so a flood of bad
+/// heartbeats or a flapping connection costs one log line per interval, not one per event.
+pub struct LogLimiter {
+    interval: Duration,
+    last: Mutex<Option<Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl LogLimiter {
+    pub const fn new(interval: Duration) -> LogLimiter {
+        LogLimiter {
+            interval,
+            last: Mutex::new(None),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when a message may be logged now, `n` being how many were held back since
+    /// the last one; `None` when this one should be dropped.
+    pub fn check(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = match self.last.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match *last {
+            Some(t) if now.duration_since(t) < self.interval => {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            _ => {
+                *last = Some(now);
+                Some(self.suppressed.swap(0, Ordering::Relaxed))
+            }
+        }
+    }
+}
+
+/// Capped exponential backoff: 100 ms doubling to a cap, reset on success.
+pub struct Backoff {
+    next: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    pub const START: Duration = Duration::from_millis(100);
+
+    pub fn new(cap: Duration) -> Backoff {
+        Backoff {
+            next: Self::START,
+            cap,
+        }
+    }
+
+    /// The delay to wait now; the following one is twice as long, up to the cap.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        d
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::START;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_lets_one_through_per_interval() {
+        let l = LogLimiter::new(Duration::from_secs(3600));
+        assert_eq!(l.check(), Some(0));
+        assert_eq!(l.check(), None);
+        assert_eq!(l.check(), None);
+        let l = LogLimiter::new(Duration::ZERO);
+        assert_eq!(l.check(), Some(0));
+        assert_eq!(l.check(), Some(0));
+    }
+
+    #[test]
+    fn backoff_doubles_to_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(350));
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+        assert_eq!(b.next_delay(), Duration::from_millis(200));
+        assert_eq!(b.next_delay(), Duration::from_millis(350));
+        assert_eq!(b.next_delay(), Duration::from_millis(350));
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+}
