@@ -111,6 +111,7 @@ impl Listener {
                 })
             }
         };
+        let first_connection = first.is_some();
         match (first.take(), check) {
             (Some(tx), check) => {
                 let failed = check.is_err();
@@ -130,7 +131,10 @@ impl Listener {
 
         self.health.set_redis_listener(true);
         backoff.reset();
-        self.reconcile.notify_one();
+        if !first_connection {
+            // Events published while we were away are gone for good.
+            self.reconcile.notify_one();
+        }
         info!(%channel, "Listening for expired keys.");
 
         let mut ping = tokio::time::interval(PING_EVERY);
@@ -148,7 +152,7 @@ impl Listener {
                     }
                 }
                 _ = ping.tick() => {
-                    match timeout(Duration::from_secs(3), sink.ping::<String>()).await {
+                    match timeout(Duration::from_secs(3), sink.ping::<redis::Value>()).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => return Err(format!("ping failed: {e}")),
                         Err(_) => return Err("ping timed out".into()),

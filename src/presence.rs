@@ -29,7 +29,7 @@ use crate::device::{now_ms, DeviceId, Millis, State};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::mqtt::{Kind, Outgoing};
-use crate::store::{Ack, Beat, Bucket, Committed, Store, BUCKETS};
+use crate::store::{lease_ms, Ack, Beat, Bucket, Committed, Store, BUCKETS};
 use crate::telemetry::{Backoff, LogLimiter};
 
 /// Most devices held for Redis at once (coalesced: one entry per device). Beyond it new
@@ -545,16 +545,20 @@ pub struct Outbox {
 const ACKS_HELD: usize = 100_000;
 
 impl Outbox {
+    /// Runs until the MQTT task is gone (the ack channel closes), so that acknowledgements
+    /// arriving while it drains at shutdown are still recorded; claiming and republishing
+    /// stop as soon as `token` is cancelled.
     pub async fn run(mut self, token: CancellationToken, tracker: tokio_util::task::TaskTracker) {
         let limiter = LogLimiter::new(Duration::from_secs(10));
         let mut pending: Vec<Ack> = Vec::new();
         let mut claim = tokio::time::interval(CLAIM_EVERY);
-        let mut first_claim = true;
+        // At start, whatever a previous run committed and did not see acknowledged is ours:
+        // every entry leased before this process could have leased any.
+        let mut first_claim = Some(now_ms() + lease_ms());
         let mut republisher: Option<CancellationToken> = None;
         loop {
             tokio::select! {
                 biased;
-                () = token.cancelled() => break,
                 n = self.ack_rx.recv_many(&mut pending, 1000) => {
                     if n == 0 {
                         break;
@@ -567,17 +571,17 @@ impl Outbox {
                     }
                     self.flush_acks(&mut pending, &limiter).await;
                 }
-                _ = claim.tick() => {
+                _ = claim.tick(), if !token.is_cancelled() => {
                     if !pending.is_empty() {
                         self.flush_acks(&mut pending, &limiter).await;
                     }
-                    // At start, everything a previous run left unacknowledged is ours.
-                    match self.store.claim_outbox(now_ms(), first_claim, SWEEP_LIMIT).await {
+                    let now = now_ms();
+                    match self.store.claim_outbox(now, first_claim.unwrap_or(now), SWEEP_LIMIT).await {
                         Ok(claimed) => {
                             if !claimed.is_empty() {
                                 info!(n = claimed.len(), "Publishing transitions whose publisher did not confirm them.");
                             }
-                            first_claim = false;
+                            first_claim = None;
                             publish(&self.out, &self.cfg, claimed, true).await;
                         }
                         Err(e) => {
@@ -587,7 +591,7 @@ impl Outbox {
                         }
                     }
                 }
-                () = self.republish.notified() => {
+                () = self.republish.notified(), if !token.is_cancelled() => {
                     if let Some(t) = republisher.take() {
                         t.cancel();
                     }
@@ -596,11 +600,8 @@ impl Outbox {
                     let (store, out, cfg) = (self.store.clone(), self.out.clone(), self.cfg.clone());
                     tracker.spawn(republish_all(store, out, cfg, t));
                 }
+                () = token.cancelled(), if !token.is_cancelled() => {}
             }
-        }
-        // Shutdown: record what was acknowledged, so it is not published again at restart.
-        while let Ok(a) = self.ack_rx.try_recv() {
-            pending.push(a);
         }
         if !pending.is_empty() {
             self.flush_acks(&mut pending, &limiter).await;

@@ -408,20 +408,16 @@ impl Store {
         Ok(out)
     }
 
-    /// Claims outbox entries whose lease ran out (or, with `all`, every entry: at start,
-    /// whatever a previous run left unacknowledged), at most `limit` per bucket.
+    /// Claims outbox entries whose lease ends at or before `until` (normally `now`: their
+    /// publisher died or is stuck), at most `limit` per bucket.
     pub async fn claim_outbox(
         &self,
         now: Millis,
-        all: bool,
+        until: Millis,
         limit: usize,
     ) -> Result<Vec<Committed>, StoreError> {
         let mut pipe = redis::pipe();
-        let max = if all {
-            "+inf".to_owned()
-        } else {
-            now.to_string()
-        };
+        let max = until.to_string();
         for b in 0..BUCKETS {
             let args = vec![
                 now.to_string(),
@@ -640,7 +636,7 @@ impl Store {
     }
 }
 
-fn lease_ms() -> u64 {
+pub fn lease_ms() -> u64 {
     OUTBOX_LEASE.as_millis() as u64
 }
 

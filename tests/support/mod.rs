@@ -1,0 +1,540 @@
+//! Test harness: real `redis-server` and `mosquitto` processes on free loopback ports
+//! (killed on Drop), the monitor in-process or as the built binary, an MQTT status
+//! collector, a heartbeat publisher, and HTTP/metrics helpers.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use presenced::config::{Config, Sources};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How long `eventually` waits; `PRESENCED_TEST_PATIENCE_MS` overrides it for slow machines.
+pub fn patience() -> Duration {
+    std::env::var("PRESENCED_TEST_PATIENCE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(20))
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after [`patience`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + patience();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    // Racy (another process may take it before the server binds), as redis-rs's harness
+    // admits; servers below retry on a new port if the bind fails.
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn binary(name: &str, env: &str) -> String {
+    let bin = std::env::var(env).unwrap_or_else(|_| name.to_owned());
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {bin}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} not found: install it (apt-get install -y redis-server mosquitto mosquitto-clients) or set {env}"
+    );
+    bin
+}
+
+fn wait_port(port: u16, child: &mut Child, log: &Path) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "server on port {port} did not start; log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+// === Redis ===
+
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// Starts `redis-server` with extra arguments (e.g. `["--notify-keyspace-events", "Kg"]`).
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        for _ in 0..5 {
+            let port = free_port();
+            let (child, ok) = Self::spawn(port, dir.path(), &args);
+            if ok {
+                return RedisServer {
+                    port,
+                    child,
+                    dir,
+                    args,
+                };
+            }
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn spawn(port: u16, dir: &Path, args: &[String]) -> (Child, bool) {
+        let log = dir.join("redis.log");
+        let mut child = Command::new(binary("redis-server", "REDIS_SERVER_BIN"))
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "no", "--dir", dir.to_str().unwrap()])
+            .args(["--logfile", log.to_str().unwrap()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let ok = wait_port(port, &mut child, &log);
+        (child, ok)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// `CONFIG GET notify-keyspace-events` (on a server whose CONFIG is not renamed).
+    pub async fn notify_flags(&self) -> String {
+        let v: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("notify-keyspace-events")
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap();
+        v[1].clone()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === Mosquitto ===
+
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Mosquitto on a loopback port, anonymous clients allowed, with queue limits raised
+    /// as `deploy/` recommends for a monitor (the default of 1,000 queued messages per
+    /// client drops heartbeats in a burst).
+    pub fn start() -> Mosquitto {
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = tempfile::tempdir().unwrap();
+            let config = format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\n\
+                 max_queued_messages 1000000\nmax_inflight_messages 100\n"
+            );
+            if let Some(m) = Self::try_start_with_config(dir, port, &config) {
+                return m;
+            }
+        }
+        panic!("mosquitto did not start");
+    }
+
+    /// Starts mosquitto with a config file; `config` may use `{dir}` for the temp directory.
+    /// `port` is the listener `wait_port` waits for.
+    pub fn start_with_config(dir: tempfile::TempDir, port: u16, config: &str) -> Mosquitto {
+        Self::try_start_with_config(dir, port, config).expect("mosquitto exited at start")
+    }
+
+    fn try_start_with_config(dir: tempfile::TempDir, port: u16, config: &str) -> Option<Mosquitto> {
+        let path = dir.path().join("mosquitto.conf");
+        let log = dir.path().join("mosquitto.log");
+        std::fs::write(&path, config.replace("{dir}", dir.path().to_str().unwrap())).unwrap();
+        let logf = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(binary("mosquitto", "MOSQUITTO_BIN"))
+            .args(["-c", path.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        wait_port(port, &mut child, &log).then_some(Mosquitto { port, child, dir })
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === The monitor ===
+
+/// A config for tests: the given servers, short TTLs, a free HTTP port; `extra` overrides.
+pub fn config(redis: &RedisServer, mqtt: &Mosquitto, extra: &[(&str, &str)]) -> Config {
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut flags: Vec<(String, String)> = vec![
+        ("redis.url".into(), redis.url()),
+        ("mqtt.url".into(), mqtt.url()),
+        ("presence.ttl".into(), "1s".into()),
+        ("presence.min_ttl".into(), "500ms".into()),
+        ("http.listen".into(), http),
+        (
+            "mqtt.client_id".into(),
+            format!("presenced-test-{:08x}", fastrand::u32(..)),
+        ),
+    ];
+    flags.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Config::load(&Sources {
+        file: None,
+        env: Vec::new(),
+        flags,
+    })
+    .unwrap()
+    .config
+}
+
+/// The monitor running in this process.
+pub struct TestApp {
+    pub cfg: Config,
+    token: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), presenced::Error>>>,
+}
+
+impl TestApp {
+    /// Starts the monitor and waits until `/readyz` says ready.
+    pub async fn spawn(cfg: Config) -> TestApp {
+        let app = Self::spawn_unready(cfg).await;
+        app.wait_ready().await;
+        app
+    }
+
+    pub async fn spawn_unready(cfg: Config) -> TestApp {
+        if std::env::var_os("PRESENCED_TEST_LOG").is_some() {
+            presenced::telemetry::init(false);
+        }
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let c = cfg.clone();
+        let task = tokio::spawn(async move { presenced::run(c, t.cancelled_owned()).await });
+        TestApp {
+            cfg,
+            token,
+            task: Some(task),
+        }
+    }
+
+    pub fn http(&self) -> SocketAddr {
+        self.cfg.http.listen
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.cfg.mqtt.client_id
+    }
+
+    pub async fn wait_ready(&self) {
+        let addr = self.http();
+        eventually("monitor ready", || async move {
+            match get(addr, "/readyz").await {
+                Some((200, _)) => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+    }
+
+    /// Cancels the monitor (like SIGTERM) and waits for `run` to return.
+    pub async fn stop(mut self) -> Result<(), presenced::Error> {
+        self.token.cancel();
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(presenced::SHUTDOWN_GRACE + Duration::from_secs(2), task)
+            .await
+            .expect("run() did not return within the shutdown grace")
+            .unwrap()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.token.cancel();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Path of the built `presenced` binary.
+pub fn presenced_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_presenced"))
+}
+
+// === MQTT helpers ===
+
+/// One message seen by a [`Collector`].
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub topic: String,
+    pub json: Value,
+    pub retain: bool,
+    pub at: Instant,
+    pub at_ms: u64,
+}
+
+/// Subscribes (QoS 1) and records every message; ready once the SubAck arrived.
+pub struct Collector {
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Collector {
+    pub async fn start(mqtt: &Mosquitto, filter: &str) -> Collector {
+        let mut opts = MqttOptions::new(
+            format!("collector-{:08x}", fastrand::u32(..)),
+            "127.0.0.1",
+            mqtt.port,
+        );
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut el) = AsyncClient::new(opts, 100);
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        if let Some(tx) = ready.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        let json = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        s.lock().unwrap().push(Seen {
+                            topic: p.topic.clone(),
+                            json,
+                            retain: p.retain,
+                            at: Instant::now(),
+                            at_ms: presenced::device::now_ms(),
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("collector SubAck")
+            .unwrap();
+        Collector { seen, client, task }
+    }
+
+    pub fn all(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Status messages of one device, in arrival order.
+    pub fn device(&self, id: &str) -> Vec<Value> {
+        self.all()
+            .into_iter()
+            .filter(|s| s.json["device"] == id)
+            .map(|s| s.json)
+            .collect()
+    }
+
+    /// Waits until `pred` holds over everything seen so far.
+    pub async fn wait_for(&self, what: &str, pred: impl Fn(&[Seen]) -> bool) {
+        eventually(what, || async { pred(&self.all()).then_some(()) }).await;
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A device-side MQTT client that publishes heartbeats (QoS 1).
+pub struct Devices {
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Devices {
+    pub async fn connect(mqtt: &Mosquitto) -> Devices {
+        let mut opts = MqttOptions::new(
+            format!("devices-{:08x}", fastrand::u32(..)),
+            "127.0.0.1",
+            mqtt.port,
+        );
+        opts.set_max_packet_size(4 << 20, 4 << 20).set_inflight(200);
+        let (client, mut el) = AsyncClient::new(opts, 1000);
+        let task = tokio::spawn(async move {
+            loop {
+                if el.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        Devices { client, task }
+    }
+
+    pub async fn heartbeat(&self, id: &str, payload: &[u8]) {
+        self.client
+            .publish(
+                format!("devices/{id}/heartbeat"),
+                QoS::AtLeastOnce,
+                false,
+                payload.to_vec(),
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn publish(&self, topic: &str, payload: &[u8]) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Devices {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// === HTTP helpers ===
+
+/// A plain HTTP/1.0 GET: `(status, body)`, or `None` if the server is not there.
+pub async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+pub async fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
+    let (status, body) = get(addr, path).await.expect("HTTP server answers");
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+pub async fn scrape(addr: SocketAddr) -> String {
+    get(addr, "/metrics").await.expect("metrics").1
+}
+
+/// The value of one series (`name{labels}` exactly as exposed), or `None`.
+pub fn metric(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
+
+/// Parses an RFC 3339 time with milliseconds into ms since the epoch.
+pub fn ms(v: &Value) -> u64 {
+    let t = humantime::parse_rfc3339(v.as_str().expect("a time string")).expect("RFC 3339");
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// What a subscriber that keeps the highest `seq` per device accepts from `msgs` (one
+/// device's statuses in arrival order): duplicates and older seqs are dropped.
+pub fn accepted(msgs: &[Value]) -> Vec<Value> {
+    let mut best = 0;
+    let mut out = Vec::new();
+    for m in msgs {
+        let seq = m["seq"].as_u64().expect("seq");
+        if seq > best {
+            best = seq;
+            out.push(m.clone());
+        }
+    }
+    out
+}
+
+/// The seqs and states a deduplicating subscriber saw for one device.
+pub fn history(msgs: &[Value]) -> Vec<(u64, String)> {
+    accepted(msgs)
+        .iter()
+        .map(|m| {
+            (
+                m["seq"].as_u64().unwrap(),
+                m["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
