@@ -144,6 +144,19 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// Kills the server (like a crash); [`RedisServer::restart`] brings it back on the same port.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        let (child, ok) = Self::spawn(self.port, self.dir.path(), &self.args);
+        assert!(ok, "redis-server did not restart on port {}", self.port);
+        self.child = child;
+    }
+
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
             .unwrap()

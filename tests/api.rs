@@ -1,0 +1,222 @@
+//! The HTTP API, metrics, Redis notification setup and MQTT authentication, against real
+//! servers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use support::*;
+
+/// `/devices`, `/devices/{id}`, paging and filters, and the metrics, against a real fleet:
+/// 30 devices online, 12 of which went silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_api_and_metrics_match_the_fleet() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "60s")])).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    for i in 0..30 {
+        let ttl: &[u8] = if i < 12 { br#"{"ttl_s": 1}"# } else { b"" };
+        devices.heartbeat(&format!("dev-{i:02}"), ttl).await;
+    }
+    statuses
+        .wait_for("12 offline", |s| {
+            s.iter().filter(|m| m.json["state"] == "offline").count() == 12
+        })
+        .await;
+    let addr = app.http();
+    // The lag is observed at the broker's PUBACK, which may trail the subscriber's copy.
+    eventually("12 lags observed", || async move {
+        let m = scrape(addr).await;
+        (metric(&m, "presenced_notification_lag_seconds_count")? == 12.0).then_some(())
+    })
+    .await;
+
+    // Metrics: fleet counts from Redis, every labelled series present.
+    let m = scrape(addr).await;
+    assert_eq!(metric(&m, r#"presenced_devices{state="online"}"#), Some(18.0));
+    assert_eq!(metric(&m, r#"presenced_devices{state="offline"}"#), Some(12.0));
+    assert_eq!(metric(&m, "presenced_heartbeats_total"), Some(30.0));
+    assert_eq!(metric(&m, r#"presenced_transitions_total{to="online"}"#), Some(30.0));
+    assert_eq!(metric(&m, r#"presenced_transitions_total{to="offline"}"#), Some(12.0));
+    assert_eq!(metric(&m, "presenced_notification_lag_seconds_count"), Some(12.0));
+    assert_eq!(metric(&m, "presenced_missed_expirations_total"), Some(0.0));
+    assert_eq!(metric(&m, "presenced_redis_up"), Some(1.0));
+    assert_eq!(metric(&m, "presenced_mqtt_up"), Some(1.0));
+    assert_eq!(
+        metric(&m, &format!(r#"presenced_build_info{{version="{}"}}"#, env!("CARGO_PKG_VERSION"))),
+        Some(1.0)
+    );
+    for s in [
+        r#"presenced_heartbeats_rejected_total{reason="invalid_id"}"#,
+        r#"presenced_heartbeats_rejected_total{reason="too_large"}"#,
+    ] {
+        assert_eq!(metric(&m, s), Some(0.0), "{s}");
+    }
+    // The lag is small: every offline was decided within a second of its deadline.
+    let within_1s = metric(&m, r#"presenced_notification_lag_seconds_bucket{le="1"}"#);
+    assert_eq!(within_1s, Some(12.0));
+
+    // One device.
+    let (code, rec) = get_json(addr, "/devices/dev-00").await;
+    assert_eq!(code, 200);
+    assert_eq!(rec["device"], "dev-00");
+    assert_eq!(rec["state"], "offline");
+    assert_eq!(rec["reason"], "ttl_expired");
+    assert_eq!(rec["seq"], 2);
+    let (code, rec) = get_json(addr, "/devices/dev-29").await;
+    assert_eq!(code, 200);
+    assert_eq!(rec["state"], "online");
+    assert_eq!(get(addr, "/devices/nope").await.unwrap().0, 404);
+    assert_eq!(get(addr, "/devices/a%01b").await.unwrap().0, 404);
+
+    // Filters.
+    let (_, page) = get_json(addr, "/devices?state=offline&limit=1000").await;
+    let offline: Vec<&str> = page["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device"].as_str().unwrap())
+        .collect();
+    assert_eq!(offline.len(), 12);
+    assert!(offline.iter().all(|d| d < &"dev-12"));
+    assert!(page["next_cursor"].is_null());
+    let (_, page) = get_json(addr, "/devices?state=online").await;
+    assert_eq!(page["devices"].as_array().unwrap().len(), 18);
+
+    // Paging lists every device exactly once, never more than `limit` per page.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/devices?limit=7&cursor={c}"),
+            None => "/devices?limit=7".to_owned(),
+        };
+        let (code, page) = get_json(addr, &path).await;
+        assert_eq!(code, 200);
+        let devs = page["devices"].as_array().unwrap();
+        assert!(devs.len() <= 7);
+        seen.extend(devs.iter().map(|d| d["device"].as_str().unwrap().to_owned()));
+        pages += 1;
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 5);
+    assert_eq!(seen.len(), 30);
+    assert_eq!(seen.iter().collect::<BTreeSet<_>>().len(), 30);
+
+    // Bad parameters.
+    for bad in [
+        "/devices?limit=0",
+        "/devices?limit=1001",
+        "/devices?limit=x",
+        "/devices?cursor=zz",
+        "/devices?state=sleepy",
+    ] {
+        assert_eq!(get(addr, bad).await.unwrap().0, 400, "{bad}");
+    }
+    assert_eq!(get(addr, "/healthz").await.unwrap().0, 200);
+    assert_eq!(get(addr, "/readyz").await.unwrap().0, 200);
+    app.stop().await.unwrap();
+}
+
+/// The monitor adds `E` and `x` to `notify-keyspace-events`, keeping flags already set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_keyspace_events_are_enabled_and_merged() {
+    let redis = RedisServer::start_with(&["--notify-keyspace-events", "Kg"]);
+    let mqtt = Mosquitto::start();
+    assert_eq!(redis.notify_flags().await, "gK");
+    let app = TestApp::spawn(config(&redis, &mqtt, &[])).await;
+    let flags = redis.notify_flags().await;
+    for f in ['K', 'g', 'E', 'x'] {
+        assert!(flags.contains(f), "{flags} lacks {f}");
+    }
+    app.stop().await.unwrap();
+}
+
+/// `/readyz` and `presenced_redis_up` follow Redis: down while it is gone, back after a
+/// restart (which also reset notify-keyspace-events: the monitor sets it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_redis_and_notifications_are_restored() {
+    let mut redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[])).await;
+    let addr = app.http();
+    redis.stop();
+    eventually("unready while redis is down", || async move {
+        let (code, body) = get(addr, "/readyz").await?;
+        (code == 503 && body.contains("redis")).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&scrape(addr).await, "presenced_redis_up"), Some(0.0));
+    redis.restart();
+    app.wait_ready().await;
+    let flags = redis.notify_flags().await;
+    assert!(flags.contains('E') && flags.contains('x'), "{flags}");
+    assert_eq!(metric(&scrape(addr).await, "presenced_redis_up"), Some(1.0));
+
+    // And it still works end to end.
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    devices.heartbeat("after-restart", b"").await;
+    statuses
+        .wait_for("online and offline after the redis restart", |s| s.len() == 2)
+        .await;
+    app.stop().await.unwrap();
+}
+
+/// Username and password: accepted credentials work; wrong ones leave the monitor unready
+/// (and retrying) instead of crashing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_username_and_password() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pwfile = dir.path().join("passwd");
+    let status = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c", pwfile.to_str().unwrap(), "monitor", "s3cret"])
+        .status()
+        .expect("mosquitto_passwd (package mosquitto) is installed");
+    assert!(status.success());
+    let port = free_port();
+    let open_port = free_port();
+    let mqtt = Mosquitto::start_with_config(
+        dir,
+        port,
+        &format!(
+            "per_listener_settings true\n\
+             listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {{dir}}/passwd\n\
+             listener {open_port} 127.0.0.1\nallow_anonymous true\n"
+        ),
+    );
+    let pwd_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(pwd_file.path(), "s3cret\n").unwrap();
+    let good = config(
+        &redis,
+        &mqtt,
+        &[
+            ("mqtt.username", "monitor"),
+            ("mqtt.password_file", pwd_file.path().to_str().unwrap()),
+        ],
+    );
+    let app = TestApp::spawn(good).await;
+    app.stop().await.unwrap();
+
+    let bad = config(
+        &redis,
+        &mqtt,
+        &[("mqtt.username", "monitor"), ("mqtt.password", "wrong")],
+    );
+    let app = TestApp::spawn_unready(bad).await;
+    let addr = app.http();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let (code, body) = get(addr, "/readyz").await.unwrap();
+    assert_eq!(code, 503);
+    assert!(body.contains("mqtt: not connected"), "{body}");
+    assert_eq!(metric(&scrape(addr).await, "presenced_mqtt_up"), Some(0.0));
+    app.stop().await.unwrap();
+}

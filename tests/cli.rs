@@ -1,0 +1,344 @@
+//! The `presenced` binary: exit codes, error messages, signals, TLS, the simulator.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+/// The binary with a clean environment (no PRESENCED_* from the caller).
+fn presenced() -> Command {
+    let mut c = Command::new(presenced_bin());
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "presenced=info");
+    c
+}
+
+fn run(mut c: Command) -> Output {
+    c.stdin(Stdio::null()).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn server_flags(redis: &RedisServer, mqtt_url: &str, http: u16) -> Vec<String> {
+    vec![
+        "--redis-url".into(),
+        redis.url(),
+        "--mqtt-url".into(),
+        mqtt_url.into(),
+        "--http-listen".into(),
+        format!("127.0.0.1:{http}"),
+        "--presence-ttl".into(),
+        "1s".into(),
+        "--presence-min-ttl".into(),
+        "500ms".into(),
+        "--mqtt-client-id".into(),
+        format!("presenced-cli-{:08x}", fastrand::u32(..)),
+    ]
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "process did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A bad value exits 2 with one line naming the key, from a flag, the environment or the file;
+/// an unknown key in the file too.
+#[test]
+fn bad_configuration_exits_2_naming_the_key() {
+    let o = run({
+        let mut c = presenced();
+        c.args(["run", "--presence-ttl", "soon"]);
+        c
+    });
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains("presence.ttl") && e.contains("soon"), "{e}");
+
+    let o = run({
+        let mut c = presenced();
+        c.env("PRESENCED_HTTP_LISTEN", "everywhere");
+        c
+    });
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("http.listen"), "{}", stderr(&o));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    std::fs::write(&file, "[presence]\nheartbeat_tll = \"5s\"\n").unwrap();
+    let o = run({
+        let mut c = presenced();
+        c.args(["check-config", "--config", file.to_str().unwrap()]);
+        c
+    });
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("presence.heartbeat_tll"), "{}", stderr(&o));
+
+    let o = run({
+        let mut c = presenced();
+        c.env("PRESENCED_CONFIG", file.to_str().unwrap());
+        c
+    });
+    assert_eq!(o.status.code(), Some(2));
+
+    let o = run({
+        let mut c = presenced();
+        c.arg("--no-such-flag");
+        c
+    });
+    assert_eq!(o.status.code(), Some(2));
+
+    let o = run({
+        let mut c = presenced();
+        c.args(["simulate", "--devices", "0", "--interval", "1s"]);
+        c
+    });
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn help_and_version_exit_0() {
+    let o = run({
+        let mut c = presenced();
+        c.arg("--help");
+        c
+    });
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("simulate"));
+    let o = run({
+        let mut c = presenced();
+        c.arg("--version");
+        c
+    });
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+/// Redis refuses CONFIG and has no notifications: the monitor probes, then refuses to start
+/// with exit 1 and one line naming notify-keyspace-events.
+#[test]
+fn config_refused_and_notifications_off_exits_1() {
+    let redis = RedisServer::start_with(&["--rename-command", "CONFIG", "\"\""]);
+    let mqtt = Mosquitto::start();
+    let mut c = presenced();
+    c.args(server_flags(&redis, &mqtt.url(), free_port()));
+    let started = std::time::Instant::now();
+    let o = run(c);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let last = stderr(&o).lines().last().unwrap_or_default().to_owned();
+    assert!(last.starts_with("presenced: "), "{last}");
+    assert!(last.contains("notify-keyspace-events"), "{last}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+/// CONFIG refused but notifications enabled on the server: the probe proves them and the
+/// monitor runs. SIGTERM then shuts it down with exit 0 and an offline presence; the
+/// process metrics are exposed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_succeeds_and_sigterm_exits_0() {
+    let redis = RedisServer::start_with(&[
+        "--rename-command",
+        "CONFIG",
+        "\"\"",
+        "--notify-keyspace-events",
+        "Ex",
+    ]);
+    let mqtt = Mosquitto::start();
+    let http = free_port();
+    let flags = server_flags(&redis, &mqtt.url(), http);
+    let instance = flags.last().unwrap().clone();
+    let presence = Collector::start(&mqtt, &format!("presenced/instances/{instance}")).await;
+    let mut child = presenced().args(&flags).stderr(Stdio::null()).spawn().unwrap();
+    let addr = format!("127.0.0.1:{http}").parse().unwrap();
+    eventually("ready", || async move {
+        (get(addr, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    let m = scrape(addr).await;
+    assert!(m.contains("process_resident_memory_bytes"), "{m}");
+    presence.wait_for("online", |s| s.iter().any(|m| m.json["state"] == "online")).await;
+
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(12));
+    assert_eq!(status.code(), Some(0));
+    presence
+        .wait_for("offline", |s| s.iter().any(|m| m.json["state"] == "offline"))
+        .await;
+}
+
+/// A monitor that dies without a goodbye is announced offline by the broker (its will).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_monitor_is_announced_offline_by_its_will() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let http = free_port();
+    let flags = server_flags(&redis, &mqtt.url(), http);
+    let instance = flags.last().unwrap().clone();
+    let presence = Collector::start(&mqtt, &format!("presenced/instances/{instance}")).await;
+    let mut child = presenced().args(&flags).stderr(Stdio::null()).spawn().unwrap();
+    presence.wait_for("online", |s| s.iter().any(|m| m.json["state"] == "online")).await;
+    signal(&child, "-KILL");
+    wait_exit(&mut child, Duration::from_secs(5));
+    presence
+        .wait_for("will: offline", |s| s.iter().any(|m| m.json["state"] == "offline"))
+        .await;
+    let offline = presence.all().into_iter().find(|m| m.json["state"] == "offline").unwrap();
+    assert_eq!(offline.json["instance"], instance.as_str());
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let ok = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is installed")
+        .success();
+    assert!(ok, "openssl {args:?}");
+}
+
+/// MQTT over TLS: a mosquitto TLS listener with a certificate made here; the monitor
+/// trusts its CA through SSL_CERT_FILE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(d, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=presenced test CA", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"]);
+    openssl(d, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
+    std::fs::write(d.join("ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+    openssl(d, &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "ext"]);
+
+    let plain = free_port();
+    let tls = free_port();
+    let ca = d.join("ca.pem");
+    let mqtt = Mosquitto::start_with_config(
+        dir,
+        plain,
+        &format!(
+            // `user root`: when started as root, mosquitto otherwise drops to its own user,
+            // which cannot read the key in this private temp directory.
+            "user root\nallow_anonymous true\nlistener {plain} 127.0.0.1\n\
+             listener {tls} 127.0.0.1\ncafile {{dir}}/ca.pem\ncertfile {{dir}}/server.pem\nkeyfile {{dir}}/server.key\n"
+        ),
+    );
+    let redis = RedisServer::start();
+    let http = free_port();
+    let mut child = presenced()
+        .args(server_flags(&redis, &format!("mqtts://localhost:{tls}"), http))
+        .env("SSL_CERT_FILE", &ca)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{http}").parse().unwrap();
+    eventually("ready over TLS", || async move {
+        (get(addr, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    devices.heartbeat("tls-device", b"").await;
+    statuses.wait_for("online via TLS monitor", |s| !s.is_empty()).await;
+    signal(&child, "-TERM");
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(12)).code(), Some(0));
+
+    // Without the CA the certificate is refused: not ready, not crashing.
+    let http = free_port();
+    let mut child = presenced()
+        .args(server_flags(&redis, &format!("mqtts://localhost:{tls}"), http))
+        .env("SSL_CERT_FILE", "/nonexistent.pem")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{http}").parse().unwrap();
+    let body = eventually("unready without the CA", || async move {
+        let (code, body) = get(addr, "/readyz").await?;
+        (code == 503).then_some(body)
+    })
+    .await;
+    assert!(body.contains("mqtt"), "{body}");
+    signal(&child, "-TERM");
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(12)).code(), Some(0));
+}
+
+/// check-config reaches both servers (exit 0) and fails clearly when one is missing (exit 1).
+#[test]
+fn check_config_reaches_the_servers() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let o = run({
+        let mut c = presenced();
+        c.arg("check-config")
+            .args(server_flags(&redis, &mqtt.url(), free_port()));
+        c
+    });
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("redis: reachable") && out.contains("mqtt: reachable"), "{out}");
+
+    let o = run({
+        let mut c = presenced();
+        c.arg("check-config")
+            .args(server_flags(&redis, &format!("mqtt://127.0.0.1:{}", free_port()), free_port()));
+        c
+    });
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("mqtt"), "{}", stderr(&o));
+}
+
+/// The simulator: N devices, the last F×N fall silent after one heartbeat; the monitor sees
+/// exactly that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulator_drives_the_monitor() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[])).await;
+    let mut sim = presenced()
+        .args(["simulate", "--devices", "40", "--interval", "300ms"])
+        .args(["--offline-fraction", "0.25", "--duration", "6s"])
+        .args(["--mqtt-url", &mqtt.url()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = app.http();
+    eventually("30 online and 10 offline", || async move {
+        let m = scrape(addr).await;
+        let on = metric(&m, r#"presenced_devices{state="online"}"#)?;
+        let off = metric(&m, r#"presenced_devices{state="offline"}"#)?;
+        (on == 30.0 && off == 10.0).then_some(())
+    })
+    .await;
+    let (_, rec) = get_json(addr, "/devices/sim-000040").await;
+    assert_eq!(rec["state"], "offline");
+    let (_, rec) = get_json(addr, "/devices/sim-000001").await;
+    assert_eq!(rec["state"], "online");
+    let status = wait_exit(&mut sim, Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0));
+    let mut out = String::new();
+    std::io::Read::read_to_string(sim.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(out.contains("simulate: sent="), "{out}");
+    app.stop().await.unwrap();
+}
