@@ -500,6 +500,9 @@ impl Store {
         ids.dedup();
         let more = ids.len() > limit;
         ids.truncate(limit);
+        if ids.is_empty() {
+            return Ok((Vec::new(), false));
+        }
 
         let mut pipe = redis::pipe();
         let mut parsed = Vec::with_capacity(ids.len());
