@@ -152,7 +152,9 @@ pub async fn run(
         let mut j: u64 = 0;
         loop {
             let due = started + Duration::from_nanos((j as u128 * step_ns) as u64);
-            if end.is_some_and(|e| due >= e) {
+            // Stop at the end of the schedule, and at the wall-clock end when the broker
+            // cannot keep up with the schedule.
+            if end.is_some_and(|e| due >= e || Instant::now() >= e) {
                 break;
             }
             tokio::time::sleep_until(due).await;

@@ -36,17 +36,38 @@ async fn http_api_and_metrics_match_the_fleet() {
 
     // Metrics: fleet counts from Redis, every labelled series present.
     let m = scrape(addr).await;
-    assert_eq!(metric(&m, r#"presenced_devices{state="online"}"#), Some(18.0));
-    assert_eq!(metric(&m, r#"presenced_devices{state="offline"}"#), Some(12.0));
+    assert_eq!(
+        metric(&m, r#"presenced_devices{state="online"}"#),
+        Some(18.0)
+    );
+    assert_eq!(
+        metric(&m, r#"presenced_devices{state="offline"}"#),
+        Some(12.0)
+    );
     assert_eq!(metric(&m, "presenced_heartbeats_total"), Some(30.0));
-    assert_eq!(metric(&m, r#"presenced_transitions_total{to="online"}"#), Some(30.0));
-    assert_eq!(metric(&m, r#"presenced_transitions_total{to="offline"}"#), Some(12.0));
-    assert_eq!(metric(&m, "presenced_notification_lag_seconds_count"), Some(12.0));
+    assert_eq!(
+        metric(&m, r#"presenced_transitions_total{to="online"}"#),
+        Some(30.0)
+    );
+    assert_eq!(
+        metric(&m, r#"presenced_transitions_total{to="offline"}"#),
+        Some(12.0)
+    );
+    assert_eq!(
+        metric(&m, "presenced_notification_lag_seconds_count"),
+        Some(12.0)
+    );
     assert_eq!(metric(&m, "presenced_missed_expirations_total"), Some(0.0));
     assert_eq!(metric(&m, "presenced_redis_up"), Some(1.0));
     assert_eq!(metric(&m, "presenced_mqtt_up"), Some(1.0));
     assert_eq!(
-        metric(&m, &format!(r#"presenced_build_info{{version="{}"}}"#, env!("CARGO_PKG_VERSION"))),
+        metric(
+            &m,
+            &format!(
+                r#"presenced_build_info{{version="{}"}}"#,
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
         Some(1.0)
     );
     for s in [
@@ -58,6 +79,27 @@ async fn http_api_and_metrics_match_the_fleet() {
     // The lag is small: every offline was decided within a second of its deadline.
     let within_1s = metric(&m, r#"presenced_notification_lag_seconds_bucket{le="1"}"#);
     assert_eq!(within_1s, Some(12.0));
+
+    // Every metric the shipped dashboard queries is one this monitor exposes.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/presenced.json"),
+    )
+    .unwrap();
+    let mut used = BTreeSet::new();
+    for (i, _) in dashboard.match_indices("presenced_") {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        used.insert(name);
+    }
+    assert!(used.len() >= 6, "{used:?}");
+    for name in &used {
+        assert!(
+            m.lines().any(|l| l.starts_with(name.as_str())),
+            "the dashboard uses {name}, which /metrics does not expose"
+        );
+    }
 
     // One device.
     let (code, rec) = get_json(addr, "/devices/dev-00").await;
@@ -99,7 +141,10 @@ async fn http_api_and_metrics_match_the_fleet() {
         assert_eq!(code, 200);
         let devs = page["devices"].as_array().unwrap();
         assert!(devs.len() <= 7);
-        seen.extend(devs.iter().map(|d| d["device"].as_str().unwrap().to_owned()));
+        seen.extend(
+            devs.iter()
+                .map(|d| d["device"].as_str().unwrap().to_owned()),
+        );
         pages += 1;
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
@@ -165,7 +210,9 @@ async fn readiness_follows_redis_and_notifications_are_restored() {
     let devices = Devices::connect(&mqtt).await;
     devices.heartbeat("after-restart", b"").await;
     statuses
-        .wait_for("online and offline after the redis restart", |s| s.len() == 2)
+        .wait_for("online and offline after the redis restart", |s| {
+            s.len() == 2
+        })
         .await;
     app.stop().await.unwrap();
 }

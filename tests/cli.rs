@@ -58,7 +58,10 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(std::time::Instant::now() < deadline, "process did not exit within {within:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process did not exit within {within:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -94,7 +97,11 @@ fn bad_configuration_exits_2_naming_the_key() {
         c
     });
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("presence.heartbeat_tll"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("presence.heartbeat_tll"),
+        "{}",
+        stderr(&o)
+    );
 
     let o = run({
         let mut c = presenced();
@@ -170,7 +177,11 @@ async fn probe_succeeds_and_sigterm_exits_0() {
     let flags = server_flags(&redis, &mqtt.url(), http);
     let instance = flags.last().unwrap().clone();
     let presence = Collector::start(&mqtt, &format!("presenced/instances/{instance}")).await;
-    let mut child = presenced().args(&flags).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = presenced()
+        .args(&flags)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let addr = format!("127.0.0.1:{http}").parse().unwrap();
     eventually("ready", || async move {
         (get(addr, "/readyz").await?.0 == 200).then_some(())
@@ -178,13 +189,17 @@ async fn probe_succeeds_and_sigterm_exits_0() {
     .await;
     let m = scrape(addr).await;
     assert!(m.contains("process_resident_memory_bytes"), "{m}");
-    presence.wait_for("online", |s| s.iter().any(|m| m.json["state"] == "online")).await;
+    presence
+        .wait_for("online", |s| s.iter().any(|m| m.json["state"] == "online"))
+        .await;
 
     signal(&child, "-TERM");
     let status = wait_exit(&mut child, Duration::from_secs(12));
     assert_eq!(status.code(), Some(0));
     presence
-        .wait_for("offline", |s| s.iter().any(|m| m.json["state"] == "offline"))
+        .wait_for("offline", |s| {
+            s.iter().any(|m| m.json["state"] == "offline")
+        })
         .await;
 }
 
@@ -197,14 +212,26 @@ async fn killed_monitor_is_announced_offline_by_its_will() {
     let flags = server_flags(&redis, &mqtt.url(), http);
     let instance = flags.last().unwrap().clone();
     let presence = Collector::start(&mqtt, &format!("presenced/instances/{instance}")).await;
-    let mut child = presenced().args(&flags).stderr(Stdio::null()).spawn().unwrap();
-    presence.wait_for("online", |s| s.iter().any(|m| m.json["state"] == "online")).await;
+    let mut child = presenced()
+        .args(&flags)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    presence
+        .wait_for("online", |s| s.iter().any(|m| m.json["state"] == "online"))
+        .await;
     signal(&child, "-KILL");
     wait_exit(&mut child, Duration::from_secs(5));
     presence
-        .wait_for("will: offline", |s| s.iter().any(|m| m.json["state"] == "offline"))
+        .wait_for("will: offline", |s| {
+            s.iter().any(|m| m.json["state"] == "offline")
+        })
         .await;
-    let offline = presence.all().into_iter().find(|m| m.json["state"] == "offline").unwrap();
+    let offline = presence
+        .all()
+        .into_iter()
+        .find(|m| m.json["state"] == "offline")
+        .unwrap();
     assert_eq!(offline.json["instance"], instance.as_str());
 }
 
@@ -226,10 +253,64 @@ fn openssl(dir: &Path, args: &[&str]) {
 async fn mqtt_over_tls() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    openssl(d, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=presenced test CA", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"]);
-    openssl(d, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=presenced test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
     std::fs::write(d.join("ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
-    openssl(d, &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "ext"]);
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "ext",
+        ],
+    );
 
     let plain = free_port();
     let tls = free_port();
@@ -247,7 +328,11 @@ async fn mqtt_over_tls() {
     let redis = RedisServer::start();
     let http = free_port();
     let mut child = presenced()
-        .args(server_flags(&redis, &format!("mqtts://localhost:{tls}"), http))
+        .args(server_flags(
+            &redis,
+            &format!("mqtts://localhost:{tls}"),
+            http,
+        ))
         .env("SSL_CERT_FILE", &ca)
         .stderr(Stdio::null())
         .spawn()
@@ -260,14 +345,23 @@ async fn mqtt_over_tls() {
     let statuses = Collector::start(&mqtt, "devices/+/status").await;
     let devices = Devices::connect(&mqtt).await;
     devices.heartbeat("tls-device", b"").await;
-    statuses.wait_for("online via TLS monitor", |s| !s.is_empty()).await;
+    statuses
+        .wait_for("online via TLS monitor", |s| !s.is_empty())
+        .await;
     signal(&child, "-TERM");
-    assert_eq!(wait_exit(&mut child, Duration::from_secs(12)).code(), Some(0));
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(12)).code(),
+        Some(0)
+    );
 
     // Without the CA the certificate is refused: not ready, not crashing.
     let http = free_port();
     let mut child = presenced()
-        .args(server_flags(&redis, &format!("mqtts://localhost:{tls}"), http))
+        .args(server_flags(
+            &redis,
+            &format!("mqtts://localhost:{tls}"),
+            http,
+        ))
         .env("SSL_CERT_FILE", "/nonexistent.pem")
         .stderr(Stdio::null())
         .spawn()
@@ -280,7 +374,10 @@ async fn mqtt_over_tls() {
     .await;
     assert!(body.contains("mqtt"), "{body}");
     signal(&child, "-TERM");
-    assert_eq!(wait_exit(&mut child, Duration::from_secs(12)).code(), Some(0));
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(12)).code(),
+        Some(0)
+    );
 }
 
 /// check-config reaches both servers (exit 0) and fails clearly when one is missing (exit 1).
@@ -296,12 +393,18 @@ fn check_config_reaches_the_servers() {
     });
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("redis: reachable") && out.contains("mqtt: reachable"), "{out}");
+    assert!(
+        out.contains("redis: reachable") && out.contains("mqtt: reachable"),
+        "{out}"
+    );
 
     let o = run({
         let mut c = presenced();
-        c.arg("check-config")
-            .args(server_flags(&redis, &format!("mqtt://127.0.0.1:{}", free_port()), free_port()));
+        c.arg("check-config").args(server_flags(
+            &redis,
+            &format!("mqtt://127.0.0.1:{}", free_port()),
+            free_port(),
+        ));
         c
     });
     assert_eq!(o.status.code(), Some(1));
