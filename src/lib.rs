@@ -169,6 +169,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE);
     let (ingest_tx, ingest_rx) = watch::channel(None);
     let republish = Arc::new(Notify::new());
+    let resync = Arc::new(Notify::new());
 
     tracker.spawn(
         MqttTask {
@@ -181,6 +182,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             ack_tx,
             republish: republish.clone(),
             ingest: ingest_tx,
+            resync: resync.clone(),
         }
         .run(token.child_token())
         .instrument(tracing::info_span!("mqtt")),
@@ -210,6 +212,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             expired_rx,
             reconcile,
             ingest: ingest_rx,
+            resync,
         }
         .run(token.child_token())
         .instrument(tracing::info_span!("expirer")),

@@ -80,6 +80,18 @@ fn presence_payload(online: bool, instance: &str, since: Millis) -> Bytes {
     Bytes::from(v.to_string())
 }
 
+/// A sync marker with a fresh token (see [`MqttTask`]).
+fn new_marker(topic: &str) -> (Outgoing, Bytes) {
+    let token = Bytes::from(format!("{:016x}", fastrand::u64(..)));
+    let out = Outgoing {
+        topic: topic.to_owned(),
+        payload: token.clone(),
+        retain: false,
+        kind: Kind::Marker,
+    };
+    (out, token)
+}
+
 // === Client adapter (v5 / v3.1.1) ===
 
 /// The client half of either protocol.
@@ -407,6 +419,9 @@ pub struct MqttTask {
     pub republish: Arc<Notify>,
     /// `Some(t)`: connected, and every heartbeat queued for us before `t` has been received.
     pub ingest: watch::Sender<Option<Millis>>,
+    /// Asks for a fresh sync marker (the expirer noticed the process was stalled, so
+    /// heartbeats may wait unread in the socket).
+    pub resync: Arc<Notify>,
 }
 
 #[derive(PartialEq, Eq)]
@@ -533,6 +548,12 @@ impl MqttTask {
                         break;
                     }
                 }
+                () = self.resync.notified(), if connected && phase == Phase::Running => {
+                    let _ = self.ingest.send(None);
+                    let (mark, token_bytes) = new_marker(&sync);
+                    resend.push_front(mark);
+                    marker = Some((token_bytes, Instant::now()));
+                }
                 () = tokio::time::sleep_until(sync_timeout), if marker.is_some() => {
                     warn!("Sync marker did not come back; assuming queued heartbeats were delivered.");
                     marker = None;
@@ -567,13 +588,7 @@ impl MqttTask {
                             retain: true,
                             kind: Kind::Presence,
                         };
-                        let token_bytes = Bytes::from(format!("{:016x}", fastrand::u64(..)));
-                        let mark = Outgoing {
-                            topic: sync.clone(),
-                            payload: token_bytes.clone(),
-                            retain: false,
-                            kind: Kind::Marker,
-                        };
+                        let (mark, token_bytes) = new_marker(&sync);
                         resend.push_front(mark);
                         resend.push_front(presence);
                         marker = Some((token_bytes, Instant::now()));

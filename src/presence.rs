@@ -340,6 +340,16 @@ enum Source {
     SafetyNet,
 }
 
+/// What woke the expirer.
+enum Wake {
+    Reconcile,
+    Expired(DeviceId),
+    SafetyNet,
+    /// An earlier deadline became known.
+    Recompute,
+    Due,
+}
+
 /// Decides offline transitions.
 pub struct Expirer {
     pub cfg: Arc<Config>,
@@ -352,7 +362,13 @@ pub struct Expirer {
     pub expired_rx: mpsc::Receiver<DeviceId>,
     pub reconcile: Arc<Notify>,
     pub ingest: watch::Receiver<Option<Millis>>,
+    /// Asks the MQTT task for a fresh sync marker after a stall.
+    pub resync: Arc<Notify>,
 }
+
+/// A timer that fires this much later than planned means the process was stalled (e.g.
+/// SIGSTOP, a VM pause): heartbeats may be waiting unread, so expiries wait for a resync.
+const STALL: Duration = Duration::from_millis(500);
 
 impl Expirer {
     pub async fn run(mut self, token: CancellationToken) {
@@ -361,13 +377,15 @@ impl Expirer {
         // A reconciliation is owed at start and after every gap.
         let mut reconcile_owed = true;
         let mut next_safety = Instant::now() + SAFETY_EVERY;
+        // After a stall, only a sync marker newer than this opens the gate again.
+        let mut stalled_at: Millis = 0;
         loop {
             // Expiries wait while heartbeats may still be on their way: until the MQTT
             // backlog is in (the sync marker) and everything received before it is applied.
             let barrier = *self.ingest.borrow();
             let open = match barrier {
-                Some(t) => self.held.watermark().is_none_or(|w| w > t),
-                None => false,
+                Some(t) if t >= stalled_at => self.held.watermark().is_none_or(|w| w > t),
+                _ => false,
             };
             if !open {
                 if barrier.is_none() {
@@ -401,20 +419,38 @@ impl Expirer {
                     let ms = (earliest - now).min(SAFETY_EVERY.as_millis() as u64);
                     Instant::now() + Duration::from_millis(ms)
                 };
-                tokio::select! {
+                let planned = wake.min(next_safety);
+                let woke = tokio::select! {
                     biased;
                     () = token.cancelled() => break,
-                    () = self.reconcile.notified() => {
+                    () = self.reconcile.notified() => Wake::Reconcile,
+                    Some(id) = self.expired_rx.recv() => Wake::Expired(id),
+                    () = tokio::time::sleep_until(next_safety) => Wake::SafetyNet,
+                    () = self.due.wake.notified() => Wake::Recompute,
+                    () = tokio::time::sleep_until(wake) => Wake::Due,
+                };
+                // A wake-up far later than any timer we set: the process was stopped (or
+                // starved). Decide nothing until a fresh sync marker proves the heartbeats
+                // that arrived meanwhile are in.
+                if Instant::now() > planned + STALL {
+                    warn!(late_ms = (Instant::now() - planned).as_millis() as u64, "The process was stalled; waiting for queued heartbeats before deciding expiries.");
+                    stalled_at = now_ms();
+                    reconcile_owed = true;
+                    self.resync.notify_one();
+                    continue;
+                }
+                match woke {
+                    Wake::Reconcile => {
                         reconcile_owed = true;
                         Ok(())
                     }
-                    Some(id) = self.expired_rx.recv() => self.on_expired(id).await,
-                    () = tokio::time::sleep_until(next_safety) => {
+                    Wake::Expired(id) => self.on_expired(id).await,
+                    Wake::SafetyNet => {
                         next_safety = Instant::now() + SAFETY_EVERY;
                         self.sweep_all(Source::SafetyNet).await
                     }
-                    () = self.due.wake.notified() => Ok(()),
-                    () = tokio::time::sleep_until(wake) => self.sweep_due().await,
+                    Wake::Recompute => Ok(()),
+                    Wake::Due => self.sweep_due().await,
                 }
             };
             match result {
