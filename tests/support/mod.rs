@@ -371,14 +371,19 @@ impl Collector {
         );
         opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut el) = AsyncClient::new(opts, 100);
-        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let s = seen.clone();
+        let c = client.clone();
+        let filter = filter.to_owned();
         let task = tokio::spawn(async move {
             let mut ready = Some(ready_tx);
             loop {
                 match el.poll().await {
+                    // Subscribe on every connection: a restarted broker forgot us.
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                        let _ = c.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
                     Ok(Event::Incoming(Incoming::SubAck(_))) => {
                         if let Some(tx) = ready.take() {
                             let _ = tx.send(());
@@ -550,4 +555,153 @@ pub fn history(msgs: &[Value]) -> Vec<(u64, String)> {
             )
         })
         .collect()
+}
+
+// === Fault-test helpers ===
+
+impl Mosquitto {
+    /// Kills the broker and starts it again on the same port with the same config (and
+    /// persistence file, if the config keeps one).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let path = self.dir.path().join("mosquitto.conf");
+        let log = self.dir.path().join("mosquitto.log");
+        let logf = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        let mut child = Command::new(binary("mosquitto", "MOSQUITTO_BIN"))
+            .args(["-c", path.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        assert!(
+            wait_port(self.port, &mut child, &log),
+            "mosquitto did not restart"
+        );
+        self.child = child;
+    }
+
+    /// A broker that keeps retained messages and sessions on disk across restarts.
+    pub fn start_persistent() -> Mosquitto {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        Mosquitto::start_with_config(
+            dir,
+            port,
+            &format!(
+                "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n\
+                 max_queued_messages 1000000\nmax_inflight_messages 100\n\
+                 persistence true\npersistence_location {{dir}}/\nautosave_interval 1\n"
+            ),
+        )
+    }
+}
+
+/// Checks the contract's guarantees over everything a subscriber saw, once quiet: per
+/// device (after keeping the highest seq) seq starts at 1 and grows by 1, states alternate
+/// starting online; the retained status a late subscriber gets, the HTTP API and the last
+/// status seen all agree. Returns the devices' final states.
+pub async fn check_invariants(
+    mqtt: &Mosquitto,
+    api: SocketAddr,
+    seen: &Collector,
+) -> std::collections::BTreeMap<String, String> {
+    let mut by_device: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+    for s in seen.all() {
+        if let Some(d) = s.json["device"].as_str() {
+            by_device
+                .entry(d.to_owned())
+                .or_default()
+                .push(s.json.clone());
+        }
+    }
+    let late = Collector::start(mqtt, "devices/+/status").await;
+    let n = by_device.len();
+    late.wait_for("every retained status", |s| s.len() >= n)
+        .await;
+    let retained: std::collections::BTreeMap<String, Value> = late
+        .all()
+        .into_iter()
+        .map(|s| (s.json["device"].as_str().unwrap().to_owned(), s.json))
+        .collect();
+    let mut finals = std::collections::BTreeMap::new();
+    for (device, msgs) in &by_device {
+        let h = history(msgs);
+        for (i, (seq, state)) in h.iter().enumerate() {
+            assert_eq!(*seq, i as u64 + 1, "{device}: seq gap in {h:?}");
+            let expected = if i % 2 == 0 { "online" } else { "offline" };
+            assert_eq!(state, expected, "{device}: states do not alternate: {h:?}");
+        }
+        let last = accepted(msgs).pop().unwrap();
+        assert_eq!(
+            retained.get(device),
+            Some(&last),
+            "{device}: retained differs from the last status"
+        );
+        let (code, rec) = get_json(api, &format!("/devices/{device}")).await;
+        assert_eq!(code, 200, "{device}");
+        assert_eq!(rec["seq"], last["seq"], "{device}: API seq");
+        assert_eq!(rec["state"], last["state"], "{device}: API state");
+        finals.insert(device.clone(), last["state"].as_str().unwrap().to_owned());
+    }
+    finals
+}
+
+/// The built binary as a replica: `(child, http address, client id)`.
+pub fn spawn_replica(
+    redis: &RedisServer,
+    mqtt: &Mosquitto,
+    extra: &[&str],
+) -> (Child, SocketAddr, String) {
+    let http = free_port();
+    let id = format!("presenced-replica-{:08x}", fastrand::u32(..));
+    let child = Command::new(presenced_bin())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .args(["--redis-url", &redis.url(), "--mqtt-url", &mqtt.url()])
+        .args(["--http-listen", &format!("127.0.0.1:{http}")])
+        .args([
+            "--mqtt-client-id",
+            &id,
+            "--presence-ttl",
+            "1s",
+            "--presence-min-ttl",
+            "500ms",
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
+    (child, addr, id)
+}
+
+pub fn kill(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+/// Keeps `ids` heartbeating every `every` until the returned token is cancelled.
+pub fn keep_beating(devices: Arc<Devices>, ids: Vec<String>, every: Duration) -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        loop {
+            for id in &ids {
+                devices.heartbeat(id, b"").await;
+            }
+            tokio::select! {
+                () = t.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    });
+    token
 }

@@ -1,0 +1,393 @@
+//! No transition lost, none duplicated: replicas, crashes and outages, against real servers.
+//! Every test ends with `check_invariants` over everything a subscriber saw.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:04}")).collect()
+}
+
+/// Three replicas sharing heartbeats: 1,000 devices go online, then silent. After dedupe by
+/// seq each device shows exactly seq 1 online, seq 2 offline, and the replicas' transition
+/// counters add up to exactly the number of transitions (none committed twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_commit_each_transition_once() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        let cfg = config(&redis, &mqtt, &[("mqtt.shared_group", "presenced")]);
+        apps.push(TestApp::spawn(cfg).await);
+    }
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    let all = ids("r", 1000);
+    for id in &all {
+        devices.heartbeat(id, b"").await;
+    }
+    eventually("every device online then offline", || async {
+        all.iter()
+            .all(|id| history(&statuses.device(id)).len() == 2)
+            .then_some(())
+    })
+    .await;
+    for id in &all {
+        assert_eq!(
+            history(&statuses.device(id)),
+            vec![(1, "online".into()), (2, "offline".into())],
+            "{id}"
+        );
+    }
+    let mut online = 0.0;
+    let mut offline = 0.0;
+    for app in &apps {
+        let m = scrape(app.http()).await;
+        online += metric(&m, r#"presenced_transitions_total{to="online"}"#).unwrap();
+        offline += metric(&m, r#"presenced_transitions_total{to="offline"}"#).unwrap();
+        assert_eq!(
+            metric(&m, r#"presenced_devices{state="offline"}"#),
+            Some(1000.0)
+        );
+    }
+    assert_eq!((online, offline), (1000.0, 1000.0));
+    let finals = check_invariants(&mqtt, apps[0].http(), &statuses).await;
+    assert!(finals.values().all(|s| s == "offline"));
+    for app in apps {
+        app.stop().await.unwrap();
+    }
+}
+
+/// A replica killed (SIGKILL) in the middle of a mass expiry of 1,000 devices: every
+/// offline is still published, by the survivors (outbox leases).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_killed_during_mass_expiry_loses_nothing() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let shared = ["--mqtt-shared-group", "presenced"];
+    let mut replicas: Vec<_> = (0..3)
+        .map(|_| spawn_replica(&redis, &mqtt, &shared))
+        .collect();
+    for (_, addr, _) in &replicas {
+        let addr = *addr;
+        eventually("replica ready", || async move {
+            (get(addr, "/readyz").await?.0 == 200).then_some(())
+        })
+        .await;
+    }
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    let all = ids("k", 1000);
+    for id in &all {
+        devices.heartbeat(id, br#"{"ttl_s": 2}"#).await;
+    }
+    statuses.wait_for("all online", |s| s.len() >= 1000).await;
+    // Kill one replica as the deadlines come.
+    statuses
+        .wait_for("mass expiry under way", |s| {
+            s.iter().any(|m| m.json["state"] == "offline")
+        })
+        .await;
+    let (mut victim, _, _) = replicas.remove(0);
+    kill(&victim, "-KILL");
+    let _ = victim.wait();
+
+    eventually("every device offline", || async {
+        all.iter()
+            .all(|id| history(&statuses.device(id)).len() == 2)
+            .then_some(())
+    })
+    .await;
+    let finals = check_invariants(&mqtt, replicas[0].1, &statuses).await;
+    assert_eq!(finals.len(), 1000);
+    assert!(finals.values().all(|s| s == "offline"));
+    for (mut child, _, _) in replicas {
+        kill(&child, "-TERM");
+        let _ = child.wait();
+    }
+}
+
+/// Every replica killed; devices expire while none runs; a restart marks every one offline
+/// and counts them as missed expirations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_replicas_killed_then_restarted() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let shared = ["--mqtt-shared-group", "presenced"];
+    let replicas: Vec<_> = (0..2)
+        .map(|_| spawn_replica(&redis, &mqtt, &shared))
+        .collect();
+    for (_, addr, _) in &replicas {
+        let addr = *addr;
+        eventually("replica ready", || async move {
+            (get(addr, "/readyz").await?.0 == 200).then_some(())
+        })
+        .await;
+    }
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    let all = ids("a", 200);
+    for id in &all {
+        devices.heartbeat(id, br#"{"ttl_s": 3}"#).await;
+    }
+    statuses.wait_for("all online", |s| s.len() >= 200).await;
+    for (mut child, _, _) in replicas {
+        kill(&child, "-KILL");
+        let _ = child.wait();
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(statuses.all().iter().all(|m| m.json["state"] == "online"));
+
+    let (mut child, addr, _) = spawn_replica(&redis, &mqtt, &shared);
+    eventually("every device offline", || async {
+        all.iter()
+            .all(|id| history(&statuses.device(id)).len() == 2)
+            .then_some(())
+    })
+    .await;
+    let m = scrape(addr).await;
+    assert_eq!(
+        metric(&m, "presenced_missed_expirations_total"),
+        Some(200.0)
+    );
+    check_invariants(&mqtt, addr, &statuses).await;
+    kill(&child, "-TERM");
+    let _ = child.wait();
+}
+
+/// Redis crashes (SIGKILL) and restarts from its AOF while devices keep heartbeating and a
+/// few go silent: no false offline for the steady devices, exactly one offline for the
+/// silent ones, and the monitor sets notifications up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_crash_and_restart_with_aof() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let mqtt = Mosquitto::start();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "2s")])).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Arc::new(Devices::connect(&mqtt).await);
+    let steady = ids("steady", 50);
+    let quiet = ids("quiet", 10);
+    let beat = keep_beating(devices.clone(), steady.clone(), Duration::from_millis(300));
+    for id in &quiet {
+        devices.heartbeat(id, b"").await;
+    }
+    statuses.wait_for("all online", |s| s.len() >= 60).await;
+
+    redis.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await; // past the quiet devices' deadline
+    redis.restart();
+    app.wait_ready().await;
+    eventually("quiet devices offline", || async {
+        quiet
+            .iter()
+            .all(|id| history(&statuses.device(id)).len() == 2)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    beat.cancel();
+    for id in &steady {
+        assert_eq!(
+            history(&statuses.device(id)),
+            vec![(1, "online".into())],
+            "{id}"
+        );
+    }
+    let flags = redis.notify_flags().await;
+    assert!(flags.contains('E') && flags.contains('x'), "{flags}");
+    let finals = check_invariants(&mqtt, app.http(), &statuses).await;
+    assert_eq!(finals.values().filter(|s| *s == "offline").count(), 10);
+    app.stop().await.unwrap();
+}
+
+/// The broker restarts (with persistence) while devices keep heartbeating and a few go
+/// silent: the monitor reconnects, resubscribes, and the final state is the truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_with_persistence() {
+    let redis = RedisServer::start();
+    let mut mqtt = Mosquitto::start_persistent();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "3s")])).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Arc::new(Devices::connect(&mqtt).await);
+    let steady = ids("steady", 50);
+    let quiet = ids("quiet", 10);
+    let beat = keep_beating(devices.clone(), steady.clone(), Duration::from_millis(300));
+    for id in &quiet {
+        devices.heartbeat(id, b"").await;
+    }
+    statuses.wait_for("all online", |s| s.len() >= 60).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // let autosave persist
+    mqtt.restart();
+    app.wait_ready().await;
+    eventually("quiet devices offline", || async {
+        quiet
+            .iter()
+            .all(|id| history(&statuses.device(id)).len() == 2)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    beat.cancel();
+    for id in &steady {
+        assert_eq!(
+            history(&statuses.device(id)),
+            vec![(1, "online".into())],
+            "{id}"
+        );
+    }
+    let m = scrape(app.http()).await;
+    assert_eq!(metric(&m, "presenced_mqtt_up"), Some(1.0));
+    check_invariants(&mqtt, app.http(), &statuses).await;
+    app.stop().await.unwrap();
+}
+
+/// The broker restarts *without* persistence: retained statuses are gone and the session is
+/// lost. The monitor notices (ConnAck without session), resubscribes, and republishes every
+/// device's current status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_that_lost_its_state_gets_every_status_again() {
+    let redis = RedisServer::start();
+    let mut mqtt = Mosquitto::start();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "60s")])).await;
+    let devices = Devices::connect(&mqtt).await;
+    let all = ids("s", 300);
+    for id in &all {
+        devices.heartbeat(id, b"").await;
+    }
+    let addr = app.http();
+    eventually("300 online", || async move {
+        let m = scrape(addr).await;
+        (metric(&m, r#"presenced_devices{state="online"}"#)? == 300.0).then_some(())
+    })
+    .await;
+    mqtt.restart();
+    // A subscriber arriving after the republish gets every status, retained.
+    let mqtt_ref = &mqtt;
+    eventually("every status retained again", || async move {
+        let late = Collector::start(mqtt_ref, "devices/+/status").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (late.all().iter().filter(|m| m.retain).count() >= 300).then_some(())
+    })
+    .await;
+    let late = Collector::start(&mqtt, "devices/+/status").await;
+    // And heartbeats flow again (resubscribed).
+    let devices = Devices::connect(&mqtt).await;
+    devices.heartbeat("newcomer", b"").await;
+    late.wait_for("newcomer online", |s| {
+        s.iter().any(|m| m.json["device"] == "newcomer")
+    })
+    .await;
+    app.stop().await.unwrap();
+}
+
+/// The monitor is frozen (SIGSTOP) for longer than the TTL while devices keep sending, then
+/// resumed: the heartbeats that waited meanwhile are applied before any expiry is decided,
+/// so the steady devices are never published offline; the silent ones are, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_monitor_publishes_no_false_offline() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let (mut child, addr, _) = spawn_replica(&redis, &mqtt, &[]);
+    eventually("ready", || async move {
+        (get(addr, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Arc::new(Devices::connect(&mqtt).await);
+    let steady = ids("steady", 30);
+    let quiet = ids("quiet", 5);
+    let beat = keep_beating(devices.clone(), steady.clone(), Duration::from_millis(250));
+    for id in &quiet {
+        devices.heartbeat(id, br#"{"ttl_s": 2}"#).await;
+    }
+    statuses.wait_for("all online", |s| s.len() >= 35).await;
+    kill(&child, "-STOP");
+    tokio::time::sleep(Duration::from_secs(3)).await; // three TTLs of the steady devices
+    kill(&child, "-CONT");
+    eventually("quiet devices offline", || async {
+        quiet
+            .iter()
+            .all(|id| history(&statuses.device(id)).len() == 2)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    beat.cancel();
+    for id in &steady {
+        assert_eq!(
+            history(&statuses.device(id)),
+            vec![(1, "online".into())],
+            "{id}"
+        );
+    }
+    check_invariants(&mqtt, addr, &statuses).await;
+    kill(&child, "-TERM");
+    let _ = child.wait();
+}
+
+/// A replica that committed transitions in Redis and died before publishing them (here: the
+/// store used directly, no publisher at all): a running replica publishes them once their
+/// lease runs out, and a replica that starts publishes what was left at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_transitions_of_a_dead_replica_are_published() {
+    use presenced::device::{now_ms, DeviceId};
+    use presenced::store::{Beat, Store};
+
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "60s")])).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let dead = Store::connect(&client, "presence").await.unwrap();
+    let beats = |prefix: &str| -> Vec<Beat> {
+        (0..20)
+            .map(|i| Beat {
+                device: DeviceId::parse(&format!("{prefix}-{i}")).unwrap(),
+                arrival: now_ms(),
+                ttl_ms: 60_000,
+            })
+            .collect()
+    };
+    let committed = dead
+        .apply_heartbeats(&beats("orphan"), now_ms())
+        .await
+        .unwrap();
+    assert_eq!(committed.len(), 20);
+    let started = std::time::Instant::now();
+    eventually(
+        "orphaned transitions published by the live replica",
+        || async {
+            (0..20)
+                .all(|i| {
+                    history(&statuses.device(&format!("orphan-{i}"))) == vec![(1, "online".into())]
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    // Not before the lease ran out: the live replica must not steal a healthy publisher's work.
+    assert!(started.elapsed() >= presenced::store::OUTBOX_LEASE - Duration::from_secs(1));
+
+    // Left behind at a stop: a replica that starts takes it over at once.
+    app.stop().await.unwrap();
+    dead.apply_heartbeats(&beats("left"), now_ms())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "60s")])).await;
+    eventually("left-behind transitions published at start", || async {
+        (0..20)
+            .all(|i| history(&statuses.device(&format!("left-{i}"))).len() == 1)
+            .then_some(())
+    })
+    .await;
+    assert!(started.elapsed() < presenced::store::OUTBOX_LEASE / 2);
+    check_invariants(&mqtt, app.http(), &statuses).await;
+    app.stop().await.unwrap();
+}
