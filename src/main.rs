@@ -49,6 +49,8 @@ fn cli() -> Command {
     Command::new("presenced")
         .version(env!("CARGO_PKG_VERSION"))
         .about("Tells IoT fleet operators which devices are online and which went silent.")
+        // A flag given twice: the last one wins, as with the config sources.
+        .args_override_self(true)
         .args(global)
         .subcommand(Command::new("run").about("Run the monitor (the default)"))
         .subcommand(

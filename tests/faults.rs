@@ -391,3 +391,85 @@ async fn committed_transitions_of_a_dead_replica_are_published() {
     check_invariants(&mqtt, app.http(), &statuses).await;
     app.stop().await.unwrap();
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// A flood of malformed heartbeats (invalid ids, 1 MB payloads) is counted and skipped; a
+/// valid heartbeat sent in the middle of it still comes online promptly, and the monitor's
+/// memory does not grow with the flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_flood_does_not_slow_valid_heartbeats() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let (mut child, addr, _) = spawn_replica(&redis, &mqtt, &["--presence-ttl", "60s"]);
+    eventually("ready", || async move {
+        (get(addr, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let flood = Devices::connect(&mqtt).await;
+    let valid = Devices::connect(&mqtt).await;
+    let before = rss_kib(child.id());
+
+    let long = "y".repeat(200);
+    let big = vec![b'z'; (1 << 20) + 100_000]; // over the default 1 MiB limit
+    let flooding = async {
+        for round in 0..40 {
+            for _ in 0..250 {
+                flood.heartbeat(&long, b"").await;
+            }
+            flood.heartbeat(&format!("huge-{round}"), &big).await;
+        }
+    };
+    let probing = async {
+        let mut worst = Duration::ZERO;
+        for i in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let id = format!("valid-{i}");
+            let sent = std::time::Instant::now();
+            valid.heartbeat(&id, b"").await;
+            let sid = id.clone();
+            eventually("valid heartbeat online", || {
+                let s = statuses.device(&sid);
+                async move { (!s.is_empty()).then_some(()) }
+            })
+            .await;
+            worst = worst.max(sent.elapsed());
+        }
+        worst
+    };
+    let ((), worst) = tokio::join!(flooding, probing);
+    eventually("flood counted", || async move {
+        let m = scrape(addr).await;
+        let invalid = metric(
+            &m,
+            r#"presenced_heartbeats_rejected_total{reason="invalid_id"}"#,
+        )?;
+        let large = metric(
+            &m,
+            r#"presenced_heartbeats_rejected_total{reason="too_large"}"#,
+        )?;
+        (invalid == 10_000.0 && large == 40.0).then_some(())
+    })
+    .await;
+    let after = rss_kib(child.id());
+    assert!(
+        worst < Duration::from_secs(1),
+        "a valid heartbeat took {worst:?} during the flood"
+    );
+    assert!(
+        after < before + 64 * 1024,
+        "RSS grew from {before} KiB to {after} KiB during the flood"
+    );
+    assert_eq!(statuses.all().len(), 10);
+    kill(&child, "-TERM");
+    let _ = child.wait();
+}
