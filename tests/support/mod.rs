@@ -473,6 +473,13 @@ impl Devices {
             .unwrap();
     }
 
+    pub async fn publish_retained(&self, topic: &str, payload: &[u8]) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload.to_vec())
+            .await
+            .unwrap();
+    }
+
     pub async fn publish(&self, topic: &str, payload: &[u8]) {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())

@@ -1,0 +1,644 @@
+//! The presenced benchmark: real redis-server, mosquitto and the release `presenced` binary on
+//! loopback, every figure next to a reference measured in the same run.
+//!
+//!     cargo bench --bench presence            # full run, writes benches/RESULTS.md + lag CSVs
+//!     cargo bench --bench presence -- --quick # small smoke run (CI), writes target/bench-quick.md
+//!
+//! 1. Ingest ceiling: heartbeats/s presenced applies to Redis, vs the raw broker delivery rate
+//!    to a plain subscriber, vs a naive monitor doing one Redis round trip per heartbeat.
+//! 2. Lag, steady churn and mass expiry: offline status at an MQTT subscriber minus the TTL
+//!    deadline, vs Redis's own `expired` events for shadow keys with the same deadlines, vs
+//!    (mass) the time the broker alone needs to carry as many retained QoS 1 messages.
+//! 3. Footprint: Redis bytes per device; the monitor's peak RSS at two fleet sizes.
+//! 4. Restart recovery: devices expired while no monitor ran; start → last offline status.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use presenced::device::{now_ms, DeviceId};
+use presenced::store::{Beat, Store, BUCKETS};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use support::*;
+
+struct Sizes {
+    ingest_msgs: usize,
+    ingest_devices: usize,
+    lag_devices: usize,
+    spread: Duration,
+    footprint: [usize; 2],
+    recovery: usize,
+}
+
+const FULL: Sizes = Sizes {
+    ingest_msgs: 400_000,
+    ingest_devices: 20_000,
+    lag_devices: 100_000,
+    spread: Duration::from_secs(30),
+    footprint: [100_000, 1_000_000],
+    recovery: 100_000,
+};
+
+const QUICK: Sizes = Sizes {
+    ingest_msgs: 20_000,
+    ingest_devices: 2_000,
+    lag_devices: 5_000,
+    spread: Duration::from_secs(5),
+    footprint: [5_000, 50_000],
+    recovery: 5_000,
+};
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let sizes = if quick { QUICK } else { FULL };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let report = rt.block_on(run(&sizes, quick));
+    let took = started.elapsed();
+    let text = render(&report, quick, took);
+    println!("{text}");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = if quick {
+        root.join("target/bench-quick.md")
+    } else {
+        root.join("benches/RESULTS.md")
+    };
+    std::fs::write(&out, &text).unwrap();
+    if !quick {
+        for (name, samples) in &report.samples {
+            let mut csv = String::from("lag_ms\n");
+            for s in samples {
+                let _ = writeln!(csv, "{s}");
+            }
+            std::fs::write(root.join(format!("benches/lag-{name}.csv")), csv).unwrap();
+        }
+        let plotted = Command::new("python3")
+            .arg(root.join("benches/plot.py"))
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !plotted {
+            eprintln!("plot skipped: python3 with matplotlib is needed for benches/plot.py");
+        }
+    }
+    eprintln!("wrote {}", out.display());
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<(String, String, String)>,
+    samples: Vec<(String, Vec<i64>)>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn row(&mut self, what: &str, value: String, reference: String) {
+        eprintln!("{what}: {value} ({reference})");
+        self.rows.push((what.into(), value, reference));
+    }
+}
+
+/// Percentile of sorted samples (nearest rank).
+fn pct(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return -1;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn summary(mut v: Vec<i64>, total: usize) -> (String, Vec<i64>) {
+    v.sort_unstable();
+    let s = format!(
+        "p50 {} ms, p99 {} ms, max {} ms ({} of {} delivered)",
+        pct(&v, 0.5),
+        pct(&v, 0.99),
+        v.last().copied().unwrap_or(-1),
+        v.len(),
+        total
+    );
+    (s, v)
+}
+
+async fn run(s: &Sizes, quick: bool) -> Report {
+    let mut r = Report::default();
+    ingest(s, &mut r).await;
+    lag(s, &mut r, false).await;
+    lag(s, &mut r, true).await;
+    footprint(s, &mut r).await;
+    recovery(s, &mut r).await;
+    if quick {
+        r.notes.push("Quick mode: small sizes, a smoke test; the figures say little.".into());
+    }
+    r
+}
+
+// === Helpers ===
+
+/// The release monitor as a process, with a TTL long enough not to interfere.
+fn monitor(redis: &RedisServer, mqtt: &Mosquitto, extra: &[&str]) -> (Child, std::net::SocketAddr) {
+    let http = free_port();
+    let child = Command::new(presenced_bin())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "error")
+        .args(["--redis-url", &redis.url(), "--mqtt-url", &mqtt.url()])
+        .args(["--http-listen", &format!("127.0.0.1:{http}")])
+        .args(["--presence-ttl", "600s", "--presence-max-ttl", "1h"])
+        .args(["--mqtt-client-id", &format!("bench-{:08x}", fastrand::u32(..))])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, format!("127.0.0.1:{http}").parse().unwrap())
+}
+
+async fn wait_ready(addr: std::net::SocketAddr) {
+    eventually("monitor ready", || async move {
+        (get(addr, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+}
+
+fn stop(mut child: Child) {
+    kill(&child, "-TERM");
+    let _ = child.wait();
+}
+
+fn hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Publishes `n` heartbeats (devices cycling over `devices`) from two connections as fast
+/// as the broker takes them. `payload(i)` gives heartbeat `i`'s payload.
+async fn blast(mqtt: &Mosquitto, n: usize, devices: usize, payload: impl Fn(usize) -> Vec<u8> + Sync) {
+    let a = Devices::connect(mqtt).await;
+    let b = Devices::connect(mqtt).await;
+    async fn half(pubr: &Devices, parity: usize, n: usize, devices: usize, payload: &(impl Fn(usize) -> Vec<u8> + Sync)) {
+        for i in (parity..n).step_by(2) {
+            pubr.heartbeat(&format!("dev-{:07}", i % devices), &payload(i)).await;
+        }
+    }
+    tokio::join!(half(&a, 0, n, devices, &payload), half(&b, 1, n, devices, &payload));
+    // Let the clients flush what they queued.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+/// A plain MQTT subscriber counting messages; returns a handle to (count, last arrival).
+async fn counter(mqtt: &Mosquitto, filter: &str) -> Arc<Mutex<(usize, Instant)>> {
+    let mut opts = MqttOptions::new(format!("count-{:08x}", fastrand::u32(..)), "127.0.0.1", mqtt.port);
+    opts.set_max_packet_size(1 << 20, 1 << 20).set_inflight(1000);
+    let (client, mut el) = AsyncClient::new(opts, 100);
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    let state = Arc::new(Mutex::new((0usize, Instant::now())));
+    let s = state.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _client = client;
+        let mut tx = Some(tx);
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                    if let Some(t) = tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Ok(Event::Incoming(Incoming::Publish(_))) => {
+                    let mut g = s.lock().unwrap();
+                    g.0 += 1;
+                    g.1 = Instant::now();
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    rx.await.unwrap();
+    state
+}
+
+// === 1. Ingest ===
+
+async fn ingest(s: &Sizes, r: &mut Report) {
+    let n = s.ingest_msgs;
+    let d = s.ingest_devices;
+
+    // Raw broker delivery to a plain subscriber.
+    let raw = {
+        let mqtt = Mosquitto::start();
+        let c = counter(&mqtt, "devices/+/heartbeat").await;
+        let t0 = Instant::now();
+        blast(&mqtt, n, d, |_| Vec::new()).await;
+        let c2 = c.clone();
+        eventually("raw subscriber got everything", || {
+            let done = c2.lock().unwrap().0 >= n;
+            async move { done.then_some(()) }
+        })
+        .await;
+        let last = c.lock().unwrap().1;
+        n as f64 / (last - t0).as_secs_f64()
+    };
+
+    // presenced: devices already online, heartbeats refresh them; the end is a sentinel
+    // device's record in Redis (it is applied in the last batch).
+    let ours = {
+        let redis = RedisServer::start();
+        let mqtt = Mosquitto::start();
+        let (child, addr) = monitor(&redis, &mqtt, &[]);
+        wait_ready(addr).await;
+        blast(&mqtt, d, d, |_| Vec::new()).await;
+        eventually("fleet online", || async move {
+            let m = scrape(addr).await;
+            (metric(&m, r#"presenced_devices{state="online"}"#)? >= d as f64).then_some(())
+        })
+        .await;
+        let t0 = Instant::now();
+        blast(&mqtt, n, d, |_| Vec::new()).await;
+        let sentinel = Devices::connect(&mqtt).await;
+        sentinel.heartbeat("sentinel", b"").await;
+        let mut conn = redis.conn().await;
+        let key = format!("presence:{{{}}}:rec", presenced::store::bucket_of("sentinel"));
+        loop {
+            let there: bool = redis::cmd("HEXISTS").arg(&key).arg("sentinel").query_async(&mut conn).await.unwrap();
+            if there {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let took = t0.elapsed();
+        let m = scrape(addr).await;
+        let accepted = metric(&m, "presenced_heartbeats_total").unwrap_or(0.0) as usize;
+        stop(child);
+        if accepted < n + d {
+            r.notes.push(format!("ingest: presenced accepted {accepted} of {} heartbeats", n + d + 1));
+        }
+        n as f64 / took.as_secs_f64()
+    };
+
+    // The naive reference: one Redis round trip per heartbeat, awaited, as in the
+    // public write-ups of this pattern (SET key PX ttl in the message callback).
+    let naive = {
+        let redis = RedisServer::start();
+        let mqtt = Mosquitto::start();
+        let mut opts = MqttOptions::new("naive", "127.0.0.1", mqtt.port);
+        opts.set_inflight(1000);
+        let (client, mut el) = AsyncClient::new(opts, 100);
+        client.subscribe("devices/+/heartbeat", QoS::AtLeastOnce).await.unwrap();
+        loop {
+            if let Ok(Event::Incoming(Incoming::SubAck(_))) = el.poll().await {
+                break;
+            }
+        }
+        let mut conn = redis.conn().await;
+        let done = Arc::new(Mutex::new(0usize));
+        let d2 = done.clone();
+        let worker = tokio::spawn(async move {
+            let _client = client;
+            let mut processed = 0;
+            while processed < n {
+                if let Ok(Event::Incoming(Incoming::Publish(p))) = el.poll().await {
+                    let key = format!("naive:{}", p.topic);
+                    let _: () = redis::cmd("SET").arg(key).arg(1).arg("PX").arg(30_000).query_async(&mut conn).await.unwrap();
+                    processed += 1;
+                    *d2.lock().unwrap() = processed;
+                }
+            }
+            Instant::now()
+        });
+        let t0 = Instant::now();
+        blast(&mqtt, n, d, |_| Vec::new()).await;
+        let end = tokio::time::timeout(Duration::from_secs(600), worker).await.unwrap().unwrap();
+        n as f64 / (end - t0).as_secs_f64()
+    };
+
+    r.row(
+        "Ingest: heartbeats/s applied by presenced",
+        format!("{ours:.0}/s"),
+        format!(
+            "{:.2} × raw broker delivery ({raw:.0}/s), {:.1} × naive round trip per heartbeat ({naive:.0}/s)",
+            ours / raw,
+            ours / naive
+        ),
+    );
+}
+
+// === 2. Lag ===
+
+async fn lag(s: &Sizes, r: &mut Report, mass: bool) {
+    let n = s.lag_devices;
+    let name = if mass { "mass" } else { "steady" };
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+
+    // For mass expiry: what the broker alone needs to carry n retained QoS 1 statuses.
+    let broker_only = if mass {
+        let c = counter(&mqtt, "bench/retained/+").await;
+        let p = Devices::connect(&mqtt).await;
+        let t0 = Instant::now();
+        for i in 0..n {
+            p.publish_retained(&format!("bench/retained/{i}"), br#"{"state":"offline","seq":2}"#).await;
+        }
+        let c2 = c.clone();
+        eventually("broker carried every retained message", || {
+            let done = c2.lock().unwrap().0 >= n;
+            async move { done.then_some(()) }
+        })
+        .await;
+        let last = c.lock().unwrap().1;
+        Some(last - t0)
+    } else {
+        None
+    };
+
+    let (child, addr) = monitor(&redis, &mqtt, &[]);
+    wait_ready(addr).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+
+    // Redis's own events for shadow keys with the same deadlines.
+    let native: Arc<Mutex<HashMap<String, u64>>> = Default::default();
+    {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut ps = client.get_async_pubsub().await.unwrap();
+        ps.subscribe("__keyevent@0__:expired").await.unwrap();
+        let native = native.clone();
+        tokio::spawn(async move {
+            let mut stream = ps.into_on_message();
+            while let Some(m) = stream.next().await {
+                let key = String::from_utf8_lossy(m.get_payload_bytes()).into_owned();
+                if let Some(id) = key.strip_prefix("native:") {
+                    native.lock().unwrap().insert(id.to_owned(), now_ms());
+                }
+            }
+        });
+    }
+
+    // Deadlines: T0 + i × spread / n (steady), or all at T0 (mass), T0 after the seeding.
+    let seed_budget = Duration::from_secs(if n > 20_000 { 12 } else { 4 });
+    let t0 = now_ms() + seed_budget.as_millis() as u64;
+    let spread = if mass { 0 } else { s.spread.as_millis() as u64 };
+    let deadline = move |i: usize| t0 + spread * i as u64 / n as u64;
+    blast(&mqtt, n, n, |i| {
+        let ttl_ms = deadline(i).saturating_sub(now_ms()).max(100);
+        format!("{{\"ttl_s\": {}}}", ttl_ms as f64 / 1000.0).into_bytes()
+    })
+    .await;
+    let mut conn = redis.conn().await;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5_000) {
+        let mut pipe = redis::pipe();
+        for &i in chunk {
+            pipe.cmd("SET").arg(format!("native:dev-{i:07}")).arg(1).arg("PXAT").arg(deadline(i)).ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.unwrap();
+    }
+    let seeded = now_ms();
+    if seeded > t0 {
+        r.notes.push(format!("lag {name}: seeding overran the first deadline by {} ms", seeded - t0));
+    }
+
+    // Wait for every offline status (and give Redis's own events as long again, capped).
+    let wait_until = Instant::now() + Duration::from_millis(t0.saturating_sub(now_ms()) + spread) + Duration::from_secs(60);
+    loop {
+        let offline = statuses.all().iter().filter(|m| m.json["state"] == "offline").count();
+        if offline >= n || Instant::now() > wait_until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ours_done = Instant::now();
+    let native_wait = ours_done + Duration::from_secs(if mass { 30 } else { 60 });
+    while native.lock().unwrap().len() < n && Instant::now() < native_wait {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut sub_lag = Vec::new();
+    let mut detect = Vec::new();
+    let mut last_arrival = 0;
+    for m in statuses.all().iter().filter(|m| m.json["state"] == "offline") {
+        let since = ms(&m.json["since"]);
+        sub_lag.push(m.at_ms as i64 - since as i64);
+        detect.push(ms(&m.json["detected_at"]) as i64 - since as i64);
+        last_arrival = last_arrival.max(m.at_ms);
+    }
+    let native_lag: Vec<i64> = {
+        let nat = native.lock().unwrap();
+        (0..n)
+            .filter_map(|i| nat.get(&format!("dev-{i:07}")).map(|t| *t as i64 - deadline(i) as i64))
+            .collect()
+    };
+    let m = scrape(addr).await;
+    let hist_p99 = histogram_quantile(&m, 0.99);
+    let rss = hwm_kib(child.id());
+    stop(child);
+
+    let (ours_s, ours_sorted) = summary(sub_lag, n);
+    let (nat_s, nat_sorted) = summary(native_lag, n);
+    let (det_s, _) = summary(detect, n);
+    let what = if mass {
+        format!("Lag, mass expiry of {n} at one instant (status at subscriber − deadline)")
+    } else {
+        format!("Lag, steady churn of {n} over {} s (status at subscriber − deadline)", s.spread.as_secs())
+    };
+    let ratio = pct(&nat_sorted, 0.99) as f64 / pct(&ours_sorted, 0.99).max(1) as f64;
+    r.row(&what, ours_s, format!("Redis's own expired events: {nat_s}; p99 ratio {ratio:.0} ×"));
+    r.row(
+        &format!("Lag {name}: Redis-side detection (detected_at − deadline)"),
+        det_s,
+        format!("presenced_notification_lag_seconds p99 ≤ {hist_p99} s (histogram bucket)"),
+    );
+    if let Some(b) = broker_only {
+        let ours_last = last_arrival.saturating_sub(t0);
+        r.row(
+            &format!("Mass expiry: deadline → last offline status of {n}"),
+            format!("{ours_last} ms"),
+            format!(
+                "broker alone carries {n} retained QoS 1 in {} ms; ratio {:.2}",
+                b.as_millis(),
+                ours_last as f64 / b.as_millis().max(1) as f64
+            ),
+        );
+    }
+    r.row(&format!("Monitor peak RSS, lag {name} ({n} devices)"), format!("{} MiB", rss / 1024), String::new());
+    r.samples.push((format!("{name}-presenced"), ours_sorted));
+    r.samples.push((format!("{name}-redis"), nat_sorted));
+}
+
+/// The upper bound of the histogram bucket holding quantile `q` of the lag.
+fn histogram_quantile(scrape: &str, q: f64) -> String {
+    let count = metric(scrape, "presenced_notification_lag_seconds_count").unwrap_or(0.0);
+    for line in scrape.lines().filter(|l| l.starts_with("presenced_notification_lag_seconds_bucket")) {
+        let le = line.split("le=\"").nth(1).and_then(|x| x.split('"').next()).unwrap_or("");
+        let v: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        if count > 0.0 && v >= q * count {
+            return le.to_owned();
+        }
+    }
+    "n/a".into()
+}
+
+// === 3. Footprint ===
+
+async fn seed(redis: &RedisServer, n: usize, ttl_ms: u64) {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let store = Store::connect(&client, "presence").await.unwrap();
+    let ids: Vec<usize> = (0..n).collect();
+    for chunk in ids.chunks(5_000) {
+        let now = now_ms();
+        let beats: Vec<Beat> = chunk
+            .iter()
+            .map(|i| Beat {
+                device: DeviceId::parse(&format!("dev-{i:07}")).unwrap(),
+                arrival: now,
+                ttl_ms,
+            })
+            .collect();
+        store.apply_heartbeats(&beats, now).await.unwrap();
+    }
+    // Seeding committed online transitions nobody published: drop them from the outbox, it
+    // is empty in a steady state.
+    let mut conn = redis.conn().await;
+    for b in 0..BUCKETS {
+        let _: () = redis::cmd("DEL").arg(format!("presence:{{{b}}}:outbox")).query_async(&mut conn).await.unwrap();
+    }
+}
+
+async fn used_memory(redis: &RedisServer) -> i64 {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut redis.conn().await).await.unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+async fn footprint(s: &Sizes, r: &mut Report) {
+    let mut rss = Vec::new();
+    for &n in &s.footprint {
+        let redis = RedisServer::start();
+        let mqtt = Mosquitto::start();
+        let before = used_memory(&redis).await;
+        seed(&redis, n, 3_600_000).await;
+        let after = used_memory(&redis).await;
+        if n == s.footprint[1] {
+            r.row(
+                &format!("Redis memory per tracked device ({n} devices)"),
+                format!("{} bytes", (after - before) / n as i64),
+                "used_memory difference / devices (TTL key, record, deadline, state index)".into(),
+            );
+        }
+        // The monitor with this fleet: every device heartbeats once through MQTT.
+        let (child, addr) = monitor(&redis, &mqtt, &[]);
+        wait_ready(addr).await;
+        blast(&mqtt, n, n, |_| Vec::new()).await;
+        eventually("every heartbeat accepted", || async move {
+            let m = scrape(addr).await;
+            (metric(&m, "presenced_heartbeats_total")? >= n as f64).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        rss.push((n, hwm_kib(child.id())));
+        stop(child);
+    }
+    r.row(
+        "Monitor peak RSS by fleet size (all heartbeating)",
+        rss.iter().map(|(n, k)| format!("{n}: {} MiB", k / 1024)).collect::<Vec<_>>().join(", "),
+        format!("growth {:.2} ×", rss[1].1 as f64 / rss[0].1.max(1) as f64),
+    );
+}
+
+// === 4. Restart recovery ===
+
+async fn recovery(s: &Sizes, r: &mut Report) {
+    let n = s.recovery;
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    seed(&redis, n, 1_000).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // every deadline passes unobserved
+    let statuses = counter(&mqtt, "devices/+/status").await;
+    let t0 = Instant::now();
+    let (child, addr) = monitor(&redis, &mqtt, &[]);
+    let s2 = statuses.clone();
+    eventually("every offline published", || {
+        let done = s2.lock().unwrap().0 >= n;
+        async move { done.then_some(()) }
+    })
+    .await;
+    let last = statuses.lock().unwrap().1;
+    let m = scrape(addr).await;
+    let missed = metric(&m, "presenced_missed_expirations_total").unwrap_or(0.0);
+    stop(child);
+    r.row(
+        &format!("Restart recovery: {n} expired unobserved, start → last offline status"),
+        format!("{} ms", (last - t0).as_millis()),
+        format!("{missed} counted as missed expirations"),
+    );
+}
+
+// === Report ===
+
+fn cmd_version(cmd: &str, arg: &str) -> String {
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_owned())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn render(r: &Report, quick: bool, took: Duration) -> String {
+    let mut t = String::from("# presenced benchmark results\n\n");
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_owned()))
+        .unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
+    let _ = writeln!(
+        t,
+        "Command: `cargo bench --bench presence{}` (took {:.0} s)\n",
+        if quick { " -- --quick" } else { "" },
+        took.as_secs_f64()
+    );
+    let _ = writeln!(
+        t,
+        "Machine: {} cores ({cpu}), {} MiB memory; {}; {}; mosquitto 2.0 (Debian); presenced {}\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        mem.parse::<u64>().unwrap_or(0) / 1024,
+        cmd_version("redis-server", "--version"),
+        cmd_version("rustc", "--version"),
+        env!("CARGO_PKG_VERSION"),
+    );
+    t.push_str("Everything runs on loopback on this one machine: Redis, Mosquitto, the monitor, the publishers and subscribers share its cores. Ratios compare figures measured in this same run.\n\n");
+    t.push_str("| measurement | result | reference (same run) |\n|---|---|---|\n");
+    for (a, b, c) in &r.rows {
+        let _ = writeln!(t, "| {a} | {b} | {c} |");
+    }
+    if !r.notes.is_empty() {
+        t.push_str("\nNotes:\n");
+        for n in &r.notes {
+            let _ = writeln!(t, "- {n}");
+        }
+    }
+    if !quick {
+        t.push_str("\n![lag distributions](lag.png)\n");
+    }
+    t
+}
