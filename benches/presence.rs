@@ -139,7 +139,8 @@ async fn run(s: &Sizes, quick: bool) -> Report {
     footprint(s, &mut r).await;
     recovery(s, &mut r).await;
     if quick {
-        r.notes.push("Quick mode: small sizes, a smoke test; the figures say little.".into());
+        r.notes
+            .push("Quick mode: small sizes, a smoke test; the figures say little.".into());
     }
     r
 }
@@ -156,7 +157,10 @@ fn monitor(redis: &RedisServer, mqtt: &Mosquitto, extra: &[&str]) -> (Child, std
         .args(["--redis-url", &redis.url(), "--mqtt-url", &mqtt.url()])
         .args(["--http-listen", &format!("127.0.0.1:{http}")])
         .args(["--presence-ttl", "600s", "--presence-max-ttl", "1h"])
-        .args(["--mqtt-client-id", &format!("bench-{:08x}", fastrand::u32(..))])
+        .args([
+            "--mqtt-client-id",
+            &format!("bench-{:08x}", fastrand::u32(..)),
+        ])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -190,23 +194,43 @@ fn hwm_kib(pid: u32) -> u64 {
 
 /// Publishes `n` heartbeats (devices cycling over `devices`) from two connections as fast
 /// as the broker takes them. `payload(i)` gives heartbeat `i`'s payload.
-async fn blast(mqtt: &Mosquitto, n: usize, devices: usize, payload: impl Fn(usize) -> Vec<u8> + Sync) {
+async fn blast(
+    mqtt: &Mosquitto,
+    n: usize,
+    devices: usize,
+    payload: impl Fn(usize) -> Vec<u8> + Sync,
+) {
     let a = Devices::connect(mqtt).await;
     let b = Devices::connect(mqtt).await;
-    async fn half(pubr: &Devices, parity: usize, n: usize, devices: usize, payload: &(impl Fn(usize) -> Vec<u8> + Sync)) {
+    async fn half(
+        pubr: &Devices,
+        parity: usize,
+        n: usize,
+        devices: usize,
+        payload: &(impl Fn(usize) -> Vec<u8> + Sync),
+    ) {
         for i in (parity..n).step_by(2) {
-            pubr.heartbeat(&format!("dev-{:07}", i % devices), &payload(i)).await;
+            pubr.heartbeat(&format!("dev-{:07}", i % devices), &payload(i))
+                .await;
         }
     }
-    tokio::join!(half(&a, 0, n, devices, &payload), half(&b, 1, n, devices, &payload));
+    tokio::join!(
+        half(&a, 0, n, devices, &payload),
+        half(&b, 1, n, devices, &payload)
+    );
     // Let the clients flush what they queued.
     tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
 /// A plain MQTT subscriber counting messages; returns a handle to (count, last arrival).
 async fn counter(mqtt: &Mosquitto, filter: &str) -> Arc<Mutex<(usize, Instant)>> {
-    let mut opts = MqttOptions::new(format!("count-{:08x}", fastrand::u32(..)), "127.0.0.1", mqtt.port);
-    opts.set_max_packet_size(1 << 20, 1 << 20).set_inflight(1000);
+    let mut opts = MqttOptions::new(
+        format!("count-{:08x}", fastrand::u32(..)),
+        "127.0.0.1",
+        mqtt.port,
+    );
+    opts.set_max_packet_size(1 << 20, 1 << 20)
+        .set_inflight(1000);
     let (client, mut el) = AsyncClient::new(opts, 100);
     client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
     let state = Arc::new(Mutex::new((0usize, Instant::now())));
@@ -276,9 +300,17 @@ async fn ingest(s: &Sizes, r: &mut Report) {
         let sentinel = Devices::connect(&mqtt).await;
         sentinel.heartbeat("sentinel", b"").await;
         let mut conn = redis.conn().await;
-        let key = format!("presence:{{{}}}:rec", presenced::store::bucket_of("sentinel"));
+        let key = format!(
+            "presence:{{{}}}:rec",
+            presenced::store::bucket_of("sentinel")
+        );
         loop {
-            let there: bool = redis::cmd("HEXISTS").arg(&key).arg("sentinel").query_async(&mut conn).await.unwrap();
+            let there: bool = redis::cmd("HEXISTS")
+                .arg(&key)
+                .arg("sentinel")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
             if there {
                 break;
             }
@@ -289,7 +321,10 @@ async fn ingest(s: &Sizes, r: &mut Report) {
         let accepted = metric(&m, "presenced_heartbeats_total").unwrap_or(0.0) as usize;
         stop(child);
         if accepted < n + d {
-            r.notes.push(format!("ingest: presenced accepted {accepted} of {} heartbeats", n + d + 1));
+            r.notes.push(format!(
+                "ingest: presenced accepted {accepted} of {} heartbeats",
+                n + d + 1
+            ));
         }
         n as f64 / took.as_secs_f64()
     };
@@ -302,7 +337,10 @@ async fn ingest(s: &Sizes, r: &mut Report) {
         let mut opts = MqttOptions::new("naive", "127.0.0.1", mqtt.port);
         opts.set_inflight(1000);
         let (client, mut el) = AsyncClient::new(opts, 100);
-        client.subscribe("devices/+/heartbeat", QoS::AtLeastOnce).await.unwrap();
+        client
+            .subscribe("devices/+/heartbeat", QoS::AtLeastOnce)
+            .await
+            .unwrap();
         loop {
             if let Ok(Event::Incoming(Incoming::SubAck(_))) = el.poll().await {
                 break;
@@ -317,7 +355,14 @@ async fn ingest(s: &Sizes, r: &mut Report) {
             while processed < n {
                 if let Ok(Event::Incoming(Incoming::Publish(p))) = el.poll().await {
                     let key = format!("naive:{}", p.topic);
-                    let _: () = redis::cmd("SET").arg(key).arg(1).arg("PX").arg(30_000).query_async(&mut conn).await.unwrap();
+                    let _: () = redis::cmd("SET")
+                        .arg(key)
+                        .arg(1)
+                        .arg("PX")
+                        .arg(30_000)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
                     processed += 1;
                     *d2.lock().unwrap() = processed;
                 }
@@ -326,7 +371,10 @@ async fn ingest(s: &Sizes, r: &mut Report) {
         });
         let t0 = Instant::now();
         blast(&mqtt, n, d, |_| Vec::new()).await;
-        let end = tokio::time::timeout(Duration::from_secs(600), worker).await.unwrap().unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(600), worker)
+            .await
+            .unwrap()
+            .unwrap();
         n as f64 / (end - t0).as_secs_f64()
     };
 
@@ -355,7 +403,11 @@ async fn lag(s: &Sizes, r: &mut Report, mass: bool) {
         let p = Devices::connect(&mqtt).await;
         let t0 = Instant::now();
         for i in 0..n {
-            p.publish_retained(&format!("bench/retained/{i}"), br#"{"state":"offline","seq":2}"#).await;
+            p.publish_retained(
+                &format!("bench/retained/{i}"),
+                br#"{"state":"offline","seq":2}"#,
+            )
+            .await;
         }
         let c2 = c.clone();
         eventually("broker carried every retained message", || {
@@ -405,19 +457,29 @@ async fn lag(s: &Sizes, r: &mut Report, mass: bool) {
     for chunk in (0..n).collect::<Vec<_>>().chunks(5_000) {
         let mut pipe = redis::pipe();
         for &i in chunk {
-            pipe.cmd("SET").arg(format!("native:dev-{i:07}")).arg(1).arg("PXAT").arg(deadline(i)).ignore();
+            pipe.cmd("SET")
+                .arg(format!("native:dev-{i:07}"))
+                .arg(1)
+                .arg("PXAT")
+                .arg(deadline(i))
+                .ignore();
         }
         let _: () = pipe.query_async(&mut conn).await.unwrap();
     }
     let seeded = now_ms();
     if seeded > t0 {
-        r.notes.push(format!("lag {name}: seeding overran the first deadline by {} ms", seeded - t0));
+        r.notes.push(format!(
+            "lag {name}: seeding overran the first deadline by {} ms",
+            seeded - t0
+        ));
     }
 
     // Wait for every offline status (and give Redis's own events as long again, capped).
-    let wait_until = Instant::now() + Duration::from_millis(t0.saturating_sub(now_ms()) + spread) + Duration::from_secs(60);
+    let wait_until = Instant::now()
+        + Duration::from_millis(t0.saturating_sub(now_ms()) + spread)
+        + Duration::from_secs(60);
     loop {
-        let offline = statuses.all().iter().filter(|m| m.json["state"] == "offline").count();
+        let offline = statuses.count(|m| m.json["state"] == "offline");
         if offline >= n || Instant::now() > wait_until {
             break;
         }
@@ -432,7 +494,11 @@ async fn lag(s: &Sizes, r: &mut Report, mass: bool) {
     let mut sub_lag = Vec::new();
     let mut detect = Vec::new();
     let mut last_arrival = 0;
-    for m in statuses.all().iter().filter(|m| m.json["state"] == "offline") {
+    for m in statuses
+        .all()
+        .iter()
+        .filter(|m| m.json["state"] == "offline")
+    {
         let since = ms(&m.json["since"]);
         sub_lag.push(m.at_ms as i64 - since as i64);
         detect.push(ms(&m.json["detected_at"]) as i64 - since as i64);
@@ -441,7 +507,10 @@ async fn lag(s: &Sizes, r: &mut Report, mass: bool) {
     let native_lag: Vec<i64> = {
         let nat = native.lock().unwrap();
         (0..n)
-            .filter_map(|i| nat.get(&format!("dev-{i:07}")).map(|t| *t as i64 - deadline(i) as i64))
+            .filter_map(|i| {
+                nat.get(&format!("dev-{i:07}"))
+                    .map(|t| *t as i64 - deadline(i) as i64)
+            })
             .collect()
     };
     let m = scrape(addr).await;
@@ -455,10 +524,17 @@ async fn lag(s: &Sizes, r: &mut Report, mass: bool) {
     let what = if mass {
         format!("Lag, mass expiry of {n} at one instant (status at subscriber − deadline)")
     } else {
-        format!("Lag, steady churn of {n} over {} s (status at subscriber − deadline)", s.spread.as_secs())
+        format!(
+            "Lag, steady churn of {n} over {} s (status at subscriber − deadline)",
+            s.spread.as_secs()
+        )
     };
     let ratio = pct(&nat_sorted, 0.99) as f64 / pct(&ours_sorted, 0.99).max(1) as f64;
-    r.row(&what, ours_s, format!("Redis's own expired events: {nat_s}; p99 ratio {ratio:.0} ×"));
+    r.row(
+        &what,
+        ours_s,
+        format!("Redis's own expired events: {nat_s}; p99 ratio {ratio:.0} ×"),
+    );
     r.row(
         &format!("Lag {name}: Redis-side detection (detected_at − deadline)"),
         det_s,
@@ -476,7 +552,11 @@ async fn lag(s: &Sizes, r: &mut Report, mass: bool) {
             ),
         );
     }
-    r.row(&format!("Monitor peak RSS, lag {name} ({n} devices)"), format!("{} MiB", rss / 1024), String::new());
+    r.row(
+        &format!("Monitor peak RSS, lag {name} ({n} devices)"),
+        format!("{} MiB", rss / 1024),
+        String::new(),
+    );
     r.samples.push((format!("{name}-presenced"), ours_sorted));
     r.samples.push((format!("{name}-redis"), nat_sorted));
 }
@@ -484,9 +564,20 @@ async fn lag(s: &Sizes, r: &mut Report, mass: bool) {
 /// The upper bound of the histogram bucket holding quantile `q` of the lag.
 fn histogram_quantile(scrape: &str, q: f64) -> String {
     let count = metric(scrape, "presenced_notification_lag_seconds_count").unwrap_or(0.0);
-    for line in scrape.lines().filter(|l| l.starts_with("presenced_notification_lag_seconds_bucket")) {
-        let le = line.split("le=\"").nth(1).and_then(|x| x.split('"').next()).unwrap_or("");
-        let v: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    for line in scrape
+        .lines()
+        .filter(|l| l.starts_with("presenced_notification_lag_seconds_bucket"))
+    {
+        let le = line
+            .split("le=\"")
+            .nth(1)
+            .and_then(|x| x.split('"').next())
+            .unwrap_or("");
+        let v: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
         if count > 0.0 && v >= q * count {
             return le.to_owned();
         }
@@ -516,12 +607,20 @@ async fn seed(redis: &RedisServer, n: usize, ttl_ms: u64) {
     // is empty in a steady state.
     let mut conn = redis.conn().await;
     for b in 0..BUCKETS {
-        let _: () = redis::cmd("DEL").arg(format!("presence:{{{b}}}:outbox")).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(format!("presence:{{{b}}}:outbox"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
     }
 }
 
 async fn used_memory(redis: &RedisServer) -> i64 {
-    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut redis.conn().await).await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
     info.lines()
         .find_map(|l| l.strip_prefix("used_memory:"))
         .and_then(|v| v.trim().parse().ok())
@@ -558,7 +657,10 @@ async fn footprint(s: &Sizes, r: &mut Report) {
     }
     r.row(
         "Monitor peak RSS by fleet size (all heartbeating)",
-        rss.iter().map(|(n, k)| format!("{n}: {} MiB", k / 1024)).collect::<Vec<_>>().join(", "),
+        rss.iter()
+            .map(|(n, k)| format!("{n}: {} MiB", k / 1024))
+            .collect::<Vec<_>>()
+            .join(", "),
         format!("growth {:.2} ×", rss[1].1 as f64 / rss[0].1.max(1) as f64),
     );
 }
@@ -597,7 +699,13 @@ fn cmd_version(cmd: &str, arg: &str) -> String {
     Command::new(cmd)
         .arg(arg)
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_owned())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
         .unwrap_or_else(|_| "?".into())
 }
 
@@ -605,11 +713,19 @@ fn render(r: &Report, quick: bool, took: Duration) -> String {
     let mut t = String::from("# presenced benchmark results\n\n");
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_owned()))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_owned())
+        })
         .unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
     let _ = writeln!(
         t,
@@ -617,7 +733,8 @@ fn render(r: &Report, quick: bool, took: Duration) -> String {
         if quick { " -- --quick" } else { "" },
         took.as_secs_f64()
     );
-    let _ = writeln!(
+    let _ =
+        writeln!(
         t,
         "Machine: {} cores ({cpu}), {} MiB memory; {}; {}; mosquitto 2.0 (Debian); presenced {}\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),

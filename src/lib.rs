@@ -55,8 +55,10 @@ use crate::telemetry::Backoff;
 /// `terminationGracePeriodSeconds`) above it.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Capacity of the channel of statuses to publish (backpressure on the deciders).
-const STATUS_QUEUE: usize = 4_096;
+/// Capacity of the channel of statuses to publish (backpressure on the deciders). Large
+/// enough that a mass expiry is decided at Redis speed, not at broker speed; an entry is a
+/// few hundred bytes.
+const STATUS_QUEUE: usize = 65_536;
 /// Capacity of the channel of broker acknowledgements (overflow: dropped, see `Outbox`).
 const ACK_QUEUE: usize = 16_384;
 /// Capacity of the channel of expired-key events (overflow: dropped, see `expiry`).
@@ -189,7 +191,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     );
     tracker.spawn(
         Applier {
-            cfg: cfg.clone(),
             store: store.clone(),
             held: held.clone(),
             metrics: metrics.clone(),
@@ -202,7 +203,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     );
     tracker.spawn(
         Expirer {
-            cfg: cfg.clone(),
             store: store.clone(),
             held: held.clone(),
             metrics: metrics.clone(),
@@ -219,7 +219,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     );
     tracker.spawn(
         Outbox {
-            cfg: cfg.clone(),
             store: store.clone(),
             out: out_tx,
             ack_rx,

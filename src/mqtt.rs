@@ -26,11 +26,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{MqttConfig, PresenceConfig, Protocol, MQTT_MAX_PACKET};
-use crate::device::{format_time, heartbeat_ttl, now_ms, DeviceId, Millis};
+use crate::device::{
+    format_time, heartbeat_ttl, now_ms, DeviceId, Millis, State, StatusEvent, TopicTemplate,
+};
 use crate::health::Health;
 use crate::metrics::{Metrics, Rejected};
 use crate::presence::Held;
-use crate::store::Ack;
+use crate::store::{Ack, Bucket};
 use crate::telemetry::{Backoff, LogLimiter};
 
 /// Statuses in flight (queued in the client or awaiting PUBACK) at most.
@@ -60,6 +62,39 @@ pub enum Kind {
     Presence,
     /// The sync marker (see [`MqttTask`]).
     Marker,
+}
+
+/// A committed transition (or a current status) to publish. Compact on purpose: the status
+/// queue may hold a mass expiry's worth of them; topic and payload are built only when it
+/// is sent.
+#[derive(Clone, Debug)]
+pub struct StatusOut {
+    pub event: StatusEvent,
+    pub bucket: Bucket,
+    /// The outbox member, removed when the broker acknowledges.
+    pub member: String,
+    /// Observe the notification lag at PUBACK (offline transitions only).
+    pub lag: bool,
+}
+
+impl StatusOut {
+    fn into_outgoing(self, template: &TopicTemplate) -> Outgoing {
+        let lag_from = (self.lag && self.event.state == State::Offline).then_some(self.event.since);
+        Outgoing {
+            topic: template.render(&self.event.device),
+            payload: self.event.to_json().into(),
+            retain: true,
+            kind: Kind::Status {
+                ack: Ack {
+                    bucket: self.bucket,
+                    device: self.event.device,
+                    seq: self.event.seq,
+                    member: self.member,
+                },
+                lag_from,
+            },
+        }
+    }
 }
 
 /// The monitor's presence topic.
@@ -413,7 +448,7 @@ pub struct MqttTask {
     pub metrics: Metrics,
     pub health: Arc<Health>,
     pub held: Arc<Held>,
-    pub out_rx: mpsc::Receiver<Outgoing>,
+    pub out_rx: mpsc::Receiver<StatusOut>,
     pub ack_tx: mpsc::Sender<Ack>,
     /// Woken when the broker lost our session: every device's status is published again.
     pub republish: Arc<Notify>,
@@ -658,7 +693,7 @@ impl MqttTask {
                         }
                     }
                 },
-                out = self.out_rx.recv(), if can_take => match out {
+                out = self.out_rx.recv(), if can_take => match out.map(|o| o.into_outgoing(&self.cfg.status_topic)) {
                     Some(out) => match client.try_publish(&out.topic, out.retain, out.payload.clone()) {
                         Ok(()) => tracker.queue(out),
                         Err(_) => resend.push_back(out),

@@ -24,11 +24,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
-use crate::device::{now_ms, DeviceId, Millis, State};
+use crate::device::{now_ms, DeviceId, Millis};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::mqtt::{Kind, Outgoing};
+use crate::mqtt::StatusOut;
 use crate::store::{lease_ms, Ack, Beat, Bucket, Committed, Store, BUCKETS};
 use crate::telemetry::{Backoff, LogLimiter};
 
@@ -164,24 +163,15 @@ impl Held {
 }
 
 /// Hands committed transitions to the publisher; awaits room (backpressure).
-async fn publish(out: &mpsc::Sender<Outgoing>, cfg: &Config, committed: Vec<Committed>, lag: bool) {
+async fn publish(out: &mpsc::Sender<StatusOut>, committed: Vec<Committed>, lag: bool) {
     for c in committed {
-        let lag_from = (lag && c.event.state == State::Offline).then_some(c.event.since);
-        let o = Outgoing {
-            topic: cfg.mqtt.status_topic.render(&c.event.device),
-            payload: c.event.to_json().into(),
-            retain: true,
-            kind: Kind::Status {
-                ack: Ack {
-                    bucket: c.bucket,
-                    device: c.event.device.clone(),
-                    seq: c.event.seq,
-                    member: c.member,
-                },
-                lag_from,
-            },
+        let status = StatusOut {
+            event: c.event,
+            bucket: c.bucket,
+            member: c.member,
+            lag,
         };
-        if out.send(o).await.is_err() {
+        if out.send(status).await.is_err() {
             // The MQTT task is gone (shutdown): the outbox still holds these.
             return;
         }
@@ -199,12 +189,11 @@ fn count(metrics: &Metrics, committed: &[Committed]) {
 
 /// Applies held heartbeats to Redis.
 pub struct Applier {
-    pub cfg: Arc<Config>,
     pub store: Store,
     pub held: Arc<Held>,
     pub metrics: Metrics,
     pub health: Arc<Health>,
-    pub out: mpsc::Sender<Outgoing>,
+    pub out: mpsc::Sender<StatusOut>,
     pub due: Arc<DueTable>,
 }
 
@@ -238,7 +227,7 @@ impl Applier {
                             );
                         }
                         count(&self.metrics, &committed);
-                        publish(&self.out, &self.cfg, committed, true).await;
+                        publish(&self.out, committed, true).await;
                     }
                     Err(e) => {
                         failed = Some(e);
@@ -352,12 +341,11 @@ enum Wake {
 
 /// Decides offline transitions.
 pub struct Expirer {
-    pub cfg: Arc<Config>,
     pub store: Store,
     pub held: Arc<Held>,
     pub metrics: Metrics,
     pub health: Arc<Health>,
-    pub out: mpsc::Sender<Outgoing>,
+    pub out: mpsc::Sender<StatusOut>,
     pub due: Arc<DueTable>,
     pub expired_rx: mpsc::Receiver<DeviceId>,
     pub reconcile: Arc<Notify>,
@@ -561,7 +549,7 @@ impl Expirer {
         }
         debug!(?source, n = committed.len(), "Offline transitions decided.");
         count(&self.metrics, &committed);
-        publish(&self.out, &self.cfg, committed, true).await;
+        publish(&self.out, committed, true).await;
     }
 }
 
@@ -569,9 +557,8 @@ impl Expirer {
 
 /// Acknowledgements, lost publishers and lost retained state.
 pub struct Outbox {
-    pub cfg: Arc<Config>,
     pub store: Store,
-    pub out: mpsc::Sender<Outgoing>,
+    pub out: mpsc::Sender<StatusOut>,
     pub ack_rx: mpsc::Receiver<Ack>,
     pub republish: Arc<Notify>,
 }
@@ -618,7 +605,7 @@ impl Outbox {
                                 info!(n = claimed.len(), "Publishing transitions whose publisher did not confirm them.");
                             }
                             first_claim = None;
-                            publish(&self.out, &self.cfg, claimed, true).await;
+                            publish(&self.out, claimed, true).await;
                         }
                         Err(e) => {
                             if let Some(n) = limiter.check() {
@@ -633,8 +620,8 @@ impl Outbox {
                     }
                     let t = token.child_token();
                     republisher = Some(t.clone());
-                    let (store, out, cfg) = (self.store.clone(), self.out.clone(), self.cfg.clone());
-                    tracker.spawn(republish_all(store, out, cfg, t));
+                    let (store, out) = (self.store.clone(), self.out.clone());
+                    tracker.spawn(republish_all(store, out, t));
                 }
                 () = token.cancelled(), if !token.is_cancelled() => {}
             }
@@ -655,7 +642,7 @@ impl Outbox {
                         "Republishing statuses overtaken in flight."
                     );
                 }
-                publish(&self.out, &self.cfg, again, false).await;
+                publish(&self.out, again, false).await;
             }
             Err(e) => {
                 if let Some(n) = limiter.check() {
@@ -672,12 +659,7 @@ impl Outbox {
 
 /// Publishes every device's current status, paced, e.g. after the broker lost its
 /// retained messages. A status overtaken meanwhile is corrected by the ack check.
-async fn republish_all(
-    store: Store,
-    out: mpsc::Sender<Outgoing>,
-    cfg: Arc<Config>,
-    token: CancellationToken,
-) {
+async fn republish_all(store: Store, out: mpsc::Sender<StatusOut>, token: CancellationToken) {
     let started = Instant::now();
     let mut sent: u64 = 0;
     let mut backoff = Backoff::new(Duration::from_secs(5));
@@ -696,7 +678,7 @@ async fn republish_all(
                 }
             };
             sent += records.len() as u64;
-            publish(&out, &cfg, records, false).await;
+            publish(&out, records, false).await;
             // Pace: never ahead of REPUBLISH_RATE per second on average.
             let due = started + Duration::from_millis(sent * 1000 / REPUBLISH_RATE);
             tokio::select! {

@@ -12,9 +12,7 @@ for i = 4, #ARGV, 3 do
   if state == '1' then
     -- Online: extend the deadline (never shorten it: a late, held heartbeat may carry an
     -- older arrival) and remember the latest heartbeat.
-    local cur = tonumber(redis.call('ZSCORE', deadlines, id))
-    if (not cur) or deadline > cur then
-      redis.call('ZADD', deadlines, deadline, id)
+    if redis.call('ZADD', deadlines, 'GT', 'CH', deadline, id) == 1 then
       redis.call('SET', ttl_prefix .. id, '1', 'PXAT', int(deadline))
     end
     if arrival > tonumber(last) then

@@ -390,14 +390,18 @@ impl Collector {
                         }
                     }
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        // Stamped before anything else, so lock contention with readers
+                        // does not show up as latency.
+                        let (at, at_ms) = (Instant::now(), presenced::device::now_ms());
                         let json = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                        s.lock().unwrap().push(Seen {
+                        let seen = Seen {
                             topic: p.topic.clone(),
                             json,
                             retain: p.retain,
-                            at: Instant::now(),
-                            at_ms: presenced::device::now_ms(),
-                        });
+                            at,
+                            at_ms,
+                        };
+                        s.lock().unwrap().push(seen);
                     }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -409,6 +413,11 @@ impl Collector {
             .expect("collector SubAck")
             .unwrap();
         Collector { seen, client, task }
+    }
+
+    /// How many messages seen so far satisfy `pred` (without copying them).
+    pub fn count(&self, pred: impl Fn(&Seen) -> bool) -> usize {
+        self.seen.lock().unwrap().iter().filter(|s| pred(s)).count()
     }
 
     pub fn all(&self) -> Vec<Seen> {
