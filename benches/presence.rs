@@ -533,7 +533,7 @@ async fn lag(s: &Sizes, r: &mut Report, mass: bool) {
     r.row(
         &what,
         ours_s,
-        format!("Redis's own expired events: {nat_s}; p99 ratio {ratio:.0} ×"),
+        format!("Redis's own expired events: {nat_s}; p99 ratio (Redis / presenced) {ratio:.2}"),
     );
     r.row(
         &format!("Lag {name}: Redis-side detection (detected_at − deadline)"),
