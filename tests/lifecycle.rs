@@ -411,3 +411,37 @@ async fn heartbeats_during_a_restart_keep_devices_online() {
     assert_eq!(rec["state"], "online");
     app.stop().await.unwrap();
 }
+
+/// The same device named twice in one batch of expired events yields one transition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_expiry_events_in_one_batch_commit_once() {
+    use presenced::device::{now_ms, DeviceId};
+    use presenced::store::{Beat, Store};
+    let redis = RedisServer::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let store = Store::connect(&client, "presence").await.unwrap();
+    let id = DeviceId::parse("twice").unwrap();
+    let arrival = now_ms() - 5_000;
+    // Applied with `now` at its arrival, so it comes online with a deadline now passed.
+    let on = store
+        .apply_heartbeats(
+            &[Beat {
+                device: id.clone(),
+                arrival,
+                ttl_ms: 1_000,
+            }],
+            arrival,
+        )
+        .await
+        .unwrap();
+    assert_eq!(on.len(), 1);
+    let now = now_ms();
+    let off = store
+        .expire_devices(&[id.clone(), id.clone(), id.clone()], now, now)
+        .await
+        .unwrap();
+    assert_eq!(off.len(), 1);
+    assert_eq!(off[0].event.seq, 2);
+    let again = store.expire_devices(&[id.clone()], now, now).await.unwrap();
+    assert!(again.is_empty());
+}

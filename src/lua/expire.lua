@@ -1,36 +1,60 @@
 -- Marks devices of one bucket offline whose deadline is at or before the cutoff: the given
--- ids, or (without ids) the earliest overdue ones, at most `limit`.
+-- ids, or (without ids) the earliest overdue ones, at most `limit`. Writes are batched (one
+-- call per structure, not per device): a mass expiry is decided at Redis speed.
 -- Returns {next deadline or -1, 1 if more may be overdue else 0, members...}.
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset
 -- ARGV: 1 TTL key prefix, 2 now, 3 cutoff, 4 outbox lease (ms), 5 limit, then ids
 local recs, deadlines, online, offline, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ttl_prefix, now, cutoff = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local lease, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
-local ids, more = {}, 0
+local ids, dls, more = {}, {}, 0
 if #ARGV > 5 then
-  for i = 6, #ARGV do ids[#ids + 1] = ARGV[i] end
+  local seen = {}
+  for i = 6, #ARGV do
+    -- No deadline: not online (another replica already decided). Later deadline: a
+    -- heartbeat extended it. An id named twice is decided once.
+    local dl = tonumber(redis.call('ZSCORE', deadlines, ARGV[i]))
+    if dl and dl <= cutoff and not seen[ARGV[i]] then
+      seen[ARGV[i]] = true
+      ids[#ids + 1] = ARGV[i]
+      dls[#dls + 1] = dl
+    end
+  end
 else
-  ids = redis.call('ZRANGEBYSCORE', deadlines, '-inf', cutoff, 'LIMIT', 0, limit)
+  local due = redis.call('ZRANGEBYSCORE', deadlines, '-inf', cutoff, 'WITHSCORES', 'LIMIT', 0, limit)
+  for i = 1, #due, 2 do
+    ids[#ids + 1] = due[i]
+    dls[#dls + 1] = tonumber(due[i + 1])
+  end
   if #ids >= limit then more = 1 end
 end
 local out = {}
-for _, id in ipairs(ids) do
-  local dl = tonumber(redis.call('ZSCORE', deadlines, id))
-  -- No deadline: not online (another replica already decided). Later deadline: a
-  -- heartbeat extended it.
-  if dl and dl <= cutoff then
-    redis.call('ZREM', deadlines, id)
-    redis.call('UNLINK', ttl_prefix .. id)
-    local state, seq, since, last, det = parse(redis.call('HGET', recs, id))
+if #ids > 0 then
+  local raw = redis.call('HMGET', recs, unpack(ids))
+  local ttl_keys, rec_args, gone, off_args, outbox_args = {}, {}, {}, {}, {}
+  for i, id in ipairs(ids) do
+    ttl_keys[i] = ttl_prefix .. id
+    local state, seq, since, last, det = parse(raw[i])
     if state == '1' then
-      local nseq, since_off = int(tonumber(seq) + 1), int(dl)
-      redis.call('HSET', recs, id, table.concat({'0', nseq, since_off, last, int(now)}, '|'))
-      redis.call('ZREM', online, id)
-      redis.call('ZADD', offline, 0, id)
+      local nseq, since_off = int(tonumber(seq) + 1), int(dls[i])
+      rec_args[#rec_args + 1] = id
+      rec_args[#rec_args + 1] = table.concat({'0', nseq, since_off, last, int(now)}, '|')
+      gone[#gone + 1] = id
+      off_args[#off_args + 1] = 0
+      off_args[#off_args + 1] = id
       local member = table.concat({nseq, '0', since_off, last, int(now), id}, '|')
-      redis.call('ZADD', outbox, now + lease, member)
+      outbox_args[#outbox_args + 1] = now + lease
+      outbox_args[#outbox_args + 1] = member
       out[#out + 1] = member
     end
+  end
+  redis.call('ZREM', deadlines, unpack(ids))
+  redis.call('UNLINK', unpack(ttl_keys))
+  if #gone > 0 then
+    redis.call('HSET', recs, unpack(rec_args))
+    redis.call('ZREM', online, unpack(gone))
+    redis.call('ZADD', offline, unpack(off_args))
+    redis.call('ZADD', outbox, unpack(outbox_args))
   end
 end
 local nxt = redis.call('ZRANGE', deadlines, 0, 0, 'WITHSCORES')
