@@ -367,6 +367,7 @@ impl Expirer {
         let mut next_safety = Instant::now() + SAFETY_EVERY;
         // After a stall, only a sync marker newer than this opens the gate again.
         let mut stalled_at: Millis = 0;
+        let mut last_sweep = Instant::now();
         loop {
             // Expiries wait while heartbeats may still be on their way: until the MQTT
             // backlog is in (the sync marker) and everything received before it is applied.
@@ -399,7 +400,7 @@ impl Expirer {
                 let cutoff = self.held.cutoff(now);
                 let earliest = self.due.earliest();
                 let wake = if earliest <= cutoff {
-                    Instant::now() + MIN_SWEEP_GAP
+                    last_sweep + MIN_SWEEP_GAP
                 } else if earliest <= now {
                     // Due, but a heartbeat older than it is still being applied.
                     Instant::now() + Duration::from_millis(5)
@@ -408,14 +409,16 @@ impl Expirer {
                     Instant::now() + Duration::from_millis(ms)
                 };
                 let planned = wake.min(next_safety);
+                // Due deadlines come before notifications: during a mass expiry Redis
+                // notifies at its own (slow) pace, and must not hold the sweep back.
                 let woke = tokio::select! {
                     biased;
                     () = token.cancelled() => break,
                     () = self.reconcile.notified() => Wake::Reconcile,
-                    Some(id) = self.expired_rx.recv() => Wake::Expired(id),
-                    () = tokio::time::sleep_until(next_safety) => Wake::SafetyNet,
-                    () = self.due.wake.notified() => Wake::Recompute,
                     () = tokio::time::sleep_until(wake) => Wake::Due,
+                    () = tokio::time::sleep_until(next_safety) => Wake::SafetyNet,
+                    Some(id) = self.expired_rx.recv() => Wake::Expired(id),
+                    () = self.due.wake.notified() => Wake::Recompute,
                 };
                 // A wake-up far later than any timer we set: the process was stopped (or
                 // starved). Decide nothing until a fresh sync marker proves the heartbeats
@@ -438,7 +441,10 @@ impl Expirer {
                         self.sweep_all(Source::SafetyNet).await
                     }
                     Wake::Recompute => Ok(()),
-                    Wake::Due => self.sweep_due().await,
+                    Wake::Due => {
+                        last_sweep = Instant::now();
+                        self.sweep_due().await
+                    }
                 }
             };
             match result {
