@@ -442,6 +442,9 @@ async fn duplicate_expiry_events_in_one_batch_commit_once() {
         .unwrap();
     assert_eq!(off.len(), 1);
     assert_eq!(off[0].event.seq, 2);
-    let again = store.expire_devices(&[id.clone()], now, now).await.unwrap();
+    let again = store
+        .expire_devices(std::slice::from_ref(&id), now, now)
+        .await
+        .unwrap();
     assert!(again.is_empty());
 }
