@@ -186,13 +186,6 @@ fn monitor(redis: &RedisServer, mqtt: &Mosquitto, extra: &[&str]) -> (Child, std
     (child, format!("127.0.0.1:{http}").parse().unwrap())
 }
 
-async fn wait_ready(addr: std::net::SocketAddr) {
-    eventually("monitor ready", || async move {
-        (get(addr, "/readyz").await?.0 == 200).then_some(())
-    })
-    .await;
-}
-
 fn stop(mut child: Child) {
     kill(&child, "-TERM");
     let _ = child.wait();

@@ -252,8 +252,9 @@ pub struct StatusEvent {
     pub detected_at: Millis,
 }
 
+/// The JSON of a status (MQTT payload) and of a device record (HTTP API): the same fields.
 #[derive(Serialize)]
-struct StatusJson<'a> {
+pub struct StatusJson<'a> {
     device: &'a str,
     state: &'static str,
     since: String,
@@ -261,6 +262,27 @@ struct StatusJson<'a> {
     detected_at: String,
     reason: &'static str,
     seq: u64,
+}
+
+impl<'a> StatusJson<'a> {
+    fn new(
+        device: &'a DeviceId,
+        state: State,
+        seq: u64,
+        since: Millis,
+        last_seen: Millis,
+        detected_at: Millis,
+    ) -> Self {
+        StatusJson {
+            device: device.as_str(),
+            state: state.as_str(),
+            since: format_time(since),
+            last_seen: format_time(last_seen),
+            detected_at: format_time(detected_at),
+            reason: state.reason(),
+            seq,
+        }
+    }
 }
 
 impl StatusEvent {
@@ -297,15 +319,14 @@ impl StatusEvent {
 
     /// The retained status payload (contract: "Status").
     pub fn to_json(&self) -> Vec<u8> {
-        let json = StatusJson {
-            device: self.device.as_str(),
-            state: self.state.as_str(),
-            since: format_time(self.since),
-            last_seen: format_time(self.last_seen),
-            detected_at: format_time(self.detected_at),
-            reason: self.state.reason(),
-            seq: self.seq,
-        };
+        let json = StatusJson::new(
+            &self.device,
+            self.state,
+            self.seq,
+            self.since,
+            self.last_seen,
+            self.detected_at,
+        );
         // Serializing a struct of strings and integers cannot fail.
         serde_json::to_vec(&json).unwrap_or_default()
     }
@@ -323,17 +344,6 @@ pub struct DeviceRecord {
     pub since: Millis,
     pub last_seen: Millis,
     pub detected_at: Millis,
-}
-
-#[derive(Serialize)]
-pub struct RecordJson<'a> {
-    device: &'a str,
-    state: &'static str,
-    since: String,
-    last_seen: String,
-    detected_at: String,
-    reason: &'static str,
-    seq: u64,
 }
 
 impl DeviceRecord {
@@ -357,15 +367,31 @@ impl DeviceRecord {
         })
     }
 
-    pub fn to_json(&self) -> RecordJson<'_> {
-        RecordJson {
-            device: self.device.as_str(),
-            state: self.state.as_str(),
-            since: format_time(self.since),
-            last_seen: format_time(self.last_seen),
-            detected_at: format_time(self.detected_at),
-            reason: self.state.reason(),
+    /// The record for the HTTP API: the last status's fields, `last_seen` the latest heartbeat.
+    pub fn to_json(&self) -> StatusJson<'_> {
+        StatusJson::new(
+            &self.device,
+            self.state,
+            self.seq,
+            self.since,
+            self.last_seen,
+            self.detected_at,
+        )
+    }
+
+    /// The device's current status as it was published (for an online status `last_seen`
+    /// is `since`; for offline, the last heartbeat before it, which the record still holds).
+    pub fn status(&self) -> StatusEvent {
+        StatusEvent {
+            device: self.device.clone(),
+            state: self.state,
             seq: self.seq,
+            since: self.since,
+            last_seen: match self.state {
+                State::Online => self.since,
+                State::Offline => self.last_seen,
+            },
+            detected_at: self.detected_at,
         }
     }
 }

@@ -269,39 +269,25 @@ impl Store {
         beats: &[Beat],
         now: Millis,
     ) -> Result<Vec<Committed>, StoreError> {
-        let mut by_bucket: Vec<Vec<&Beat>> = vec![Vec::new(); usize::from(BUCKETS)];
-        for beat in beats {
-            by_bucket[usize::from(bucket_of(beat.device.as_str()))].push(beat);
-        }
-        let mut pipe = redis::pipe();
-        let mut order = Vec::new();
-        for (b, beats) in by_bucket.iter().enumerate() {
-            if beats.is_empty() {
-                continue;
-            }
-            let b = b as Bucket;
-            let mut args = vec![
-                self.keys.ttl_prefix(b),
-                now.to_string(),
-                lease_ms().to_string(),
-            ];
-            for beat in beats {
-                args.push(beat.device.to_string());
-                args.push(beat.arrival.to_string());
-                args.push(beat.ttl_ms.to_string());
-            }
-            pipe.add_command(self.scripts.heartbeat.cmd(&self.keys.bucket_keys(b), args));
-            order.push(b);
-        }
-        if order.is_empty() {
-            return Ok(Vec::new());
-        }
-        let replies = self.run(&pipe).await?;
-        let mut out = Vec::new();
-        for (b, reply) in order.into_iter().zip(replies) {
-            out.extend(members(b, reply)?);
-        }
-        Ok(out)
+        self.per_bucket(
+            beats,
+            |beat| bucket_of(beat.device.as_str()),
+            |b, beats| {
+                let mut args = vec![
+                    self.keys.ttl_prefix(b),
+                    now.to_string(),
+                    lease_ms().to_string(),
+                ];
+                for beat in beats {
+                    args.push(beat.device.to_string());
+                    args.push(beat.arrival.to_string());
+                    args.push(beat.ttl_ms.to_string());
+                }
+                self.scripts.heartbeat.cmd(&self.keys.bucket_keys(b), args)
+            },
+            members,
+        )
+        .await
     }
 
     /// Marks the given devices offline if their deadline is at or before `cutoff`.
@@ -311,31 +297,17 @@ impl Store {
         now: Millis,
         cutoff: Millis,
     ) -> Result<Vec<Committed>, StoreError> {
-        let mut by_bucket: Vec<Vec<&DeviceId>> = vec![Vec::new(); usize::from(BUCKETS)];
-        for id in ids {
-            by_bucket[usize::from(bucket_of(id.as_str()))].push(id);
-        }
-        let mut pipe = redis::pipe();
-        let mut order = Vec::new();
-        for (b, ids) in by_bucket.iter().enumerate() {
-            if ids.is_empty() {
-                continue;
-            }
-            let b = b as Bucket;
-            let mut args = self.expire_args(b, now, cutoff, ids.len());
-            args.extend(ids.iter().map(|id| id.to_string()));
-            pipe.add_command(self.scripts.expire.cmd(&self.keys.bucket_keys(b), args));
-            order.push(b);
-        }
-        if order.is_empty() {
-            return Ok(Vec::new());
-        }
-        let replies = self.run(&pipe).await?;
-        let mut out = Vec::new();
-        for (b, reply) in order.into_iter().zip(replies) {
-            out.extend(parse_swept(b, reply)?.committed);
-        }
-        Ok(out)
+        self.per_bucket(
+            ids,
+            |id| bucket_of(id.as_str()),
+            |b, ids| {
+                let mut args = self.expire_args(b, now, cutoff, ids.len());
+                args.extend(ids.iter().map(|id| id.to_string()));
+                self.scripts.expire.cmd(&self.keys.bucket_keys(b), args)
+            },
+            |b, reply| Ok(parse_swept(b, reply)?.committed),
+        )
+        .await
     }
 
     /// Marks offline up to `limit` devices per bucket whose deadline is at or before
@@ -376,26 +348,44 @@ impl Store {
     /// Records acknowledgements; returns statuses that must be published again because the
     /// device moved on while an older status was in flight (see src/lua/ack.lua).
     pub async fn ack(&self, acks: &[Ack], now: Millis) -> Result<Vec<Committed>, StoreError> {
-        let mut by_bucket: Vec<Vec<&Ack>> = vec![Vec::new(); usize::from(BUCKETS)];
-        for ack in acks {
-            by_bucket[usize::from(ack.bucket)].push(ack);
+        self.per_bucket(
+            acks,
+            |ack| ack.bucket,
+            |b, acks| {
+                let mut args = vec![now.to_string(), lease_ms().to_string()];
+                for ack in acks {
+                    args.push(ack.member.clone());
+                    args.push(ack.device.to_string());
+                    args.push(ack.seq.to_string());
+                }
+                let keys = [self.keys.records(b), self.keys.outbox(b)];
+                self.scripts.ack.cmd(&keys, args)
+            },
+            members,
+        )
+        .await
+    }
+
+    /// Groups `items` by bucket, makes one script call per bucket that has any, runs them
+    /// all in one pipeline, and parses each reply with its bucket.
+    async fn per_bucket<T, R>(
+        &self,
+        items: &[T],
+        bucket: impl Fn(&T) -> Bucket,
+        call: impl Fn(Bucket, &[&T]) -> Cmd,
+        parse: impl Fn(Bucket, Value) -> Result<Vec<R>, StoreError>,
+    ) -> Result<Vec<R>, StoreError> {
+        let mut by_bucket: Vec<Vec<&T>> = (0..BUCKETS).map(|_| Vec::new()).collect();
+        for item in items {
+            by_bucket[usize::from(bucket(item))].push(item);
         }
         let mut pipe = redis::pipe();
         let mut order = Vec::new();
-        for (b, acks) in by_bucket.iter().enumerate() {
-            if acks.is_empty() {
-                continue;
+        for (b, group) in (0..BUCKETS).zip(&by_bucket) {
+            if !group.is_empty() {
+                pipe.add_command(call(b, group));
+                order.push(b);
             }
-            let b = b as Bucket;
-            let mut args = vec![now.to_string(), lease_ms().to_string()];
-            for ack in acks {
-                args.push(ack.member.clone());
-                args.push(ack.device.to_string());
-                args.push(ack.seq.to_string());
-            }
-            let keys = [self.keys.records(b), self.keys.outbox(b)];
-            pipe.add_command(self.scripts.ack.cmd(&keys, args));
-            order.push(b);
         }
         if order.is_empty() {
             return Ok(Vec::new());
@@ -403,7 +393,7 @@ impl Store {
         let replies = self.run(&pipe).await?;
         let mut out = Vec::new();
         for (b, reply) in order.into_iter().zip(replies) {
-            out.extend(members(b, reply)?);
+            out.extend(parse(b, reply)?);
         }
         Ok(out)
     }
@@ -548,18 +538,7 @@ impl Store {
             let Some(r) = DeviceRecord::parse(id, &pair[1]) else {
                 continue;
             };
-            let event = StatusEvent {
-                last_seen: if r.state == State::Online {
-                    r.since
-                } else {
-                    r.last_seen
-                },
-                device: r.device,
-                state: r.state,
-                seq: r.seq,
-                since: r.since,
-                detected_at: r.detected_at,
-            };
+            let event = r.status();
             out.push(Committed {
                 bucket: b,
                 member: event.member(),

@@ -183,10 +183,7 @@ async fn probe_succeeds_and_sigterm_exits_0() {
         .spawn()
         .unwrap();
     let addr = format!("127.0.0.1:{http}").parse().unwrap();
-    eventually("ready", || async move {
-        (get(addr, "/readyz").await?.0 == 200).then_some(())
-    })
-    .await;
+    wait_ready(addr).await;
     let m = scrape(addr).await;
     assert!(m.contains("process_resident_memory_bytes"), "{m}");
     presence

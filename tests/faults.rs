@@ -74,11 +74,7 @@ async fn replica_killed_during_mass_expiry_loses_nothing() {
         .map(|_| spawn_replica(&redis, &mqtt, &shared))
         .collect();
     for (_, addr, _) in &replicas {
-        let addr = *addr;
-        eventually("replica ready", || async move {
-            (get(addr, "/readyz").await?.0 == 200).then_some(())
-        })
-        .await;
+        wait_ready(*addr).await;
     }
     let statuses = Collector::start(&mqtt, "devices/+/status").await;
     let devices = Devices::connect(&mqtt).await;
@@ -123,11 +119,7 @@ async fn all_replicas_killed_then_restarted() {
         .map(|_| spawn_replica(&redis, &mqtt, &shared))
         .collect();
     for (_, addr, _) in &replicas {
-        let addr = *addr;
-        eventually("replica ready", || async move {
-            (get(addr, "/readyz").await?.0 == 200).then_some(())
-        })
-        .await;
+        wait_ready(*addr).await;
     }
     let statuses = Collector::start(&mqtt, "devices/+/status").await;
     let devices = Devices::connect(&mqtt).await;
@@ -293,10 +285,7 @@ async fn frozen_monitor_publishes_no_false_offline() {
     let redis = RedisServer::start();
     let mqtt = Mosquitto::start();
     let (mut child, addr, _) = spawn_replica(&redis, &mqtt, &[]);
-    eventually("ready", || async move {
-        (get(addr, "/readyz").await?.0 == 200).then_some(())
-    })
-    .await;
+    wait_ready(addr).await;
     let statuses = Collector::start(&mqtt, "devices/+/status").await;
     let devices = Arc::new(Devices::connect(&mqtt).await);
     let steady = ids("steady", 30);
@@ -410,10 +399,7 @@ async fn malformed_flood_does_not_slow_valid_heartbeats() {
     let redis = RedisServer::start();
     let mqtt = Mosquitto::start();
     let (mut child, addr, _) = spawn_replica(&redis, &mqtt, &["--presence-ttl", "60s"]);
-    eventually("ready", || async move {
-        (get(addr, "/readyz").await?.0 == 200).then_some(())
-    })
-    .await;
+    wait_ready(addr).await;
     let statuses = Collector::start(&mqtt, "devices/+/status").await;
     let flood = Devices::connect(&mqtt).await;
     let valid = Devices::connect(&mqtt).await;

@@ -308,14 +308,7 @@ impl TestApp {
     }
 
     pub async fn wait_ready(&self) {
-        let addr = self.http();
-        eventually("monitor ready", || async move {
-            match get(addr, "/readyz").await {
-                Some((200, _)) => Some(()),
-                _ => None,
-            }
-        })
-        .await;
+        wait_ready(self.http()).await;
     }
 
     /// Cancels the monitor (like SIGTERM) and waits for `run` to return.
@@ -336,6 +329,14 @@ impl Drop for TestApp {
             t.abort();
         }
     }
+}
+
+/// Waits until the monitor at `addr` answers `/readyz` with 200.
+pub async fn wait_ready(addr: SocketAddr) {
+    eventually("monitor ready", || async move {
+        (get(addr, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
 }
 
 /// Path of the built `presenced` binary.
