@@ -48,7 +48,6 @@ use crate::metrics::Metrics;
 use crate::mqtt::MqttTask;
 use crate::presence::{Applier, DueTable, Expirer, Held, Outbox, HELD_CAP};
 use crate::store::{Store, StoreError};
-use crate::telemetry::Backoff;
 
 /// How long a shutdown may take before the remaining tasks are abandoned. Deployments keep
 /// their stop timeouts (systemd `TimeoutStopSec`, Kubernetes
@@ -112,13 +111,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     tokio::pin!(shutdown);
 
     let client = redis::Client::open(cfg.redis.url.0.as_str()).map_err(StoreError::from)?;
-    let store = tokio::select! {
-        s = connect_store(&client, &cfg.redis.key_prefix) => s,
-        () = &mut shutdown => return Ok(()),
-    };
-    health.set_redis_commands(true);
+    // Lazy: nothing waits for Redis here. The listener below retries until it can subscribe.
+    let store = Store::lazy(&client, &cfg.redis.key_prefix)?;
 
-    // HTTP first, so /healthz answers and /readyz explains while the rest starts.
+    // HTTP first, so /healthz answers and /readyz explains while the rest starts (a
+    // liveness probe must not kill a monitor that is waiting for Redis).
     let api = http::Api {
         store: store.clone(),
         metrics: metrics.clone(),
@@ -142,6 +139,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         }
         .run(token.child_token(), first_tx)
         .instrument(tracing::info_span!("expiry")),
+    );
+    tracker.spawn(
+        watch_redis(store.clone(), health.clone(), token.child_token())
+            .instrument(tracing::info_span!("redis")),
     );
     let first = tokio::select! {
         r = first_rx => Some(r.unwrap_or(Ok(()))),
@@ -227,10 +228,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         .run(token.child_token(), tracker.clone())
         .instrument(tracing::info_span!("outbox")),
     );
-    tracker.spawn(
-        watch_redis(store, health.clone(), token.child_token())
-            .instrument(tracing::info_span!("redis")),
-    );
 
     shutdown.await;
     info!("Shutting down.");
@@ -246,20 +243,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let _ = http_task.await;
     info!("Stopped.");
     Ok(())
-}
-
-/// Connects to Redis, retrying with backoff until it answers.
-async fn connect_store(client: &redis::Client, prefix: &str) -> Store {
-    let mut backoff = Backoff::new(Duration::from_secs(5));
-    loop {
-        match Store::connect(client, prefix).await {
-            Ok(store) => return store,
-            Err(e) => {
-                warn!(error = %e, "Cannot connect to Redis; retrying.");
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-        }
-    }
 }
 
 /// Pings Redis every second so `presenced_redis_up` and `/readyz` follow the command

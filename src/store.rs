@@ -206,12 +206,21 @@ struct Scripts {
 impl Store {
     /// Connects (once; errors are returned, not retried) and loads the scripts.
     pub async fn connect(client: &redis::Client, prefix: &str) -> Result<Store, StoreError> {
+        let store = Self::lazy(client, prefix)?;
+        store.ping().await?;
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    /// A store whose connection is made on first use and remade after failures; nothing is
+    /// sent now, so it works while Redis is down. Scripts are loaded on first need (NOSCRIPT).
+    pub fn lazy(client: &redis::Client, prefix: &str) -> Result<Store, StoreError> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(3)))
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_max_delay(Duration::from_secs(2));
-        let conn = client.get_connection_manager_with_config(config).await?;
-        let store = Store {
+        let conn = client.get_connection_manager_lazy(config)?;
+        Ok(Store {
             conn,
             keys: Keys::new(prefix),
             scripts: std::sync::Arc::new(Scripts {
@@ -220,9 +229,7 @@ impl Store {
                 ack: LuaScript::new(include_str!("lua/ack.lua")),
                 claim: LuaScript::new(include_str!("lua/claim.lua")),
             }),
-        };
-        store.load_scripts().await?;
-        Ok(store)
+        })
     }
 
     pub fn keys(&self) -> &Keys {

@@ -267,3 +267,25 @@ async fn mqtt_username_and_password() {
     assert_eq!(metric(&scrape(addr).await, "presenced_mqtt_up"), Some(0.0));
     app.stop().await.unwrap();
 }
+
+/// Started while Redis is down: `/healthz` answers at once (a liveness probe must not kill
+/// it), `/readyz` explains, and the monitor starts working when Redis comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    redis.stop();
+    let app = TestApp::spawn_unready(config(&redis, &mqtt, &[])).await;
+    let addr = app.http();
+    let (code, body) = eventually("HTTP up", || async move { get(addr, "/readyz").await }).await;
+    assert_eq!(code, 503);
+    assert!(body.contains("redis"), "{body}");
+    assert_eq!(get(addr, "/healthz").await.unwrap().0, 200);
+    redis.restart();
+    app.wait_ready().await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    devices.heartbeat("late-start", b"").await;
+    statuses.wait_for("online", |s| !s.is_empty()).await;
+    app.stop().await.unwrap();
+}
