@@ -604,6 +604,12 @@ impl Outbox {
                     if !pending.is_empty() {
                         self.flush_acks(&mut pending, &limiter).await;
                     }
+                    // A backlog of our own means the broker is slow, not that a publisher
+                    // died: claiming now would queue duplicates of what is already queued
+                    // and feed the backlog. Claim when the queue is at most half full.
+                    if self.out.capacity() * 2 < self.out.max_capacity() {
+                        continue;
+                    }
                     let now = now_ms();
                     match self.store.claim_outbox(now, first_claim.unwrap_or(now), SWEEP_LIMIT).await {
                         Ok(claimed) => {
