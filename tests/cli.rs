@@ -177,11 +177,13 @@ async fn probe_succeeds_and_sigterm_exits_0() {
     let flags = server_flags(&redis, &mqtt.url(), http);
     let instance = flags.last().unwrap().clone();
     let presence = Collector::start(&mqtt, &format!("presenced/instances/{instance}")).await;
-    let mut child = presenced()
-        .args(&flags)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Proc(
+        presenced()
+            .args(&flags)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let addr = format!("127.0.0.1:{http}").parse().unwrap();
     wait_ready(addr).await;
     let m = scrape(addr).await;
@@ -209,11 +211,13 @@ async fn killed_monitor_is_announced_offline_by_its_will() {
     let flags = server_flags(&redis, &mqtt.url(), http);
     let instance = flags.last().unwrap().clone();
     let presence = Collector::start(&mqtt, &format!("presenced/instances/{instance}")).await;
-    let mut child = presenced()
-        .args(&flags)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Proc(
+        presenced()
+            .args(&flags)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     presence
         .wait_for("online", |s| s.iter().any(|m| m.json["state"] == "online"))
         .await;
@@ -324,16 +328,18 @@ async fn mqtt_over_tls() {
     );
     let redis = RedisServer::start();
     let http = free_port();
-    let mut child = presenced()
-        .args(server_flags(
-            &redis,
-            &format!("mqtts://localhost:{tls}"),
-            http,
-        ))
-        .env("SSL_CERT_FILE", &ca)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Proc(
+        presenced()
+            .args(server_flags(
+                &redis,
+                &format!("mqtts://localhost:{tls}"),
+                http,
+            ))
+            .env("SSL_CERT_FILE", &ca)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let addr = format!("127.0.0.1:{http}").parse().unwrap();
     eventually("ready over TLS", || async move {
         (get(addr, "/readyz").await?.0 == 200).then_some(())
@@ -353,16 +359,18 @@ async fn mqtt_over_tls() {
 
     // Without the CA the certificate is refused: not ready, not crashing.
     let http = free_port();
-    let mut child = presenced()
-        .args(server_flags(
-            &redis,
-            &format!("mqtts://localhost:{tls}"),
-            http,
-        ))
-        .env("SSL_CERT_FILE", "/nonexistent.pem")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Proc(
+        presenced()
+            .args(server_flags(
+                &redis,
+                &format!("mqtts://localhost:{tls}"),
+                http,
+            ))
+            .env("SSL_CERT_FILE", "/nonexistent.pem")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let addr = format!("127.0.0.1:{http}").parse().unwrap();
     let body = eventually("unready without the CA", || async move {
         let (code, body) = get(addr, "/readyz").await?;
@@ -415,14 +423,16 @@ async fn simulator_drives_the_monitor() {
     let redis = RedisServer::start();
     let mqtt = Mosquitto::start();
     let app = TestApp::spawn(config(&redis, &mqtt, &[])).await;
-    let mut sim = presenced()
-        .args(["simulate", "--devices", "40", "--interval", "300ms"])
-        .args(["--offline-fraction", "0.25", "--duration", "6s"])
-        .args(["--mqtt-url", &mqtt.url()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut sim = Proc(
+        presenced()
+            .args(["simulate", "--devices", "40", "--interval", "300ms"])
+            .args(["--offline-fraction", "0.25", "--duration", "6s"])
+            .args(["--mqtt-url", &mqtt.url()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let addr = app.http();
     eventually("30 online and 10 offline", || async move {
         let m = scrape(addr).await;

@@ -664,12 +664,41 @@ pub async fn check_invariants(
     finals
 }
 
-/// The built binary as a replica: `(child, http address, client id)`.
+/// A child process that is killed (and reaped) when dropped, so a failing test leaves no
+/// monitor behind (a SIGSTOPped one is continued first).
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &self.0.id().to_string()])
+                .status();
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+/// The built binary as a replica: `(process, http address, client id)`.
 pub fn spawn_replica(
     redis: &RedisServer,
     mqtt: &Mosquitto,
     extra: &[&str],
-) -> (Child, SocketAddr, String) {
+) -> (Proc, SocketAddr, String) {
     let http = free_port();
     let id = format!("presenced-replica-{:08x}", fastrand::u32(..));
     let child = Command::new(presenced_bin())
@@ -693,7 +722,7 @@ pub fn spawn_replica(
         .spawn()
         .unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
-    (child, addr, id)
+    (Proc(child), addr, id)
 }
 
 pub fn kill(child: &Child, sig: &str) {
