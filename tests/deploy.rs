@@ -25,3 +25,34 @@ fn example_config_is_current_and_valid() {
     })
     .unwrap();
 }
+
+/// The README's configuration table names every key the code knows, and no other.
+#[test]
+fn readme_configuration_table_matches_the_keys() {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let section = readme
+        .split("### Configuration")
+        .nth(1)
+        .unwrap()
+        .split("\n### ")
+        .next()
+        .unwrap();
+    for key in presenced::config::KEYS {
+        assert!(
+            section.contains(&format!("`{}`", key.path())),
+            "README's configuration table lacks {}",
+            key.path()
+        );
+    }
+    for cell in section.lines().filter(|l| l.starts_with("| `")) {
+        for name in cell.split('|').nth(1).unwrap().split(',') {
+            let name = name.trim().trim_matches('`');
+            assert!(
+                presenced::config::KEYS.iter().any(|k| k.path() == name),
+                "README documents {name}, which is no configuration key"
+            );
+        }
+    }
+}

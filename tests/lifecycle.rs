@@ -448,3 +448,30 @@ async fn duplicate_expiry_events_in_one_batch_commit_once() {
         .unwrap();
     assert!(again.is_empty());
 }
+
+/// The same path over MQTT 3.1.1 (persistent session via clean session off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_v311_online_offline() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("mqtt.protocol", "v3.1.1")])).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    devices.heartbeat("old-protocol", b"").await;
+    statuses
+        .wait_for("online then offline", |s| s.len() == 2)
+        .await;
+    assert_eq!(
+        history(&statuses.device("old-protocol")),
+        vec![(1, "online".into()), (2, "offline".into())]
+    );
+    // Oversized payloads are skipped without breaking a 3.1.1 session either.
+    devices.heartbeat("big", &vec![b'x'; (1 << 20) + 1]).await;
+    devices.heartbeat("after-big", b"").await;
+    statuses
+        .wait_for("next device online", |s| {
+            s.iter().any(|m| m.json["device"] == "after-big")
+        })
+        .await;
+    app.stop().await.unwrap();
+}
