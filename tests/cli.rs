@@ -125,6 +125,42 @@ fn bad_configuration_exits_2_naming_the_key() {
     assert_eq!(o.status.code(), Some(2));
 }
 
+/// `--log-format json` writes one JSON object per line to stderr; stdout stays empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_go_to_stderr() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let http = free_port();
+    let mut child = Proc(
+        presenced()
+            .args(["--log-format", "json"])
+            .args(server_flags(&redis, &mqtt.url(), http))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(format!("127.0.0.1:{http}").parse().unwrap()).await;
+    signal(&child, "-TERM");
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(12)).code(),
+        Some(0)
+    );
+    let mut err = String::new();
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.is_empty()).collect();
+    assert!(lines.len() >= 3, "{err}");
+    for l in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+    }
+    assert!(err.contains("Starting presenced."), "{err}");
+    assert!(out.is_empty(), "{out}");
+}
+
 #[test]
 fn help_and_version_exit_0() {
     let o = run({

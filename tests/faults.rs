@@ -214,6 +214,15 @@ async fn broker_restart_with_persistence() {
     }
     statuses.wait_for("all online", |s| s.len() >= 60).await;
     tokio::time::sleep(Duration::from_millis(1500)).await; // let autosave persist
+    mqtt.stop();
+    let addr = app.http();
+    eventually("unready while the broker is down", || async move {
+        let (code, body) = get(addr, "/readyz").await?;
+        let m = scrape(addr).await;
+        (code == 503 && body.contains("mqtt") && metric(&m, "presenced_mqtt_up")? == 0.0)
+            .then_some(())
+    })
+    .await;
     mqtt.restart();
     app.wait_ready().await;
     eventually("quiet devices offline", || async {

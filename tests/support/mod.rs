@@ -577,11 +577,16 @@ pub fn history(msgs: &[Value]) -> Vec<(u64, String)> {
 // === Fault-test helpers ===
 
 impl Mosquitto {
+    /// Kills the broker (like a crash); [`Mosquitto::restart`] brings it back.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Kills the broker and starts it again on the same port with the same config (and
     /// persistence file, if the config keeps one).
     pub fn restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         let path = self.dir.path().join("mosquitto.conf");
         let log = self.dir.path().join("mosquitto.log");
         let logf = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
