@@ -9,6 +9,65 @@ use std::time::Duration;
 
 use support::*;
 
+/// The outage scenario: `steady` devices heartbeat every `every` throughout, `quiet` ones
+/// send one heartbeat (with `quiet_payload`) and fall silent.
+struct SteadyAndQuiet {
+    statuses: Collector,
+    steady: Vec<String>,
+    quiet: Vec<String>,
+    beat: tokio_util::sync::CancellationToken,
+    _devices: Arc<Devices>,
+}
+
+impl SteadyAndQuiet {
+    async fn start(
+        mqtt: &Mosquitto,
+        n: (usize, usize),
+        every: Duration,
+        quiet_payload: &[u8],
+    ) -> Self {
+        let statuses = Collector::start(mqtt, "devices/+/status").await;
+        let devices = Arc::new(Devices::connect(mqtt).await);
+        let steady = ids("steady", n.0);
+        let quiet = ids("quiet", n.1);
+        let beat = keep_beating(devices.clone(), steady.clone(), every);
+        for id in &quiet {
+            devices.heartbeat(id, quiet_payload).await;
+        }
+        statuses
+            .wait_for("all online", |s| s.len() >= n.0 + n.1)
+            .await;
+        SteadyAndQuiet {
+            statuses,
+            steady,
+            quiet,
+            beat,
+            _devices: devices,
+        }
+    }
+
+    /// After the outage: every quiet device offline once, then (after `settle`, still
+    /// beating) not one steady device ever published offline.
+    async fn check(&self, settle: Duration) {
+        eventually("quiet devices offline", || async {
+            self.quiet
+                .iter()
+                .all(|id| history(&self.statuses.device(id)).len() == 2)
+                .then_some(())
+        })
+        .await;
+        tokio::time::sleep(settle).await;
+        self.beat.cancel();
+        for id in &self.steady {
+            assert_eq!(
+                history(&self.statuses.device(id)),
+                vec![(1, "online".into())],
+                "{id}"
+            );
+        }
+    }
+}
+
 fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:04}")).collect()
 }
@@ -160,39 +219,16 @@ async fn redis_crash_and_restart_with_aof() {
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let mqtt = Mosquitto::start();
     let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "2s")])).await;
-    let statuses = Collector::start(&mqtt, "devices/+/status").await;
-    let devices = Arc::new(Devices::connect(&mqtt).await);
-    let steady = ids("steady", 50);
-    let quiet = ids("quiet", 10);
-    let beat = keep_beating(devices.clone(), steady.clone(), Duration::from_millis(300));
-    for id in &quiet {
-        devices.heartbeat(id, b"").await;
-    }
-    statuses.wait_for("all online", |s| s.len() >= 60).await;
+    let fleet = SteadyAndQuiet::start(&mqtt, (50, 10), Duration::from_millis(300), b"").await;
 
     redis.stop();
     tokio::time::sleep(Duration::from_secs(3)).await; // past the quiet devices' deadline
     redis.restart();
     app.wait_ready().await;
-    eventually("quiet devices offline", || async {
-        quiet
-            .iter()
-            .all(|id| history(&statuses.device(id)).len() == 2)
-            .then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    beat.cancel();
-    for id in &steady {
-        assert_eq!(
-            history(&statuses.device(id)),
-            vec![(1, "online".into())],
-            "{id}"
-        );
-    }
+    fleet.check(Duration::from_secs(3)).await;
     let flags = redis.notify_flags().await;
     assert!(flags.contains('E') && flags.contains('x'), "{flags}");
-    let finals = check_invariants(&mqtt, app.http(), &statuses).await;
+    let finals = check_invariants(&mqtt, app.http(), &fleet.statuses).await;
     assert_eq!(finals.values().filter(|s| *s == "offline").count(), 10);
     app.stop().await.unwrap();
 }
@@ -204,15 +240,7 @@ async fn broker_restart_with_persistence() {
     let redis = RedisServer::start();
     let mut mqtt = Mosquitto::start_persistent();
     let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "3s")])).await;
-    let statuses = Collector::start(&mqtt, "devices/+/status").await;
-    let devices = Arc::new(Devices::connect(&mqtt).await);
-    let steady = ids("steady", 50);
-    let quiet = ids("quiet", 10);
-    let beat = keep_beating(devices.clone(), steady.clone(), Duration::from_millis(300));
-    for id in &quiet {
-        devices.heartbeat(id, b"").await;
-    }
-    statuses.wait_for("all online", |s| s.len() >= 60).await;
+    let fleet = SteadyAndQuiet::start(&mqtt, (50, 10), Duration::from_millis(300), b"").await;
     tokio::time::sleep(Duration::from_millis(1500)).await; // let autosave persist
     mqtt.stop();
     let addr = app.http();
@@ -225,25 +253,10 @@ async fn broker_restart_with_persistence() {
     .await;
     mqtt.restart();
     app.wait_ready().await;
-    eventually("quiet devices offline", || async {
-        quiet
-            .iter()
-            .all(|id| history(&statuses.device(id)).len() == 2)
-            .then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    beat.cancel();
-    for id in &steady {
-        assert_eq!(
-            history(&statuses.device(id)),
-            vec![(1, "online".into())],
-            "{id}"
-        );
-    }
+    fleet.check(Duration::from_secs(2)).await;
     let m = scrape(app.http()).await;
     assert_eq!(metric(&m, "presenced_mqtt_up"), Some(1.0));
-    check_invariants(&mqtt, app.http(), &statuses).await;
+    check_invariants(&mqtt, app.http(), &fleet.statuses).await;
     app.stop().await.unwrap();
 }
 
@@ -295,35 +308,18 @@ async fn frozen_monitor_publishes_no_false_offline() {
     let mqtt = Mosquitto::start();
     let (mut child, addr, _) = spawn_replica(&redis, &mqtt, &[]);
     wait_ready(addr).await;
-    let statuses = Collector::start(&mqtt, "devices/+/status").await;
-    let devices = Arc::new(Devices::connect(&mqtt).await);
-    let steady = ids("steady", 30);
-    let quiet = ids("quiet", 5);
-    let beat = keep_beating(devices.clone(), steady.clone(), Duration::from_millis(250));
-    for id in &quiet {
-        devices.heartbeat(id, br#"{"ttl_s": 2}"#).await;
-    }
-    statuses.wait_for("all online", |s| s.len() >= 35).await;
+    let fleet = SteadyAndQuiet::start(
+        &mqtt,
+        (30, 5),
+        Duration::from_millis(250),
+        br#"{"ttl_s": 2}"#,
+    )
+    .await;
     kill(&child, "-STOP");
     tokio::time::sleep(Duration::from_secs(3)).await; // three TTLs of the steady devices
     kill(&child, "-CONT");
-    eventually("quiet devices offline", || async {
-        quiet
-            .iter()
-            .all(|id| history(&statuses.device(id)).len() == 2)
-            .then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    beat.cancel();
-    for id in &steady {
-        assert_eq!(
-            history(&statuses.device(id)),
-            vec![(1, "online".into())],
-            "{id}"
-        );
-    }
-    check_invariants(&mqtt, addr, &statuses).await;
+    fleet.check(Duration::from_secs(2)).await;
+    check_invariants(&mqtt, addr, &fleet.statuses).await;
     kill(&child, "-TERM");
     let _ = child.wait();
 }
