@@ -31,6 +31,21 @@ fn tool(name: &str) -> String {
     name.to_owned()
 }
 
+/// Runs `promtool <args> <file>` and requires success.
+fn promtool(args: &[&str], file: &Path) {
+    let out = Command::new(tool("promtool"))
+        .args(args)
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool {args:?} {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// Every PromQL expression of the dashboard, with Grafana's variables filled in.
 fn dashboard_exprs() -> Vec<(String, String)> {
     let d: Value =
@@ -135,19 +150,7 @@ async fn dashboard_and_alerts_evaluate_against_real_prometheus() {
         app.http()
     );
     std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
-    let check = Command::new(tool("promtool"))
-        .args([
-            "check",
-            "config",
-            dir.path().join("prometheus.yml").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    promtool(&["check", "config"], &dir.path().join("prometheus.yml"));
     let mut child = Command::new(prometheus)
         .arg(format!(
             "--config.file={}",
@@ -213,19 +216,7 @@ async fn dashboard_and_alerts_evaluate_against_real_prometheus() {
 
 #[test]
 fn promtool_accepts_the_rules_and_config() {
-    let out = Command::new(tool("promtool"))
-        .args([
-            "check",
-            "rules",
-            repo("deploy/prometheus/alerts.yml").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    promtool(&["check", "rules"], &repo("deploy/prometheus/alerts.yml"));
     // The compose config names the rules by their path inside the container.
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(repo("deploy/prometheus/prometheus.yml"))
@@ -235,19 +226,7 @@ fn promtool_accepts_the_rules_and_config() {
             repo("deploy/prometheus/alerts.yml").to_str().unwrap(),
         );
     std::fs::write(dir.path().join("p.yml"), text).unwrap();
-    let out = Command::new(tool("promtool"))
-        .args([
-            "check",
-            "config",
-            dir.path().join("p.yml").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    promtool(&["check", "config"], &dir.path().join("p.yml"));
 }
 
 /// Every YAML file in deploy/ parses (all documents), and the compose file only refers to
