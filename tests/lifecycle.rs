@@ -475,3 +475,58 @@ async fn mqtt_v311_online_offline() {
         .await;
     app.stop().await.unwrap();
 }
+
+/// Invariant 5 at the store: acknowledging an older seq while the device is at a newer one
+/// stages and returns the current status (it may have been overwritten at the broker);
+/// acknowledging the current seq returns nothing and empties the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_of_an_overtaken_status_republishes_the_current_one() {
+    use presenced::device::{now_ms, DeviceId, State};
+    use presenced::store::{Ack, Beat, Store};
+    let redis = RedisServer::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let store = Store::connect(&client, "presence").await.unwrap();
+    let id = DeviceId::parse("overtaken").unwrap();
+    let arrival = now_ms() - 5_000;
+    let online = store
+        .apply_heartbeats(
+            &[Beat {
+                device: id.clone(),
+                arrival,
+                ttl_ms: 1_000,
+            }],
+            arrival,
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    let now = now_ms();
+    let offline = store
+        .expire_devices(std::slice::from_ref(&id), now, now)
+        .await
+        .unwrap()
+        .remove(0);
+    let ack = |c: &presenced::store::Committed| Ack {
+        bucket: c.bucket,
+        member: c.member.clone(),
+        device: c.event.device.clone(),
+        seq: c.event.seq,
+    };
+    // seq 1 acknowledged after seq 2 was committed: seq 2 must go out (again).
+    let again = store
+        .ack(&[ack(&online), ack(&online)], now_ms())
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].event.seq, 2);
+    assert_eq!(again[0].event.state, State::Offline);
+    assert_eq!(again[0].member, offline.member);
+    // The current one acknowledged: nothing more, and the outbox is empty.
+    assert!(store
+        .ack(&[ack(&offline)], now_ms())
+        .await
+        .unwrap()
+        .is_empty());
+    let left = store.claim_outbox(now_ms(), u64::MAX, 100).await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
+}
