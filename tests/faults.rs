@@ -68,6 +68,23 @@ impl SteadyAndQuiet {
     }
 }
 
+const SHARED: [&str; 2] = ["--mqtt-shared-group", "presenced"];
+
+/// `n` replica processes sharing heartbeats, each ready.
+async fn shared_replicas(
+    redis: &RedisServer,
+    mqtt: &Mosquitto,
+    n: usize,
+) -> Vec<(Proc, std::net::SocketAddr, String)> {
+    let replicas: Vec<_> = (0..n)
+        .map(|_| spawn_replica(redis, mqtt, &SHARED))
+        .collect();
+    for (_, addr, _) in &replicas {
+        wait_ready(*addr).await;
+    }
+    replicas
+}
+
 fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:04}")).collect()
 }
@@ -128,13 +145,7 @@ async fn three_replicas_commit_each_transition_once() {
 async fn replica_killed_during_mass_expiry_loses_nothing() {
     let redis = RedisServer::start();
     let mqtt = Mosquitto::start();
-    let shared = ["--mqtt-shared-group", "presenced"];
-    let mut replicas: Vec<_> = (0..3)
-        .map(|_| spawn_replica(&redis, &mqtt, &shared))
-        .collect();
-    for (_, addr, _) in &replicas {
-        wait_ready(*addr).await;
-    }
+    let mut replicas = shared_replicas(&redis, &mqtt, 3).await;
     let statuses = Collector::start(&mqtt, "devices/+/status").await;
     let devices = Devices::connect(&mqtt).await;
     let all = ids("k", 1000);
@@ -173,13 +184,7 @@ async fn replica_killed_during_mass_expiry_loses_nothing() {
 async fn all_replicas_killed_then_restarted() {
     let redis = RedisServer::start();
     let mqtt = Mosquitto::start();
-    let shared = ["--mqtt-shared-group", "presenced"];
-    let replicas: Vec<_> = (0..2)
-        .map(|_| spawn_replica(&redis, &mqtt, &shared))
-        .collect();
-    for (_, addr, _) in &replicas {
-        wait_ready(*addr).await;
-    }
+    let replicas = shared_replicas(&redis, &mqtt, 2).await;
     let statuses = Collector::start(&mqtt, "devices/+/status").await;
     let devices = Devices::connect(&mqtt).await;
     let all = ids("a", 200);
@@ -194,7 +199,7 @@ async fn all_replicas_killed_then_restarted() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(statuses.all().iter().all(|m| m.json["state"] == "online"));
 
-    let (mut child, addr, _) = spawn_replica(&redis, &mqtt, &shared);
+    let (mut child, addr, _) = spawn_replica(&redis, &mqtt, &SHARED);
     eventually("every device offline", || async {
         all.iter()
             .all(|id| history(&statuses.device(id)).len() == 2)

@@ -415,26 +415,8 @@ async fn heartbeats_during_a_restart_keep_devices_online() {
 /// The same device named twice in one batch of expired events yields one transition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_expiry_events_in_one_batch_commit_once() {
-    use presenced::device::{now_ms, DeviceId};
-    use presenced::store::{Beat, Store};
-    let redis = RedisServer::start();
-    let client = redis::Client::open(redis.url()).unwrap();
-    let store = Store::connect(&client, "presence").await.unwrap();
-    let id = DeviceId::parse("twice").unwrap();
-    let arrival = now_ms() - 5_000;
-    // Applied with `now` at its arrival, so it comes online with a deadline now passed.
-    let on = store
-        .apply_heartbeats(
-            &[Beat {
-                device: id.clone(),
-                arrival,
-                ttl_ms: 1_000,
-            }],
-            arrival,
-        )
-        .await
-        .unwrap();
-    assert_eq!(on.len(), 1);
+    use presenced::device::now_ms;
+    let (_redis, store, id, _) = online_but_overdue("twice").await;
     let now = now_ms();
     let off = store
         .expire_devices(&[id.clone(), id.clone(), id.clone()], now, now)
@@ -481,25 +463,9 @@ async fn mqtt_v311_online_offline() {
 /// acknowledging the current seq returns nothing and empties the outbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_of_an_overtaken_status_republishes_the_current_one() {
-    use presenced::device::{now_ms, DeviceId, State};
-    use presenced::store::{Ack, Beat, Store};
-    let redis = RedisServer::start();
-    let client = redis::Client::open(redis.url()).unwrap();
-    let store = Store::connect(&client, "presence").await.unwrap();
-    let id = DeviceId::parse("overtaken").unwrap();
-    let arrival = now_ms() - 5_000;
-    let online = store
-        .apply_heartbeats(
-            &[Beat {
-                device: id.clone(),
-                arrival,
-                ttl_ms: 1_000,
-            }],
-            arrival,
-        )
-        .await
-        .unwrap()
-        .remove(0);
+    use presenced::device::{now_ms, State};
+    use presenced::store::Ack;
+    let (_redis, store, id, online) = online_but_overdue("overtaken").await;
     let now = now_ms();
     let offline = store
         .expire_devices(std::slice::from_ref(&id), now, now)
@@ -529,4 +495,34 @@ async fn ack_of_an_overtaken_status_republishes_the_current_one() {
         .is_empty());
     let left = store.claim_outbox(now_ms(), u64::MAX, 100).await.unwrap();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A Redis with one device committed online (seq 1) whose deadline has already passed:
+/// the store as the expiry scripts find it. Returns the server (keep it alive), the store,
+/// the device and its online transition.
+async fn online_but_overdue(
+    name: &str,
+) -> (
+    RedisServer,
+    presenced::store::Store,
+    presenced::device::DeviceId,
+    presenced::store::Committed,
+) {
+    use presenced::device::{now_ms, DeviceId};
+    use presenced::store::{Beat, Store};
+    let redis = RedisServer::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let store = Store::connect(&client, "presence").await.unwrap();
+    let id = DeviceId::parse(name).unwrap();
+    let arrival = now_ms() - 5_000;
+    // Applied with `now` at its arrival, so it comes online with a deadline now passed.
+    let beat = Beat {
+        device: id.clone(),
+        arrival,
+        ttl_ms: 1_000,
+    };
+    let mut on = store.apply_heartbeats(&[beat], arrival).await.unwrap();
+    assert_eq!(on.len(), 1);
+    let online = on.remove(0);
+    (redis, store, id, online)
 }
