@@ -618,7 +618,11 @@ async fn seed(redis: &RedisServer, n: usize, ttl_ms: u64) {
                 ttl_ms,
             })
             .collect();
-        store.apply_heartbeats(&beats, now).await.unwrap();
+        store
+            .apply_heartbeats(&beats, now)
+            .await
+            .into_result()
+            .unwrap();
     }
     // Seeding committed online transitions nobody published: drop them from the outbox, it
     // is empty in a steady state.

@@ -143,7 +143,7 @@ pub const KEYS: &[Key] = &[
         "cluster_nodes",
         Str,
         None,
-        "Comma-separated Redis Cluster seed URLs (not supported yet)."
+        "Comma-separated Redis Cluster seed URLs (any nodes; auth in the URL; db 0 only); if set, Cluster mode and redis.url is ignored."
     ),
     key!(
         "redis",
@@ -265,6 +265,8 @@ impl MqttConfig {
 pub struct RedisConfig {
     /// Kept as given; it may hold a password, so it is redacted in logs.
     pub url: Secret,
+    /// Redis Cluster seed URLs; `Some` switches to Cluster mode (`url` is then ignored).
+    pub cluster_nodes: Option<Vec<Secret>>,
     pub key_prefix: String,
     pub configure_notifications: bool,
 }
@@ -442,12 +444,12 @@ impl Config {
         };
 
         // --- redis ---
-        if string("redis.cluster_nodes")?.is_some() {
-            return Err(key_err(
-                "redis.cluster_nodes",
-                "Redis Cluster mode is not supported by this version yet; use redis.url",
-            ));
-        }
+        let cluster_nodes = match string("redis.cluster_nodes")? {
+            None => None,
+            Some(list) => {
+                Some(parse_cluster_nodes(&list).map_err(|m| key_err("redis.cluster_nodes", m))?)
+            }
+        };
         let redis_url = required("redis.url")?;
         if let Err(e) = redis::Client::open(redis_url.as_str()) {
             return Err(key_err("redis.url", format!("invalid URL: {e}")));
@@ -522,6 +524,7 @@ impl Config {
             },
             redis: RedisConfig {
                 url: Secret(redis_url),
+                cluster_nodes,
                 key_prefix,
                 configure_notifications,
             },
@@ -732,6 +735,52 @@ pub fn example_toml() -> String {
         }
     }
     out
+}
+
+/// The seed list of `redis.cluster_nodes`: comma-separated `redis://` or `rediss://` URLs of
+/// any cluster nodes, database 0 (Redis Cluster has no other).
+fn parse_cluster_nodes(list: &str) -> Result<Vec<Secret>, String> {
+    let urls: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err("needs at least one node URL (e.g. redis://10.0.0.1:6379)".into());
+    }
+    for url in &urls {
+        // The URL may hold a password: name it by position, never echo it.
+        let client = redis::Client::open(*url).map_err(|e| {
+            format!(
+                "node {} is not a valid Redis URL: {e}",
+                position(&urls, url)
+            )
+        })?;
+        let info = client.get_connection_info();
+        if !matches!(
+            info.addr(),
+            redis::ConnectionAddr::Tcp(..) | redis::ConnectionAddr::TcpTls { .. }
+        ) {
+            return Err(format!(
+                "node {} must be a redis:// or rediss:// URL",
+                position(&urls, url)
+            ));
+        }
+        if info.redis_settings().db() != 0 {
+            return Err(format!(
+                "node {} selects database {}; Redis Cluster has database 0 only",
+                position(&urls, url),
+                info.redis_settings().db()
+            ));
+        }
+    }
+    redis::cluster::ClusterClient::new(urls.clone())
+        .map_err(|e| format!("the seed list is not usable: {e}"))?;
+    Ok(urls.into_iter().map(|u| Secret(u.to_owned())).collect())
+}
+
+fn position(urls: &[&str], url: &str) -> usize {
+    urls.iter().position(|u| *u == url).map_or(0, |i| i + 1)
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@
 //! * [`config`]: the contract's configuration keys, from file, environment and flags.
 //! * [`device`]: pure domain types (ids, topics, payloads, records); no I/O.
 //! * [`store`]: every Redis command and Lua script; the key layout.
-//! * [`expiry`]: the keyspace-notification listener (the fast path).
+//! * [`expiry`]: the keyspace-notification listeners (the fast path), one per Redis node.
+//! * [`cluster`]: Redis Cluster topology (`CLUSTER NODES`) and key slots, for the listeners.
 //! * [`presence`]: where transitions are decided: heartbeats, deadlines, reconciliation,
 //!   the outbox.
 //! * [`mqtt`]: all MQTT I/O: heartbeat ingest and acknowledged status publishing.
@@ -18,6 +19,7 @@
 //!
 //! [`run`] wires them together and owns the shutdown order.
 
+pub mod cluster;
 pub mod config;
 pub mod device;
 pub mod expiry;
@@ -42,7 +44,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use crate::config::Config;
-use crate::expiry::{Listener, NotificationsOff};
+use crate::expiry::{Listener, Nodes, NotificationsOff};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::mqtt::MqttTask;
@@ -53,6 +55,15 @@ use crate::store::{Store, StoreError};
 /// their stop timeouts (systemd `TimeoutStopSec`, Kubernetes
 /// `terminationGracePeriodSeconds`) above it.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long deadlines that fell due during a Redis outage wait after Redis answers again, so
+/// that other replicas can apply the heartbeats they held meanwhile (`presence::Hold`):
+/// above their reconnect delay (the connection manager retries within 2 s, the applier
+/// within 2 s).
+const OUTAGE_GRACE: Duration = Duration::from_secs(4);
+/// The same on a cluster, where a replica may also wait for a command to time out (3 s) and
+/// for its cluster client to be rebuilt (`store::CLUSTER_STUCK`, 3 s).
+const CLUSTER_OUTAGE_GRACE: Duration = Duration::from_secs(8);
 
 /// Capacity of the channel of statuses to publish (backpressure on the deciders). Large
 /// enough that a mass expiry is decided at Redis speed, not at broker speed; an entry is a
@@ -110,9 +121,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let tracker = TaskTracker::new();
     tokio::pin!(shutdown);
 
-    let client = redis::Client::open(cfg.redis.url.0.as_str()).map_err(StoreError::from)?;
     // Lazy: nothing waits for Redis here. The listener below retries until it can subscribe.
-    let store = Store::lazy(&client, &cfg.redis.key_prefix)?;
+    let (store, nodes) = open_redis(&cfg.redis)?;
 
     // HTTP first, so /healthz answers and /readyz explains while the rest starts (a
     // liveness probe must not kill a monitor that is waiting for Redis).
@@ -130,8 +140,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let (first_tx, first_rx) = oneshot::channel();
     tracker.spawn(
         Listener {
-            client: client.clone(),
-            store: store.clone(),
+            nodes,
+            keys: store.keys().clone(),
             configure: cfg.redis.configure_notifications,
             health: health.clone(),
             expired_tx,
@@ -214,6 +224,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             reconcile,
             ingest: ingest_rx,
             resync,
+            outage_grace: if store.is_cluster() {
+                CLUSTER_OUTAGE_GRACE
+            } else {
+                OUTAGE_GRACE
+            },
+            hold: Default::default(),
         }
         .run(token.child_token())
         .instrument(tracing::info_span!("expirer")),
@@ -245,6 +261,35 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     Ok(())
 }
 
+/// The command store and the nodes to listen to, for one Redis or a cluster.
+fn open_redis(cfg: &config::RedisConfig) -> Result<(Store, Nodes), StoreError> {
+    match &cfg.cluster_nodes {
+        None => {
+            let client = redis::Client::open(cfg.url.0.as_str())?;
+            let store = Store::lazy(&client, &cfg.key_prefix)?;
+            Ok((
+                store,
+                Nodes::Single(Box::new(client.get_connection_info().clone())),
+            ))
+        }
+        Some(seeds) => {
+            let urls: Vec<String> = seeds.iter().map(|s| s.0.clone()).collect();
+            let store = Store::lazy_cluster(&urls, &cfg.key_prefix)?;
+            Ok((store, Nodes::Cluster(seed_infos(&urls)?)))
+        }
+    }
+}
+
+fn seed_infos(urls: &[String]) -> Result<Vec<redis::ConnectionInfo>, StoreError> {
+    urls.iter()
+        .map(|u| {
+            Ok(redis::Client::open(u.as_str())?
+                .get_connection_info()
+                .clone())
+        })
+        .collect()
+}
+
 /// Pings Redis every second so `presenced_redis_up` and `/readyz` follow the command
 /// connection even when no heartbeat or expiry exercises it.
 async fn watch_redis(store: Store, health: Arc<Health>, token: CancellationToken) {
@@ -266,27 +311,75 @@ async fn watch_redis(store: Store, health: Arc<Health>, token: CancellationToken
 /// What `presenced check-config` found, one line per check.
 pub async fn check(cfg: &Config) -> Result<Vec<String>, Error> {
     let mut report = vec![format!("config: ok (instance {})", cfg.mqtt.client_id)];
-    let client = redis::Client::open(cfg.redis.url.0.as_str()).map_err(StoreError::from)?;
-    let store = tokio::time::timeout(
-        Duration::from_secs(5),
-        Store::connect(&client, &cfg.redis.key_prefix),
-    )
-    .await
-    .map_err(|_| Error::Redis(StoreError::Protocol("connect timed out".into())))??;
-    store.ping().await?;
-    report.push("redis: reachable".into());
+    let timed_out = || Error::Redis(StoreError::Protocol("connect timed out".into()));
     // Read-only: check-config never changes the server's configuration.
-    report.push(match store.ensure_notifications(false).await {
-        store::NotifyConfig::AlreadyOn => "redis: notify-keyspace-events has E and x".into(),
+    let describe = |node: &str, found: store::NotifyConfig| match found {
+        store::NotifyConfig::AlreadyOn => {
+            format!("redis: {node}notify-keyspace-events has E and x")
+        }
         other => format!(
-            "redis: notify-keyspace-events not confirmed ({other:?}); `run` will {}",
+            "redis: {node}notify-keyspace-events not confirmed ({other:?}); `run` will {}",
             if cfg.redis.configure_notifications {
                 "try to enable it"
             } else {
                 "probe for it"
             }
         ),
-    });
+    };
+    match &cfg.redis.cluster_nodes {
+        None => {
+            let client = redis::Client::open(cfg.redis.url.0.as_str()).map_err(StoreError::from)?;
+            let store = tokio::time::timeout(
+                Duration::from_secs(5),
+                Store::connect(&client, &cfg.redis.key_prefix),
+            )
+            .await
+            .map_err(|_| timed_out())??;
+            store.ping().await?;
+            report.push("redis: reachable".into());
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(StoreError::from)?;
+            report.push(describe(
+                "",
+                store::ensure_notifications(&mut conn, false).await,
+            ));
+        }
+        Some(seeds) => {
+            let urls: Vec<String> = seeds.iter().map(|s| s.0.clone()).collect();
+            let store = tokio::time::timeout(
+                Duration::from_secs(5),
+                Store::connect_cluster(&urls, &cfg.redis.key_prefix),
+            )
+            .await
+            .map_err(|_| timed_out())??;
+            store.ping().await?;
+            let infos = seed_infos(&urls)?;
+            let topology = cluster::discover(&infos)
+                .await
+                .map_err(|e| Error::Redis(StoreError::Protocol(e)))?;
+            let masters: Vec<_> = topology.iter().filter(|n| n.serves_slots()).collect();
+            report.push(format!(
+                "redis: cluster reachable ({} masters, {} nodes)",
+                masters.len(),
+                topology.len()
+            ));
+            for node in masters {
+                let info = cluster::node_info(&infos[0], &node.host, node.port);
+                let client = redis::Client::open(info).map_err(StoreError::from)?;
+                let mut conn = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client.get_multiplexed_async_connection(),
+                )
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(StoreError::from)?;
+                let found = store::ensure_notifications(&mut conn, false).await;
+                report.push(describe(&format!("master {}: ", node.addr()), found));
+            }
+        }
+    }
 
     let (_client, mut eventloop) = mqtt::client(mqtt::ConnectOptions {
         cfg: &cfg.mqtt,

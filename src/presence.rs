@@ -216,24 +216,27 @@ impl Applier {
                 }
             }
             let mut failed = None;
-            for chunk in batch.chunks(APPLY_BATCH) {
-                match self.store.apply_heartbeats(chunk, now_ms()).await {
-                    Ok(committed) => {
-                        self.health.set_redis_commands(true);
-                        for beat in chunk {
-                            self.due.lower(
-                                crate::store::bucket_of(beat.device.as_str()),
-                                beat.arrival + beat.ttl_ms,
-                            );
-                        }
-                        count(&self.metrics, &committed);
-                        publish(&self.out, committed, true).await;
-                    }
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
+            let mut retry: Vec<Beat> = Vec::new();
+            for (i, chunk) in batch.chunks(APPLY_BATCH).enumerate() {
+                let applied = self.store.apply_heartbeats(chunk, now_ms()).await;
+                // Whatever was committed is published, even if other buckets failed (in a
+                // cluster, one master may be failing over while the others work).
+                count(&self.metrics, &applied.done);
+                publish(&self.out, applied.done, true).await;
+                for beat in chunk {
+                    let b = crate::store::bucket_of(beat.device.as_str());
+                    if applied.failed.contains(&b) {
+                        retry.push(beat.clone());
+                    } else {
+                        self.due.lower(b, beat.arrival + beat.ttl_ms);
                     }
                 }
+                if let Some(e) = applied.error {
+                    failed = Some(e);
+                    retry.extend(batch.chunks(APPLY_BATCH).skip(i + 1).flatten().cloned());
+                    break;
+                }
+                self.health.set_redis_commands(true);
             }
             match failed {
                 None => {
@@ -242,8 +245,10 @@ impl Applier {
                     self.held.applied();
                 }
                 Some(e) => {
-                    // Keep the batch (re-applying is harmless: deadlines only grow) and
-                    // keep holding new heartbeats; expiries wait for them (watermark).
+                    // Keep what was not applied (re-applying is harmless: deadlines only
+                    // grow) and keep holding new heartbeats; expiries wait for them (the
+                    // watermark stays at the oldest heartbeat of the batch until all is in).
+                    batch = retry;
                     self.health.set_redis_commands(false);
                     if let Some(n) = limiter.check() {
                         warn!(error = %e, held = batch.len(), suppressed = n, "Cannot apply heartbeats to Redis; holding them.");
@@ -352,6 +357,59 @@ pub struct Expirer {
     pub ingest: watch::Receiver<Option<Millis>>,
     /// Asks the MQTT task for a fresh sync marker after a stall.
     pub resync: Arc<Notify>,
+    /// How long deadlines that fell due during a Redis outage wait after it (see [`Hold`]).
+    pub outage_grace: Duration,
+    pub hold: Hold,
+}
+
+/// After a Redis outage, deadlines from `from` on are not decided until `outage_grace` after
+/// Redis answered again.
+///
+/// Why: other replicas may hold heartbeats they received during the outage and could not
+/// apply yet (their connection recovers a little later than ours), and our watermark does
+/// not cover their heartbeats. A device whose deadline fell in the outage may be alive on
+/// their side. Deadlines before `from` (the start of our last complete sweep before the
+/// outage) were decided already and are not held.
+#[derive(Debug, Default)]
+pub struct Hold {
+    /// Start of the last sweep of every bucket that succeeded.
+    last_full_ok: Millis,
+    /// Deadlines at or after this wait.
+    from: Option<Millis>,
+    /// When the wait ends; `None` while Redis is still failing.
+    until: Option<Instant>,
+}
+
+impl Hold {
+    fn failed(&mut self) {
+        let from = self.from.unwrap_or(self.last_full_ok);
+        self.from = Some(from.min(self.last_full_ok));
+        self.until = None;
+    }
+
+    fn swept_all(&mut self, started: Millis, grace: Duration) {
+        match (self.from, self.until) {
+            (None, _) => self.last_full_ok = started,
+            (Some(_), None) => {
+                self.until = Some(Instant::now() + grace);
+                info!(grace = ?grace, "Redis answers again; deadlines that fell due during the outage wait for the other replicas' heartbeats.");
+            }
+            (Some(_), Some(until)) if Instant::now() >= until => {
+                self.from = None;
+                self.until = None;
+                self.last_full_ok = started;
+            }
+            (Some(_), Some(_)) => {}
+        }
+    }
+
+    /// The latest deadline that may be decided, given `cutoff`.
+    fn limit(&self, cutoff: Millis) -> Millis {
+        match self.from {
+            Some(from) => cutoff.min(from.saturating_sub(1)),
+            None => cutoff,
+        }
+    }
 }
 
 /// A timer that fires this much later than planned means the process was stalled (e.g.
@@ -397,7 +455,7 @@ impl Expirer {
                 r
             } else {
                 let now = now_ms();
-                let cutoff = self.held.cutoff(now);
+                let cutoff = self.cutoff(now);
                 let earliest = self.due.earliest();
                 let wake = if earliest <= cutoff {
                     last_sweep + MIN_SWEEP_GAP
@@ -453,6 +511,7 @@ impl Expirer {
                 }
                 Err(e) => {
                     self.health.set_redis_commands(false);
+                    self.hold.failed();
                     if let Some(n) = limiter.check() {
                         warn!(error = %e, suppressed = n, "Cannot decide expiries in Redis; retrying.");
                     }
@@ -468,6 +527,12 @@ impl Expirer {
         debug!("Expirer stopped.");
     }
 
+    /// The latest deadline an expiry may be decided for now: before any heartbeat this
+    /// replica has not applied yet, and before an outage's deadlines while they wait.
+    fn cutoff(&self, now: Millis) -> Millis {
+        self.hold.limit(self.held.cutoff(now))
+    }
+
     async fn on_expired(&mut self, first: DeviceId) -> Result<(), crate::store::StoreError> {
         let mut ids = vec![first];
         while ids.len() < SWEEP_LIMIT {
@@ -477,18 +542,15 @@ impl Expirer {
             }
         }
         let now = now_ms();
-        let committed = self
-            .store
-            .expire_devices(&ids, now, self.held.cutoff(now))
-            .await?;
-        self.decided(Source::Notification, committed).await;
-        Ok(())
+        let expired = self.store.expire_devices(&ids, now, self.cutoff(now)).await;
+        self.decided(Source::Notification, expired.done).await;
+        expired.error.map_or(Ok(()), Err)
     }
 
     /// Sweeps the buckets whose known deadline has come.
     async fn sweep_due(&mut self) -> Result<(), crate::store::StoreError> {
         let now = now_ms();
-        let cutoff = self.held.cutoff(now);
+        let cutoff = self.cutoff(now);
         let seen: Vec<(Bucket, Millis)> = (0..BUCKETS)
             .map(|b| (b, self.due.get(b)))
             .filter(|(_, d)| *d <= cutoff)
@@ -497,45 +559,62 @@ impl Expirer {
             return Ok(());
         }
         let buckets: Vec<Bucket> = seen.iter().map(|(b, _)| *b).collect();
-        let swept = self.store.sweep(&buckets, now, cutoff, SWEEP_LIMIT).await?;
-        self.health.set_redis_commands(true);
+        let swept = self.store.sweep(&buckets, now, cutoff, SWEEP_LIMIT).await;
         let mut all = Vec::new();
-        for (s, (_, seen)) in swept.into_iter().zip(seen) {
+        for s in swept.done {
+            let seen = seen
+                .iter()
+                .find(|(b, _)| *b == s.bucket)
+                .map_or(0, |(_, d)| *d);
             let next = if s.more { Some(now) } else { s.next_deadline };
             self.due.replace(s.bucket, seen, next);
             all.extend(s.committed);
         }
         self.decided(Source::Deadline, all).await;
-        Ok(())
+        match swept.error {
+            None => {
+                self.health.set_redis_commands(true);
+                Ok(())
+            }
+            Some(e) => Err(e),
+        }
     }
 
     /// Sweeps every bucket until nothing overdue is left (reconcile) or once (safety net).
     async fn sweep_all(&mut self, source: Source) -> Result<(), crate::store::StoreError> {
         let mut buckets: Vec<Bucket> = (0..BUCKETS).collect();
         let started = Instant::now();
+        let started_ms = now_ms();
         let mut total = 0usize;
         while !buckets.is_empty() {
             let now = now_ms();
-            let mut cutoff = self.held.cutoff(now);
+            let mut cutoff = self.cutoff(now);
             if source == Source::SafetyNet {
                 cutoff = cutoff.saturating_sub(MISSED_GRACE_MS);
             }
-            let seen: Vec<Millis> = buckets.iter().map(|&b| self.due.get(b)).collect();
-            let swept = self.store.sweep(&buckets, now, cutoff, SWEEP_LIMIT).await?;
-            self.health.set_redis_commands(true);
+            let seen: Vec<Millis> = (0..BUCKETS).map(|b| self.due.get(b)).collect();
+            let swept = self.store.sweep(&buckets, now, cutoff, SWEEP_LIMIT).await;
             let mut again = Vec::new();
             let mut all = Vec::new();
-            for (s, seen) in swept.into_iter().zip(seen) {
+            for s in swept.done {
                 if s.more {
                     again.push(s.bucket);
                 }
-                self.due.replace(s.bucket, seen, s.next_deadline);
+                self.due
+                    .replace(s.bucket, seen[usize::from(s.bucket)], s.next_deadline);
                 all.extend(s.committed);
             }
             total += all.len();
             self.decided(source, all).await;
+            if let Some(e) = swept.error {
+                // The buckets that failed are swept again by the reconciliation this error
+                // asks for.
+                return Err(e);
+            }
+            self.health.set_redis_commands(true);
             buckets = again;
         }
+        self.hold.swept_all(started_ms, self.outage_grace);
         if source == Source::Reconcile {
             info!(
                 missed = total,
@@ -611,15 +690,16 @@ impl Outbox {
                         continue;
                     }
                     let now = now_ms();
-                    match self.store.claim_outbox(now, first_claim.unwrap_or(now), SWEEP_LIMIT).await {
-                        Ok(claimed) => {
-                            if !claimed.is_empty() {
-                                info!(n = claimed.len(), "Publishing transitions whose publisher did not confirm them.");
-                            }
-                            first_claim = None;
-                            publish(&self.out, claimed, true).await;
-                        }
-                        Err(e) => {
+                    let claimed = self.store.claim_outbox(now, first_claim.unwrap_or(now), SWEEP_LIMIT).await;
+                    if !claimed.done.is_empty() {
+                        info!(n = claimed.done.len(), "Publishing transitions whose publisher did not confirm them.");
+                    }
+                    publish(&self.out, claimed.done, true).await;
+                    match claimed.error {
+                        // The first claim takes over a previous run's entries: it is done
+                        // only when every bucket answered.
+                        None => first_claim = None,
+                        Some(e) => {
                             if let Some(n) = limiter.check() {
                                 warn!(error = %e, suppressed = n, "Cannot read the outbox.");
                             }
@@ -645,18 +725,19 @@ impl Outbox {
     }
 
     async fn flush_acks(&self, pending: &mut Vec<Ack>, limiter: &LogLimiter) {
-        match self.store.ack(pending, now_ms()).await {
-            Ok(again) => {
-                pending.clear();
-                if !again.is_empty() {
-                    debug!(
-                        n = again.len(),
-                        "Republishing statuses overtaken in flight."
-                    );
-                }
-                publish(&self.out, again, false).await;
-            }
-            Err(e) => {
+        let acked = self.store.ack(pending, now_ms()).await;
+        if !acked.done.is_empty() {
+            debug!(
+                n = acked.done.len(),
+                "Republishing statuses overtaken in flight."
+            );
+        }
+        publish(&self.out, acked.done, false).await;
+        match acked.error {
+            None => pending.clear(),
+            Some(e) => {
+                // Keep the acknowledgements of the buckets that failed.
+                pending.retain(|a| acked.failed.contains(&a.bucket));
                 if let Some(n) = limiter.check() {
                     warn!(error = %e, held = pending.len(), suppressed = n, "Cannot record acknowledgements in Redis; keeping them.");
                 }

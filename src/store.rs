@@ -15,10 +15,15 @@
 //! Every transition is decided by one Lua script on one bucket (src/lua/*.lua), so exactly one
 //! caller, whichever replica it is, commits it, with the next `seq`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, RedisError, RedisFuture, ServerErrorKind, Value};
 
 use crate::device::{DeviceId, DeviceRecord, Millis, State, StatusEvent};
 
@@ -94,9 +99,13 @@ impl Keys {
         self.key(b, "outbox")
     }
 
-    /// A key for the notification probe (under the prefix, outside every bucket).
-    pub fn probe(&self) -> String {
-        format!("{}:probe:{:016x}", self.prefix, fastrand::u64(..))
+    /// A key for the notification probe (under the prefix, outside every bucket). In a
+    /// cluster, `tag` (see [`crate::cluster::tag_in`]) puts it on the master being probed.
+    pub fn probe(&self, tag: Option<&str>) -> String {
+        match tag {
+            Some(tag) => format!("{}:probe:{{{tag}}}:{:016x}", self.prefix, fastrand::u64(..)),
+            None => format!("{}:probe:{:016x}", self.prefix, fastrand::u64(..)),
+        }
     }
 
     /// The device of a TTL key named in an `expired` event, if the key is one of ours.
@@ -187,11 +196,157 @@ pub enum NotifyConfig {
     Unknown { reason: String },
 }
 
+/// The command connection: one Redis, or a Redis Cluster (routed by each command's key).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(Arc<Cluster>),
+}
+
+/// A cluster connection that is replaced when it stops working.
+///
+/// redis-rs's cluster client repairs itself on MOVED and on broken connections, but we saw
+/// it wedge during a failover (a slot refresh that never completed; every later command
+/// timed out). So: when no command has succeeded for [`CLUSTER_STUCK`] while commands keep
+/// failing with connection-level errors, the connection is rebuilt from the seeds. A
+/// server's answer (even an error reply) proves the connection works and never triggers it.
+struct Cluster {
+    client: redis::cluster::ClusterClient,
+    conn: Mutex<ClusterConnection>,
+    last_ok: AtomicU64,
+    last_rebuild: AtomicU64,
+}
+
+/// How long a cluster connection may fail every command before it is rebuilt.
+const CLUSTER_STUCK: Duration = Duration::from_secs(3);
+
+impl Cluster {
+    fn config() -> redis::cluster::ClusterConfig {
+        redis::cluster::ClusterConfig::new()
+            .set_connection_timeout(Duration::from_secs(3))
+            .set_response_timeout(Duration::from_secs(3))
+    }
+
+    fn conn(&self) -> ClusterConnection {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn outcome<T>(&self, result: &Result<T, RedisError>) {
+        let now = crate::device::now_ms();
+        match result {
+            Ok(_) => self.last_ok.store(now, Ordering::Relaxed),
+            Err(e) if matches!(e.kind(), ErrorKind::Server(_)) => {
+                self.last_ok.store(now, Ordering::Relaxed)
+            }
+            Err(_) => {
+                let stuck = CLUSTER_STUCK.as_millis() as u64;
+                let last = self
+                    .last_ok
+                    .load(Ordering::Relaxed)
+                    .max(self.last_rebuild.load(Ordering::Relaxed));
+                if now.saturating_sub(last) >= stuck {
+                    self.last_rebuild.store(now, Ordering::Relaxed);
+                    tracing::warn!(
+                        "No Redis Cluster command succeeded for {CLUSTER_STUCK:?}; reconnecting from the seed nodes."
+                    );
+                    let fresh = self
+                        .client
+                        .get_pending_async_connection_with_config(Self::config());
+                    *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+                }
+            }
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(cluster) => Box::pin(async move {
+                let result = cluster.conn().req_packed_command(cmd).await;
+                cluster.outcome(&result);
+                result
+            }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(cluster) => Box::pin(async move {
+                let result = cluster.conn().req_packed_commands(cmd, offset, count).await;
+                cluster.outcome(&result);
+                result
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(_) => 0,
+        }
+    }
+}
+
+/// Replies to a batch of independent commands: `None` where a command failed; `error` is
+/// the first failure. With one Redis the batch is one pipeline (all or nothing, in practice);
+/// in a cluster each command goes to its slot's master on its own, so some may succeed
+/// while others fail (a master is failing over).
+struct Replies {
+    values: Vec<Option<Value>>,
+    error: Option<RedisError>,
+}
+
+impl Replies {
+    /// Every reply, or the first error (for reads, where a partial answer is useless).
+    fn all(self) -> Result<Vec<Value>, StoreError> {
+        match self.error {
+            Some(e) => Err(e.into()),
+            None => Ok(self.values.into_iter().flatten().collect()),
+        }
+    }
+}
+
+/// What a batch of per-bucket calls achieved: the results of the buckets that succeeded,
+/// and the buckets that failed with the first error. Callers act on `done` either way (a
+/// transition committed in Redis must be published) and retry `failed`.
+#[derive(Debug)]
+pub struct Partial<T> {
+    pub done: Vec<T>,
+    pub failed: Vec<Bucket>,
+    pub error: Option<StoreError>,
+}
+
+impl<T> Partial<T> {
+    fn empty() -> Partial<T> {
+        Partial {
+            done: Vec::new(),
+            failed: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// All results, or the error if any bucket failed.
+    pub fn into_result(self) -> Result<Vec<T>, StoreError> {
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(self.done),
+        }
+    }
+}
+
 /// Handle to the Redis state. Cheap to clone: the connection is multiplexed and reconnects
 /// by itself (a command that hit a broken connection still fails; callers retry).
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
     scripts: std::sync::Arc<Scripts>,
 }
@@ -201,6 +356,21 @@ struct Scripts {
     expire: LuaScript,
     ack: LuaScript,
     claim: LuaScript,
+}
+
+impl Scripts {
+    fn new() -> std::sync::Arc<Scripts> {
+        std::sync::Arc::new(Scripts {
+            heartbeat: LuaScript::new(include_str!("lua/heartbeat.lua")),
+            expire: LuaScript::new(include_str!("lua/expire.lua")),
+            ack: LuaScript::new(include_str!("lua/ack.lua")),
+            claim: LuaScript::new(include_str!("lua/claim.lua")),
+        })
+    }
+
+    fn all(&self) -> [&LuaScript; 4] {
+        [&self.heartbeat, &self.expire, &self.ack, &self.claim]
+    }
 }
 
 impl Store {
@@ -221,45 +391,154 @@ impl Store {
             .set_max_delay(Duration::from_secs(2));
         let conn = client.get_connection_manager_lazy(config)?;
         Ok(Store {
-            conn,
+            conn: Conn::Single(conn),
             keys: Keys::new(prefix),
-            scripts: std::sync::Arc::new(Scripts {
-                heartbeat: LuaScript::new(include_str!("lua/heartbeat.lua")),
-                expire: LuaScript::new(include_str!("lua/expire.lua")),
-                ack: LuaScript::new(include_str!("lua/ack.lua")),
-                claim: LuaScript::new(include_str!("lua/claim.lua")),
-            }),
+            scripts: Scripts::new(),
         })
+    }
+
+    /// A store on a Redis Cluster, from seed node URLs; like [`Store::lazy`], it connects in
+    /// the background. The client follows MOVED/ASK redirections and refreshes the slot map
+    /// itself; a command to a master that is failing over fails after a few quick retries
+    /// (bounded, so that callers keep control and retry on their own schedule).
+    pub fn lazy_cluster(seeds: &[String], prefix: &str) -> Result<Store, StoreError> {
+        let client = redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
+            .retries(3)
+            .min_retry_wait(50)
+            .max_retry_wait(500)
+            .connection_timeout(Duration::from_secs(3))
+            .response_timeout(Duration::from_secs(3))
+            .build()?;
+        let conn = client.get_pending_async_connection_with_config(Cluster::config());
+        Ok(Store {
+            conn: Conn::Cluster(Arc::new(Cluster {
+                client,
+                conn: Mutex::new(conn),
+                last_ok: AtomicU64::new(crate::device::now_ms()),
+                last_rebuild: AtomicU64::new(0),
+            })),
+            keys: Keys::new(prefix),
+            scripts: Scripts::new(),
+        })
+    }
+
+    /// Connects to a cluster once and loads the scripts on every master.
+    pub async fn connect_cluster(seeds: &[String], prefix: &str) -> Result<Store, StoreError> {
+        let store = Self::lazy_cluster(seeds, prefix)?;
+        store.ping().await?;
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
     }
 
     pub fn keys(&self) -> &Keys {
         &self.keys
     }
 
+    /// Loads every script; in a cluster SCRIPT LOAD goes to every master (a promoted replica
+    /// starts with an empty script cache: NOSCRIPT brings us back here).
     async fn load_scripts(&self) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        for s in [
-            &self.scripts.heartbeat,
-            &self.scripts.expire,
-            &self.scripts.ack,
-            &self.scripts.claim,
-        ] {
-            pipe.cmd("SCRIPT").arg("LOAD").arg(&s.source).ignore();
+        match &self.conn {
+            Conn::Single(c) => {
+                let mut pipe = redis::pipe();
+                for s in self.scripts.all() {
+                    pipe.cmd("SCRIPT").arg("LOAD").arg(&s.source).ignore();
+                }
+                pipe.query_async::<()>(&mut c.clone()).await?;
+            }
+            Conn::Cluster(_) => {
+                // One command each: a pipeline is routed to a single node.
+                for s in self.scripts.all() {
+                    redis::cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(&s.source)
+                        .query_async::<Value>(&mut self.conn.clone())
+                        .await?;
+                }
+            }
         }
-        pipe.query_async::<()>(&mut self.conn.clone()).await?;
         Ok(())
     }
 
-    /// Runs a pipeline of script calls; after a restart or failover Redis has forgotten the
-    /// scripts (NOSCRIPT): load them and run the pipeline once more. Nothing ran the first
-    /// time, since every call in it failed the same way.
-    async fn run(&self, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
-        match pipe.query_async::<Vec<Value>>(&mut self.conn.clone()).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.load_scripts().await?;
-                Ok(pipe.query_async(&mut self.conn.clone()).await?)
+    /// Runs independent commands (script calls and reads, each on one slot) in one round
+    /// trip: one pipeline on a single Redis, concurrent single commands on a cluster. After a
+    /// restart or failover Redis has forgotten the scripts (NOSCRIPT): load them and run
+    /// what failed once more (a call that failed with NOSCRIPT did nothing).
+    async fn exec(&self, cmds: Vec<Cmd>) -> Replies {
+        match &self.conn {
+            Conn::Single(c) => {
+                let n = cmds.len();
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd);
+                }
+                let mut result = pipe.query_async::<Vec<Value>>(&mut c.clone()).await;
+                if matches!(&result, Err(e) if is_noscript(e)) {
+                    result = match self.load_scripts().await {
+                        Ok(()) => pipe.query_async(&mut c.clone()).await,
+                        Err(StoreError::Redis(e)) => Err(e),
+                        Err(e) => Err(RedisError::from((
+                            ErrorKind::Io,
+                            "loading scripts",
+                            e.to_string(),
+                        ))),
+                    };
+                }
+                match result {
+                    Ok(values) => Replies {
+                        values: values.into_iter().map(Some).collect(),
+                        error: None,
+                    },
+                    Err(e) => Replies {
+                        values: vec![None; n],
+                        error: Some(e),
+                    },
+                }
             }
-            other => Ok(other?),
+            Conn::Cluster(_) => {
+                let run = |idx: Vec<usize>| {
+                    futures_util::future::join_all(idx.into_iter().map(|i| {
+                        let mut conn = self.conn.clone();
+                        let cmd = &cmds[i];
+                        async move { (i, cmd.query_async::<Value>(&mut conn).await) }
+                    }))
+                };
+                let mut values = vec![None; cmds.len()];
+                let mut failed = Vec::new();
+                let mut noscript = Vec::new();
+                for (i, r) in run((0..cmds.len()).collect()).await {
+                    match r {
+                        Ok(v) => values[i] = Some(v),
+                        Err(e) if is_noscript(&e) => noscript.push(i),
+                        Err(e) => failed.push(e),
+                    }
+                }
+                if !noscript.is_empty() {
+                    match self.load_scripts().await {
+                        Ok(()) => {
+                            for (i, r) in run(noscript).await {
+                                match r {
+                                    Ok(v) => values[i] = Some(v),
+                                    Err(e) => failed.push(e),
+                                }
+                            }
+                        }
+                        Err(StoreError::Redis(e)) => failed.push(e),
+                        Err(e) => failed.push(RedisError::from((
+                            ErrorKind::Io,
+                            "loading scripts",
+                            e.to_string(),
+                        ))),
+                    }
+                }
+                Replies {
+                    values,
+                    error: failed.into_iter().next(),
+                }
+            }
         }
     }
 
@@ -271,11 +550,7 @@ impl Store {
     }
 
     /// Applies heartbeats (any buckets) in one round trip; returns the online transitions.
-    pub async fn apply_heartbeats(
-        &self,
-        beats: &[Beat],
-        now: Millis,
-    ) -> Result<Vec<Committed>, StoreError> {
+    pub async fn apply_heartbeats(&self, beats: &[Beat], now: Millis) -> Partial<Committed> {
         self.per_bucket(
             beats,
             |beat| bucket_of(beat.device.as_str()),
@@ -303,7 +578,7 @@ impl Store {
         ids: &[DeviceId],
         now: Millis,
         cutoff: Millis,
-    ) -> Result<Vec<Committed>, StoreError> {
+    ) -> Partial<Committed> {
         self.per_bucket(
             ids,
             |id| bucket_of(id.as_str()),
@@ -325,21 +600,17 @@ impl Store {
         now: Millis,
         cutoff: Millis,
         limit: usize,
-    ) -> Result<Vec<Swept>, StoreError> {
-        if buckets.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for &b in buckets {
-            let args = self.expire_args(b, now, cutoff, limit);
-            pipe.add_command(self.scripts.expire.cmd(&self.keys.bucket_keys(b), args));
-        }
-        let replies = self.run(&pipe).await?;
-        buckets
-            .iter()
-            .zip(replies)
-            .map(|(&b, reply)| parse_swept(b, reply))
-            .collect()
+    ) -> Partial<Swept> {
+        self.per_bucket(
+            buckets,
+            |b| *b,
+            |b, _| {
+                let args = self.expire_args(b, now, cutoff, limit);
+                self.scripts.expire.cmd(&self.keys.bucket_keys(b), args)
+            },
+            |b, reply| Ok(vec![parse_swept(b, reply)?]),
+        )
+        .await
     }
 
     fn expire_args(&self, b: Bucket, now: Millis, cutoff: Millis, limit: usize) -> Vec<String> {
@@ -354,7 +625,7 @@ impl Store {
 
     /// Records acknowledgements; returns statuses that must be published again because the
     /// device moved on while an older status was in flight (see src/lua/ack.lua).
-    pub async fn ack(&self, acks: &[Ack], now: Millis) -> Result<Vec<Committed>, StoreError> {
+    pub async fn ack(&self, acks: &[Ack], now: Millis) -> Partial<Committed> {
         self.per_bucket(
             acks,
             |ack| ack.bucket,
@@ -374,35 +645,45 @@ impl Store {
     }
 
     /// Groups `items` by bucket, makes one script call per bucket that has any, runs them
-    /// all in one pipeline, and parses each reply with its bucket.
+    /// all in one round trip, and parses each reply with its bucket.
     async fn per_bucket<T, R>(
         &self,
         items: &[T],
         bucket: impl Fn(&T) -> Bucket,
         call: impl Fn(Bucket, &[&T]) -> Cmd,
         parse: impl Fn(Bucket, Value) -> Result<Vec<R>, StoreError>,
-    ) -> Result<Vec<R>, StoreError> {
+    ) -> Partial<R> {
         let mut by_bucket: Vec<Vec<&T>> = (0..BUCKETS).map(|_| Vec::new()).collect();
         for item in items {
             by_bucket[usize::from(bucket(item))].push(item);
         }
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::new();
         let mut order = Vec::new();
         for (b, group) in (0..BUCKETS).zip(&by_bucket) {
             if !group.is_empty() {
-                pipe.add_command(call(b, group));
+                cmds.push(call(b, group));
                 order.push(b);
             }
         }
         if order.is_empty() {
-            return Ok(Vec::new());
+            return Partial::empty();
         }
-        let replies = self.run(&pipe).await?;
-        let mut out = Vec::new();
-        for (b, reply) in order.into_iter().zip(replies) {
-            out.extend(parse(b, reply)?);
+        let replies = self.exec(cmds).await;
+        let mut out = Partial {
+            error: replies.error.map(StoreError::from),
+            ..Partial::empty()
+        };
+        for (b, reply) in order.into_iter().zip(replies.values) {
+            match reply.map(|r| parse(b, r)) {
+                Some(Ok(results)) => out.done.extend(results),
+                Some(Err(e)) => {
+                    out.failed.push(b);
+                    out.error.get_or_insert(e);
+                }
+                None => out.failed.push(b),
+            }
         }
-        Ok(out)
+        out
     }
 
     /// Claims outbox entries whose lease ends at or before `until` (normally `now`: their
@@ -412,24 +693,24 @@ impl Store {
         now: Millis,
         until: Millis,
         limit: usize,
-    ) -> Result<Vec<Committed>, StoreError> {
-        let mut pipe = redis::pipe();
+    ) -> Partial<Committed> {
+        let buckets: Vec<Bucket> = (0..BUCKETS).collect();
         let max = until.to_string();
-        for b in 0..BUCKETS {
-            let args = vec![
-                now.to_string(),
-                lease_ms().to_string(),
-                limit.to_string(),
-                max.clone(),
-            ];
-            pipe.add_command(self.scripts.claim.cmd(&[self.keys.outbox(b)], args));
-        }
-        let replies = self.run(&pipe).await?;
-        let mut out = Vec::new();
-        for (b, reply) in (0..BUCKETS).zip(replies) {
-            out.extend(members(b, reply)?);
-        }
-        Ok(out)
+        self.per_bucket(
+            &buckets,
+            |b| *b,
+            |b, _| {
+                let args = vec![
+                    now.to_string(),
+                    lease_ms().to_string(),
+                    limit.to_string(),
+                    max.clone(),
+                ];
+                self.scripts.claim.cmd(&[self.keys.outbox(b)], args)
+            },
+            members,
+        )
+        .await
     }
 
     /// The current record of one device.
@@ -445,12 +726,15 @@ impl Store {
 
     /// Fleet-wide counts `(online, offline)`, summed over the buckets.
     pub async fn counts(&self) -> Result<(i64, i64), StoreError> {
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::new();
         for b in 0..BUCKETS {
-            pipe.cmd("ZCARD").arg(self.keys.index(b, State::Online));
-            pipe.cmd("ZCARD").arg(self.keys.index(b, State::Offline));
+            for state in [State::Online, State::Offline] {
+                let mut cmd = redis::cmd("ZCARD");
+                cmd.arg(self.keys.index(b, state));
+                cmds.push(cmd);
+            }
         }
-        let cards: Vec<i64> = pipe.query_async(&mut self.conn.clone()).await?;
+        let cards: Vec<i64> = decode(self.exec(cmds).await.all()?)?;
         let online = cards.iter().step_by(2).sum();
         let offline = cards.iter().skip(1).step_by(2).sum();
         Ok((online, offline))
@@ -477,20 +761,21 @@ impl Store {
             Some(a) => format!("({a}"),
             None => "-".to_owned(),
         };
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::new();
         for b in 0..BUCKETS {
             for &s in states {
-                pipe.cmd("ZRANGE")
-                    .arg(self.keys.index(b, s))
+                let mut cmd = redis::cmd("ZRANGE");
+                cmd.arg(self.keys.index(b, s))
                     .arg(&start)
                     .arg("+")
                     .arg("BYLEX")
                     .arg("LIMIT")
                     .arg(0)
                     .arg(limit + 1);
+                cmds.push(cmd);
             }
         }
-        let pages: Vec<Vec<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        let pages: Vec<Vec<String>> = decode(self.exec(cmds).await.all()?)?;
         let mut ids: Vec<String> = pages.into_iter().flatten().collect();
         // Redis orders BYLEX by bytes (memcmp); so does String's Ord.
         ids.sort_unstable();
@@ -501,18 +786,18 @@ impl Store {
             return Ok((Vec::new(), false));
         }
 
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::with_capacity(ids.len());
         let mut parsed = Vec::with_capacity(ids.len());
         for id in &ids {
             let Ok(device) = DeviceId::parse(id) else {
                 continue;
             };
-            pipe.cmd("HGET")
-                .arg(self.keys.records(bucket_of(id)))
-                .arg(id);
+            let mut cmd = redis::cmd("HGET");
+            cmd.arg(self.keys.records(bucket_of(id))).arg(id);
+            cmds.push(cmd);
             parsed.push(device);
         }
-        let raws: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        let raws: Vec<Option<String>> = decode(self.exec(cmds).await.all()?)?;
         let records = parsed
             .into_iter()
             .zip(raws)
@@ -554,75 +839,93 @@ impl Store {
         }
         Ok((next, out))
     }
+}
 
-    /// Makes sure `notify-keyspace-events` has `E` and `x`, merging with the flags already
-    /// set (CONFIG SET replaces the whole set). With `configure = false` it only reads.
-    pub async fn ensure_notifications(&self, configure: bool) -> NotifyConfig {
-        let mut conn = self.conn.clone();
-        let current: Result<Vec<String>, _> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("notify-keyspace-events")
-            .query_async(&mut conn)
-            .await;
-        let current = match current {
-            Ok(pair) if pair.len() == 2 => pair[1].clone(),
-            Ok(other) => {
-                return NotifyConfig::Unknown {
-                    reason: format!("CONFIG GET returned {other:?}"),
-                }
-            }
-            Err(e) => {
-                return NotifyConfig::Unknown {
-                    reason: format!("CONFIG GET refused: {e}"),
-                }
-            }
-        };
-        if has_expired_events(&current) {
-            return NotifyConfig::AlreadyOn;
-        }
-        if !configure {
+/// Makes sure `notify-keyspace-events` has `E` and `x` on the node behind `conn`, merging
+/// with the flags already set (CONFIG SET replaces the whole set). With `configure = false`
+/// it only reads. The setting is per node: in a cluster every master is asked.
+pub async fn ensure_notifications(
+    conn: &mut MultiplexedConnection,
+    configure: bool,
+) -> NotifyConfig {
+    let current: Result<Vec<String>, _> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("notify-keyspace-events")
+        .query_async(conn)
+        .await;
+    let current = match current {
+        Ok(pair) if pair.len() == 2 => pair[1].clone(),
+        Ok(other) => {
             return NotifyConfig::Unknown {
-                reason: format!(
-                    "notify-keyspace-events is {current:?} and redis.configure_notifications is false"
-                ),
-            };
+                reason: format!("CONFIG GET returned {other:?}"),
+            }
         }
-        let merged = merge_flags(&current);
-        let set: Result<(), _> = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("notify-keyspace-events")
-            .arg(&merged)
-            .query_async(&mut conn)
-            .await;
-        match set {
-            Ok(()) => NotifyConfig::Enabled { from: current },
-            Err(e) => NotifyConfig::Unknown {
-                reason: format!("CONFIG SET refused: {e}"),
-            },
+        Err(e) => {
+            return NotifyConfig::Unknown {
+                reason: format!("CONFIG GET refused: {e}"),
+            }
         }
+    };
+    if has_expired_events(&current) {
+        return NotifyConfig::AlreadyOn;
     }
+    if !configure {
+        return NotifyConfig::Unknown {
+            reason: format!(
+                "notify-keyspace-events is {current:?} and redis.configure_notifications is false"
+            ),
+        };
+    }
+    let merged = merge_flags(&current);
+    let set: Result<(), _> = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg(&merged)
+        .query_async(conn)
+        .await;
+    match set {
+        Ok(()) => NotifyConfig::Enabled { from: current },
+        Err(e) => NotifyConfig::Unknown {
+            reason: format!("CONFIG SET refused: {e}"),
+        },
+    }
+}
 
-    /// Writes a short-lived probe key and returns its name.
-    pub async fn write_probe(&self, ttl: Duration) -> Result<String, StoreError> {
-        let key = self.keys.probe();
-        redis::cmd("SET")
-            .arg(&key)
-            .arg("1")
-            .arg("PX")
-            .arg(ttl.as_millis() as u64)
-            .query_async::<()>(&mut self.conn.clone())
-            .await?;
-        Ok(key)
-    }
+/// Writes a short-lived probe key (named by [`Keys::probe`]) on the node behind `conn`.
+pub async fn write_probe(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+    ttl: Duration,
+) -> Result<(), StoreError> {
+    redis::cmd("SET")
+        .arg(key)
+        .arg("1")
+        .arg("PX")
+        .arg(ttl.as_millis() as u64)
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
 
-    /// Touches a key, so that Redis deletes it (and notifies) at once if it is overdue.
-    pub async fn touch(&self, key: &str) -> Result<(), StoreError> {
-        redis::cmd("EXISTS")
-            .arg(key)
-            .query_async::<i64>(&mut self.conn.clone())
-            .await?;
-        Ok(())
-    }
+/// Touches a key, so that Redis deletes it (and notifies) at once if it is overdue.
+pub async fn touch(conn: &mut MultiplexedConnection, key: &str) -> Result<(), StoreError> {
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async::<i64>(conn)
+        .await?;
+    Ok(())
+}
+
+fn is_noscript(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+/// Converts replies to a typed list.
+fn decode<T: redis::FromRedisValue>(values: Vec<Value>) -> Result<Vec<T>, StoreError> {
+    values
+        .into_iter()
+        .map(|v| redis::from_redis_value(v).map_err(|e| StoreError::Protocol(e.to_string())))
+        .collect()
 }
 
 pub fn lease_ms() -> u64 {

@@ -123,6 +123,26 @@ fn bad_configuration_exits_2_naming_the_key() {
         c
     });
     assert_eq!(o.status.code(), Some(2));
+
+    // Cluster seeds: database 0 only, valid URLs; the password is never echoed.
+    for (seeds, says) in [
+        ("redis://:hunter2@10.0.0.1:7000/1", "database 1"),
+        ("redis://10.0.0.1:7000, ,unix:///tmp/r.sock", "node 2"),
+        (" , ", "at least one node"),
+    ] {
+        let o = run({
+            let mut c = presenced();
+            c.args(["check-config", "--redis-cluster-nodes", seeds]);
+            c
+        });
+        assert_eq!(o.status.code(), Some(2), "{seeds}");
+        let e = stderr(&o);
+        assert!(
+            e.contains("redis.cluster_nodes") && e.contains(says),
+            "{seeds}: {e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+    }
 }
 
 /// `--log-format json` writes one JSON object per line to stderr; stdout stays empty.

@@ -356,6 +356,7 @@ async fn committed_transitions_of_a_dead_replica_are_published() {
     let committed = dead
         .apply_heartbeats(&beats("orphan"), now_ms())
         .await
+        .into_result()
         .unwrap();
     assert_eq!(committed.len(), 20);
     let started = std::time::Instant::now();
@@ -377,6 +378,7 @@ async fn committed_transitions_of_a_dead_replica_are_published() {
     app.stop().await.unwrap();
     dead.apply_heartbeats(&beats("left"), now_ms())
         .await
+        .into_result()
         .unwrap();
     let started = std::time::Instant::now();
     let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "60s")])).await;

@@ -421,12 +421,14 @@ async fn duplicate_expiry_events_in_one_batch_commit_once() {
     let off = store
         .expire_devices(&[id.clone(), id.clone(), id.clone()], now, now)
         .await
+        .into_result()
         .unwrap();
     assert_eq!(off.len(), 1);
     assert_eq!(off[0].event.seq, 2);
     let again = store
         .expire_devices(std::slice::from_ref(&id), now, now)
         .await
+        .into_result()
         .unwrap();
     assert!(again.is_empty());
 }
@@ -470,6 +472,7 @@ async fn ack_of_an_overtaken_status_republishes_the_current_one() {
     let offline = store
         .expire_devices(std::slice::from_ref(&id), now, now)
         .await
+        .into_result()
         .unwrap()
         .remove(0);
     let ack = |c: &presenced::store::Committed| Ack {
@@ -482,6 +485,7 @@ async fn ack_of_an_overtaken_status_republishes_the_current_one() {
     let again = store
         .ack(&[ack(&online), ack(&online)], now_ms())
         .await
+        .into_result()
         .unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].event.seq, 2);
@@ -491,9 +495,14 @@ async fn ack_of_an_overtaken_status_republishes_the_current_one() {
     assert!(store
         .ack(&[ack(&offline)], now_ms())
         .await
+        .into_result()
         .unwrap()
         .is_empty());
-    let left = store.claim_outbox(now_ms(), u64::MAX, 100).await.unwrap();
+    let left = store
+        .claim_outbox(now_ms(), u64::MAX, 100)
+        .await
+        .into_result()
+        .unwrap();
     assert!(left.is_empty(), "{left:?}");
 }
 
@@ -521,7 +530,11 @@ async fn online_but_overdue(
         arrival,
         ttl_ms: 1_000,
     };
-    let mut on = store.apply_heartbeats(&[beat], arrival).await.unwrap();
+    let mut on = store
+        .apply_heartbeats(&[beat], arrival)
+        .await
+        .into_result()
+        .unwrap();
     assert_eq!(on.len(), 1);
     let online = on.remove(0);
     (redis, store, id, online)

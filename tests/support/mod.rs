@@ -92,6 +92,7 @@ pub struct RedisServer {
     child: Child,
     dir: tempfile::TempDir,
     args: Vec<String>,
+    stopped: bool,
 }
 
 impl RedisServer {
@@ -112,6 +113,7 @@ impl RedisServer {
                     child,
                     dir,
                     args,
+                    stopped: false,
                 };
             }
         }
@@ -148,6 +150,7 @@ impl RedisServer {
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.stopped = true;
     }
 
     pub fn restart(&mut self) {
@@ -155,6 +158,24 @@ impl RedisServer {
         let (child, ok) = Self::spawn(self.port, self.dir.path(), &self.args);
         assert!(ok, "redis-server did not restart on port {}", self.port);
         self.child = child;
+        self.stopped = false;
+    }
+
+    /// Not stopped by the test (it may still be starting or have crashed).
+    pub fn is_running(&self) -> bool {
+        !self.stopped
+    }
+
+    /// A connection, or `None` if the server does not answer within a second.
+    pub async fn try_conn(&self) -> Option<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url()).ok()?;
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .ok()?
+        .ok()
     }
 
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
@@ -181,6 +202,127 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+// === Redis Cluster ===
+
+/// A real Redis Cluster on loopback: `masters` masters with one replica each, made by
+/// `redis-cli --cluster create`. Failover is quick (node timeout 1.5 s) and always allowed
+/// (`cluster-replica-validity-factor 0`), as a test of failover needs.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start(masters: usize) -> RedisCluster {
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "1500",
+            "--cluster-replica-validity-factor",
+            "0",
+            "--cluster-require-full-coverage",
+            "no",
+        ];
+        let nodes: Vec<RedisServer> = (0..masters * 2)
+            .map(|_| RedisServer::start_with(&args))
+            .collect();
+        let out = Command::new(binary("redis-cli", "REDIS_CLI_BIN"))
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_healthy(masters).await;
+        cluster
+    }
+
+    /// Waits until every live node sees the cluster ok, with `masters` masters serving slots
+    /// and every replica in sync.
+    pub async fn wait_healthy(&self, masters: usize) {
+        eventually("a healthy Redis Cluster", || async {
+            for n in self.nodes.iter().filter(|n| n.is_running()) {
+                let mut c = n.try_conn().await?;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut c)
+                    .await
+                    .ok()?;
+                if !info.contains("cluster_state:ok") {
+                    return None;
+                }
+                let repl: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut c)
+                    .await
+                    .ok()?;
+                if repl.contains("role:slave") && !repl.contains("master_link_status:up") {
+                    return None;
+                }
+            }
+            (self.masters().await.len() == masters).then_some(())
+        })
+        .await;
+    }
+
+    /// Seed URLs for `redis.cluster_nodes` (two nodes: either may be the one that is down).
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .take(2)
+            .map(|n| n.url().replace("/0", ""))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `CLUSTER NODES` as a live node sees it.
+    pub async fn topology(&self) -> Vec<presenced::cluster::Node> {
+        for n in self.nodes.iter().filter(|n| n.is_running()) {
+            if let Some(mut c) = n.try_conn().await {
+                if let Ok(text) = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async::<String>(&mut c)
+                    .await
+                {
+                    return presenced::cluster::parse_nodes(&text);
+                }
+            }
+        }
+        panic!("no cluster node answers");
+    }
+
+    /// The masters serving slots (not failed), as indexes into `nodes` with their slots.
+    pub async fn masters(&self) -> Vec<(usize, Vec<(u16, u16)>)> {
+        self.topology()
+            .await
+            .into_iter()
+            .filter(|n| n.serves_slots() && !n.failing)
+            .filter_map(|n| {
+                let i = self.nodes.iter().position(|s| s.port == n.port)?;
+                Some((i, n.slots))
+            })
+            .collect()
+    }
+
+    /// The index of the node serving `slot`.
+    pub async fn owner(&self, slot: u16) -> usize {
+        self.masters()
+            .await
+            .into_iter()
+            .find(|(_, slots)| slots.iter().any(|&(a, b)| (a..=b).contains(&slot)))
+            .map(|(i, _)| i)
+            .expect("a master serves every slot")
     }
 }
 
@@ -267,6 +409,14 @@ pub fn config(redis: &RedisServer, mqtt: &Mosquitto, extra: &[(&str, &str)]) -> 
     })
     .unwrap()
     .config
+}
+
+/// [`config`] for a Redis Cluster.
+pub fn cluster_config(cluster: &RedisCluster, mqtt: &Mosquitto, extra: &[(&str, &str)]) -> Config {
+    let seeds = cluster.seeds();
+    let mut all = vec![("redis.cluster_nodes", seeds.as_str())];
+    all.extend_from_slice(extra);
+    config(&cluster.nodes[0], mqtt, &all)
 }
 
 /// The monitor running in this process.
@@ -704,13 +854,26 @@ pub fn spawn_replica(
     mqtt: &Mosquitto,
     extra: &[&str],
 ) -> (Proc, SocketAddr, String) {
+    spawn_replica_on(&["--redis-url".into(), redis.url()], mqtt, extra)
+}
+
+/// [`spawn_replica`] with the Redis arguments given (e.g. `--redis-cluster-nodes`).
+pub fn spawn_replica_on(
+    redis_args: &[String],
+    mqtt: &Mosquitto,
+    extra: &[&str],
+) -> (Proc, SocketAddr, String) {
     let http = free_port();
     let id = format!("presenced-replica-{:08x}", fastrand::u32(..));
     let child = Command::new(presenced_bin())
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
-        .args(["--redis-url", &redis.url(), "--mqtt-url", &mqtt.url()])
+        .env(
+            "RUST_LOG",
+            std::env::var("PRESENCED_TEST_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .args(redis_args)
+        .args(["--mqtt-url", &mqtt.url()])
         .args(["--http-listen", &format!("127.0.0.1:{http}")])
         .args([
             "--mqtt-client-id",
@@ -723,11 +886,22 @@ pub fn spawn_replica(
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(replica_log(&id))
         .spawn()
         .unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
     (Proc(child), addr, id)
+}
+
+/// Where a replica's log goes: `$PRESENCED_TEST_LOG_DIR/<client id>.log` if set (for
+/// debugging a failing test), else nowhere.
+fn replica_log(id: &str) -> Stdio {
+    match std::env::var_os("PRESENCED_TEST_LOG_DIR") {
+        Some(dir) => std::fs::File::create(Path::new(&dir).join(format!("{id}.log")))
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null()),
+        None => Stdio::null(),
+    }
 }
 
 pub fn kill(child: &Child, sig: &str) {
