@@ -11,6 +11,7 @@
 //!    (mass) the time the broker alone needs to carry as many retained QoS 1 messages.
 //! 3. Footprint: Redis bytes per device; the monitor's peak RSS at two fleet sizes.
 //! 4. Restart recovery: devices expired while no monitor ran; start → last offline status.
+//! 5. Ingest on Redis Cluster: the ingest figure with 3 local masters vs 1 Redis, same run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -136,7 +137,7 @@ fn summary(mut v: Vec<i64>, total: usize) -> (String, Vec<i64>) {
 
 async fn run(s: &Sizes, quick: bool) -> Report {
     let mut r = Report::default();
-    // BENCH_ONLY=ingest|steady|mass|footprint|recovery runs one part (for investigation).
+    // BENCH_ONLY=ingest|steady|mass|footprint|recovery|cluster runs one part (for investigation).
     let only = std::env::var("BENCH_ONLY").ok();
     let part = |p: &str| only.as_deref().is_none_or(|o| o == p);
     if part("ingest") {
@@ -154,6 +155,9 @@ async fn run(s: &Sizes, quick: bool) -> Report {
     if part("recovery") {
         recovery(s, &mut r).await;
     }
+    if part("cluster") {
+        cluster_ingest(s, &mut r).await;
+    }
     if quick {
         r.notes
             .push("Quick mode: small sizes, a smoke test; the figures say little.".into());
@@ -165,12 +169,22 @@ async fn run(s: &Sizes, quick: bool) -> Report {
 
 /// The release monitor as a process, with a TTL long enough not to interfere.
 fn monitor(redis: &RedisServer, mqtt: &Mosquitto, extra: &[&str]) -> (Child, std::net::SocketAddr) {
+    monitor_on(&["--redis-url".into(), redis.url()], mqtt, extra)
+}
+
+/// [`monitor`] with the Redis arguments given (e.g. `--redis-cluster-nodes`).
+fn monitor_on(
+    redis_args: &[String],
+    mqtt: &Mosquitto,
+    extra: &[&str],
+) -> (Child, std::net::SocketAddr) {
     let http = free_port();
     let child = Command::new(presenced_bin())
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RUST_LOG", "error")
-        .args(["--redis-url", &redis.url(), "--mqtt-url", &mqtt.url()])
+        .args(redis_args)
+        .args(["--mqtt-url", &mqtt.url()])
         .args(["--http-listen", &format!("127.0.0.1:{http}")])
         .args(["--presence-ttl", "600s", "--presence-max-ttl", "1h"])
         .args([
@@ -396,6 +410,57 @@ async fn ingest(s: &Sizes, r: &mut Report) {
             ours / naive
         ),
     );
+}
+
+// === 5. Ingest on Redis Cluster ===
+
+/// The ingest figure of part 1 (fleet online, then `n` refreshing heartbeats; the end is a
+/// sentinel device applied after them), once on a single Redis and once on a cluster of 3
+/// masters (no replicas), back to back. Everything shares this machine's cores, so this
+/// shows what the cluster path costs, not how a cluster scales.
+async fn cluster_ingest(s: &Sizes, r: &mut Report) {
+    let n = s.ingest_msgs / 2;
+    let d = s.ingest_devices;
+    let single_redis = RedisServer::start();
+    let single = ingest_rate(&["--redis-url".into(), single_redis.url()], n, d).await;
+    drop(single_redis);
+    let cluster = RedisCluster::start_with(3, 0).await;
+    let clustered = ingest_rate(&["--redis-cluster-nodes".into(), cluster.seeds()], n, d).await;
+    r.row(
+        "Ingest on Redis Cluster (3 local masters): heartbeats/s applied",
+        format!("{clustered:.0}/s"),
+        format!(
+            "{:.2} × one Redis ({single:.0}/s), same run, same sizes ({n} heartbeats over {d} devices)",
+            clustered / single
+        ),
+    );
+}
+
+/// Heartbeats/s the monitor applies with the given Redis arguments; the end is when the API
+/// shows the sentinel device (heartbeat sent after all the others).
+async fn ingest_rate(redis_args: &[String], n: usize, d: usize) -> f64 {
+    let mqtt = Mosquitto::start();
+    let (child, addr) = monitor_on(redis_args, &mqtt, &[]);
+    wait_ready(addr).await;
+    blast(&mqtt, d, d, |_| Vec::new()).await;
+    eventually("fleet online", || async move {
+        let m = scrape(addr).await;
+        (metric(&m, r#"presenced_devices{state="online"}"#)? >= d as f64).then_some(())
+    })
+    .await;
+    let t0 = Instant::now();
+    blast(&mqtt, n, d, |_| Vec::new()).await;
+    let sentinel = Devices::connect(&mqtt).await;
+    sentinel.heartbeat("sentinel", b"").await;
+    loop {
+        if let Some((200, _)) = get(addr, "/devices/sentinel").await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let took = t0.elapsed();
+    stop(child);
+    n as f64 / took.as_secs_f64()
 }
 
 // === 2. Lag ===

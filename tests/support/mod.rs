@@ -216,6 +216,11 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub async fn start(masters: usize) -> RedisCluster {
+        Self::start_with(masters, 1).await
+    }
+
+    /// `masters` masters with `replicas` replicas each.
+    pub async fn start_with(masters: usize, replicas: usize) -> RedisCluster {
         let args = [
             "--cluster-enabled",
             "yes",
@@ -228,14 +233,14 @@ impl RedisCluster {
             "--cluster-require-full-coverage",
             "no",
         ];
-        let nodes: Vec<RedisServer> = (0..masters * 2)
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
             .map(|_| RedisServer::start_with(&args))
             .collect();
         let out = Command::new(binary("redis-cli", "REDIS_CLI_BIN"))
             .arg("--cluster")
             .arg("create")
             .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .unwrap();
         assert!(
