@@ -18,8 +18,20 @@ fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:04}")).collect()
 }
 
-fn cluster_args(cluster: &RedisCluster) -> Vec<String> {
-    vec!["--redis-cluster-nodes".into(), cluster.seeds()]
+/// `n` monitor processes on the cluster sharing heartbeats, ready.
+async fn shared_replicas(
+    cluster: &RedisCluster,
+    mqtt: &Mosquitto,
+    n: usize,
+) -> Vec<(Proc, std::net::SocketAddr, String)> {
+    let args = ["--redis-cluster-nodes".to_owned(), cluster.seeds()];
+    let replicas: Vec<_> = (0..n)
+        .map(|_| spawn_replica_on(&args, mqtt, &SHARED))
+        .collect();
+    for (_, addr, _) in &replicas {
+        wait_ready(*addr).await;
+    }
+    replicas
 }
 
 /// Two replicas sharing heartbeats on a cluster: 2,000 devices online, then silent. After
@@ -31,12 +43,7 @@ fn cluster_args(cluster: &RedisCluster) -> Vec<String> {
 async fn two_replicas_on_a_cluster_commit_each_transition_once() {
     let cluster = RedisCluster::start(3).await;
     let mqtt = Mosquitto::start();
-    let replicas: Vec<_> = (0..2)
-        .map(|_| spawn_replica_on(&cluster_args(&cluster), &mqtt, &SHARED))
-        .collect();
-    for (_, addr, _) in &replicas {
-        wait_ready(*addr).await;
-    }
+    let replicas = shared_replicas(&cluster, &mqtt, 2).await;
     let statuses = Collector::start(&mqtt, "devices/+/status").await;
     let devices = Devices::connect(&mqtt).await;
     let all = ids("c", 2000);
@@ -56,19 +63,7 @@ async fn two_replicas_on_a_cluster_commit_each_transition_once() {
         assert_eq!(online + offline, 2000.0, "{m}");
     }
 
-    eventually("every device online then offline", || async {
-        all.iter()
-            .all(|id| history(&statuses.device(id)).len() == 2)
-            .then_some(())
-    })
-    .await;
-    for id in &all {
-        assert_eq!(
-            history(&statuses.device(id)),
-            vec![(1, "online".into()), (2, "offline".into())],
-            "{id}"
-        );
-    }
+    wait_online_then_offline(&statuses, &all).await;
     let (mut online, mut offline) = (0.0, 0.0);
     for (_, addr, _) in &replicas {
         let m = scrape(*addr).await;
@@ -118,12 +113,7 @@ async fn two_replicas_on_a_cluster_commit_each_transition_once() {
 async fn failover_loses_no_transition_and_invents_none() {
     let mut cluster = RedisCluster::start(3).await;
     let mqtt = Mosquitto::start();
-    let replicas: Vec<_> = (0..2)
-        .map(|_| spawn_replica_on(&cluster_args(&cluster), &mqtt, &SHARED))
-        .collect();
-    for (_, addr, _) in &replicas {
-        wait_ready(*addr).await;
-    }
+    let replicas = shared_replicas(&cluster, &mqtt, 2).await;
     let statuses = Collector::start(&mqtt, "devices/+/status").await;
     let devices = Arc::new(Devices::connect(&mqtt).await);
     let keep = ids("keep", 300);

@@ -774,6 +774,24 @@ impl Mosquitto {
     }
 }
 
+/// Waits until every device in `ids` shows two statuses, then checks they are exactly seq 1
+/// online and seq 2 offline (after dedupe).
+pub async fn wait_online_then_offline(statuses: &Collector, ids: &[String]) {
+    eventually("every device online then offline", || async {
+        ids.iter()
+            .all(|id| history(&statuses.device(id)).len() == 2)
+            .then_some(())
+    })
+    .await;
+    for id in ids {
+        assert_eq!(
+            history(&statuses.device(id)),
+            vec![(1, "online".into()), (2, "offline".into())],
+            "{id}"
+        );
+    }
+}
+
 /// Checks the contract's guarantees over everything a subscriber saw, once quiet: per
 /// device (after keeping the highest seq) seq starts at 1 and grows by 1, states alternate
 /// starting online; the retained status a late subscriber gets, the HTTP API and the last
