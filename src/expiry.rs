@@ -39,6 +39,8 @@ const PROBE_WAIT: Duration = Duration::from_secs(5);
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// How often the cluster topology is read (failover, resharding, nodes added or removed).
 const TOPOLOGY_EVERY: Duration = Duration::from_secs(1);
+/// How often the masters' first checks are looked at while the monitor starts.
+const STARTUP_POLL: Duration = Duration::from_millis(50);
 
 /// Keyspace notifications are off and could not be turned on.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +126,8 @@ impl Listener {
         }
         let mut running: HashMap<String, Running> = HashMap::new();
         let mut first = Some(first);
-        let mut firsts: Vec<oneshot::Receiver<Result<(), NotificationsOff>>> = Vec::new();
+        let mut firsts: HashMap<String, oneshot::Receiver<Result<(), NotificationsOff>>> =
+            HashMap::new();
         let limiter = LogLimiter::new(Duration::from_secs(30));
         let mut backoff = Backoff::new(Duration::from_secs(5));
         let mut known: Vec<ConnectionInfo> = Vec::new();
@@ -165,7 +168,7 @@ impl Listener {
                             self.node(info, role_rx, listening.clone(), !starting, false);
                         let node_first = if starting && matches!(role, Role::Master(_)) {
                             let (tx, rx) = oneshot::channel();
-                            firsts.push(rx);
+                            firsts.insert(node.addr(), rx);
                             Some(tx)
                         } else {
                             None
@@ -202,22 +205,38 @@ impl Listener {
                     self.health.set_redis_listener(all);
 
                     if let Some(tx) = first.take() {
-                        // Every master's first check, before the monitor goes on.
-                        let checks = tokio::select! {
-                            () = token.cancelled() => break,
-                            c = futures_util::future::join_all(firsts.drain(..)) => c,
-                        };
-                        let failed = checks.into_iter().find_map(|c| match c {
-                            Ok(Err(e)) => Some(e),
-                            _ => None,
+                        // Every master's first check, before the monitor goes on. A master
+                        // that stops serving slots meanwhile (it failed over) is not waited
+                        // for: its replica's check runs when it is promoted.
+                        let mut failed = None;
+                        firsts.retain(|addr, rx| {
+                            let serving = nodes
+                                .iter()
+                                .any(|n| n.addr() == *addr && n.serves_slots() && !n.failing);
+                            match rx.try_recv() {
+                                Err(oneshot::error::TryRecvError::Empty) => serving,
+                                Ok(Err(e)) => {
+                                    failed.get_or_insert(e);
+                                    false
+                                }
+                                Ok(Ok(())) | Err(oneshot::error::TryRecvError::Closed) => false,
+                            }
                         });
-                        let stop = failed.is_some();
-                        let _ = tx.send(failed.map_or(Ok(()), Err));
-                        if stop {
+                        if let Some(e) = failed {
+                            let _ = tx.send(Err(e));
                             break;
                         }
+                        if firsts.is_empty() {
+                            let _ = tx.send(Ok(()));
+                        } else {
+                            first = Some(tx);
+                        }
                     }
-                    TOPOLOGY_EVERY
+                    if first.is_some() {
+                        STARTUP_POLL
+                    } else {
+                        TOPOLOGY_EVERY
+                    }
                 }
                 Err(e) => {
                     self.health.set_redis_listener(false);

@@ -120,14 +120,19 @@ async fn failover_loses_no_transition_and_invents_none() {
     let silent = ids("silent", 300);
     // Kept online with a TTL well above any scheduling hiccup of this busy machine: an
     // offline status for one of them can only come from the failover.
+    // The end of every round is recorded: a device heartbeats once per round, so the longest
+    // gap between rounds is the longest a device went without a heartbeat.
+    let rounds = Arc::new(std::sync::Mutex::new(Vec::new()));
     let beating = {
         let token = tokio_util::sync::CancellationToken::new();
-        let (t, devices, keep) = (token.clone(), devices.clone(), keep.clone());
+        let (t, devices, keep, rounds) =
+            (token.clone(), devices.clone(), keep.clone(), rounds.clone());
         tokio::spawn(async move {
             while !t.is_cancelled() {
                 for id in &keep {
                     devices.heartbeat(id, br#"{"ttl_s": 3}"#).await;
                 }
+                rounds.lock().unwrap().push(std::time::Instant::now());
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
         });
@@ -208,11 +213,26 @@ async fn failover_loses_no_transition_and_invents_none() {
             "{id}"
         );
     }
-    for id in &keep {
-        assert_eq!(
-            history(&statuses.device(id)),
-            vec![(1, "online".into())],
-            "{id} kept heartbeating through the failover ({failover:?})"
+    let longest_gap = rounds
+        .lock()
+        .unwrap()
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    if longest_gap < Duration::from_millis(2500) {
+        for id in &keep {
+            assert_eq!(
+                history(&statuses.device(id)),
+                vec![(1, "online".into())],
+                "{id} kept heartbeating through the failover ({failover:?}; longest gap between heartbeats {longest_gap:?})"
+            );
+        }
+    } else {
+        // This machine starved the test's own publisher: the devices did not really keep
+        // heartbeating within their 3 s TTL, so an offline status proves nothing here.
+        eprintln!(
+            "publisher stalled {longest_gap:?} (TTL 3 s): the no-false-offline check is not judged in this run"
         );
     }
 
