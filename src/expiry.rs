@@ -1,7 +1,7 @@
 //! The keyspace-notification listener: the fast path from Redis's `expired` events to
 //! offline decisions.
 //!
-//! Notifications are local to a node, so there is one [`NodeListener`] per Redis node: one
+//! Notifications are local to a node, so there is one `NodeListener` per Redis node: one
 //! for a single Redis; in a cluster, one per node (masters and replicas: a replica emits
 //! nothing, but when it is promoted we are already subscribed), kept in step with the
 //! topology by [`Listener::run`], which asks `CLUSTER NODES` every second.
