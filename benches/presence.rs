@@ -648,17 +648,15 @@ async fn seed(redis: &RedisServer, n: usize, ttl_ms: u64) {
         let now = now_ms();
         let beats: Vec<Beat> = chunk
             .iter()
-            .map(|i| Beat {
-                device: DeviceId::parse(&format!("dev-{i:07}")).unwrap(),
-                arrival: now,
-                ttl_ms,
+            .map(|i| {
+                Beat::live(
+                    DeviceId::parse(&format!("dev-{i:07}")).unwrap(),
+                    now,
+                    ttl_ms,
+                )
             })
             .collect();
-        store
-            .apply_heartbeats(&beats, now)
-            .await
-            .into_result()
-            .unwrap();
+        store.apply_heartbeats(&beats).await.into_result().unwrap();
     }
     // Seeding committed online transitions nobody published: drop them from the outbox, it
     // is empty in a steady state.

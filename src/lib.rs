@@ -19,6 +19,7 @@
 //!
 //! [`run`] wires them together and owns the shutdown order.
 
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod device;
@@ -48,7 +49,7 @@ use crate::expiry::{Listener, Nodes, NotificationsOff};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::mqtt::MqttTask;
-use crate::presence::{Applier, DueTable, Expirer, Held, Outbox, HELD_CAP};
+use crate::presence::{Applier, DueTable, Expirer, Held, Outbox, Stamper, HELD_CAP};
 use crate::store::{Store, StoreError};
 
 /// How long a shutdown may take before the remaining tasks are abandoned. Deployments keep
@@ -56,14 +57,11 @@ use crate::store::{Store, StoreError};
 /// `terminationGracePeriodSeconds`) above it.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// How long deadlines that fell due during a Redis outage wait after Redis answers again, so
-/// that other replicas can apply the heartbeats they held meanwhile (`presence::Hold`):
-/// above their reconnect delay (the connection manager retries within 2 s, the applier
-/// within 2 s).
-const OUTAGE_GRACE: Duration = Duration::from_secs(4);
-/// The same on a cluster, where a replica may also wait for a command to time out (3 s) and
-/// for its cluster client to be rebuilt (`store::CLUSTER_STUCK`, 3 s).
-const CLUSTER_OUTAGE_GRACE: Duration = Duration::from_secs(8);
+/// How long a replica's floor stands without renewal before the others take it for gone
+/// (at least; half the TTL when that is longer). Above the broker's keep-alive timeout for a
+/// shared-subscription member (1.5 × 5 s), so that a stopped replica's share of heartbeats
+/// has moved to the living ones before its floor is ignored.
+const FLOOR_LEASE: Duration = Duration::from_secs(12);
 
 /// Capacity of the channel of statuses to publish (backpressure on the deciders). Large
 /// enough that a mass expiry is decided at Redis speed, not at broker speed; an entry is a
@@ -184,6 +182,23 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let republish = Arc::new(Notify::new());
     let resync = Arc::new(Notify::new());
 
+    let stamper = Stamper {
+        store: store.clone(),
+        held: held.clone(),
+        floor_of: cfg
+            .mqtt
+            .shared_group
+            .as_ref()
+            .map(|_| cfg.mqtt.client_id.clone()),
+        ingest: ingest_rx.clone(),
+        resync: resync.clone(),
+    };
+    stamper.first(device::now_ms()).await;
+    tracker.spawn(
+        stamper
+            .run(token.child_token())
+            .instrument(tracing::info_span!("clock")),
+    );
     tracker.spawn(
         MqttTask {
             cfg: cfg.mqtt.clone(),
@@ -191,6 +206,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             metrics: metrics.clone(),
             health: health.clone(),
             held: held.clone(),
+            clock: store.clock().clone(),
             out_rx,
             ack_tx,
             republish: republish.clone(),
@@ -222,14 +238,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             due,
             expired_rx,
             reconcile,
-            ingest: ingest_rx,
-            resync,
-            outage_grace: if store.is_cluster() {
-                CLUSTER_OUTAGE_GRACE
-            } else {
-                OUTAGE_GRACE
-            },
-            hold: Default::default(),
+            ingest: ingest_rx.clone(),
+            resync: resync.clone(),
+            floor_lease: FLOOR_LEASE.max(cfg.presence.ttl / 2),
+            floor_wait: tokio::time::Instant::now(),
         }
         .run(token.child_token())
         .instrument(tracing::info_span!("expirer")),
@@ -400,7 +412,7 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, Error> {
     })
     .await
     .map_err(|_| Error::Mqtt("connect timed out".into()))?;
-    connack.map_err(Error::Mqtt)?;
+    connack.map_err(|e| Error::Mqtt(e.to_string()))?;
     report.push("mqtt: reachable".into());
     Ok(report)
 }

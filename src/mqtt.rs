@@ -25,13 +25,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::clock::Clock;
 use crate::config::{MqttConfig, PresenceConfig, Protocol, MQTT_MAX_PACKET};
 use crate::device::{
     format_time, heartbeat_ttl, now_ms, DeviceId, Millis, State, StatusEvent, TopicTemplate,
 };
 use crate::health::Health;
 use crate::metrics::{Metrics, Rejected};
-use crate::presence::Held;
+use crate::presence::{Held, Stamp};
 use crate::store::{Ack, Bucket};
 use crate::telemetry::{Backoff, LogLimiter};
 
@@ -41,6 +42,9 @@ const INFLIGHT: usize = 100;
 const DRAIN: Duration = Duration::from_secs(3);
 /// How long to wait for our own sync marker before assuming the backlog was delivered.
 const SYNC_WAIT: Duration = Duration::from_secs(5);
+/// How often the task checks that it was not stalled, and what counts as a stall.
+const WATCHDOG: Duration = Duration::from_millis(200);
+const STALL: Duration = Duration::from_millis(500);
 /// Session expiry asked for with v5 (contract: at least 1 hour).
 const SESSION_EXPIRY_S: u32 = 24 * 3600;
 
@@ -145,13 +149,45 @@ pub enum EventLoop {
 /// The events this crate cares about, in protocol-neutral form.
 #[derive(Debug)]
 pub enum Event {
-    ConnAck { session_present: bool },
-    Publish { topic: Bytes, payload: Bytes },
-    SubAck { granted: Vec<bool> },
-    PubAck { pkid: u16, ok: bool, reason: String },
-    Sent { pkid: u16 },
+    ConnAck {
+        session_present: bool,
+    },
+    /// `retained`: sent because we (re)subscribed, not published while we were subscribed.
+    Publish {
+        topic: Bytes,
+        payload: Bytes,
+        retained: bool,
+    },
+    SubAck {
+        granted: Vec<bool>,
+    },
+    PubAck {
+        pkid: u16,
+        ok: bool,
+        reason: String,
+    },
+    Sent {
+        pkid: u16,
+    },
     Disconnected,
     Other,
+}
+
+/// Why the connection is gone.
+#[derive(Debug)]
+pub enum Lost {
+    /// Nothing listens at the broker's address: the broker is down, so devices cannot
+    /// reach it either.
+    Refused(String),
+    Other(String),
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lost::Refused(e) | Lost::Other(e) => f.write_str(e),
+        }
+    }
 }
 
 /// How a client connects.
@@ -323,18 +359,25 @@ impl Client {
 
 impl EventLoop {
     /// Polls once. An error means the connection is gone; polling again reconnects.
-    pub async fn poll(&mut self) -> Result<Event, String> {
+    pub async fn poll(&mut self) -> Result<Event, Lost> {
         match self {
             EventLoop::V5(l) => {
                 use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
-                use rumqttc::v5::{Event as E, Incoming as I};
-                Ok(match l.poll().await.map_err(|e| e.to_string())? {
+                use rumqttc::v5::{ConnectionError as C, Event as E, Incoming as I};
+                let polled = l.poll().await.map_err(|e| match &e {
+                    C::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        Lost::Refused(e.to_string())
+                    }
+                    _ => Lost::Other(e.to_string()),
+                });
+                Ok(match polled? {
                     E::Incoming(I::ConnAck(c)) => Event::ConnAck {
                         session_present: c.session_present,
                     },
                     E::Incoming(I::Publish(p)) => Event::Publish {
                         topic: p.topic,
                         payload: p.payload,
+                        retained: p.retain,
                     },
                     E::Incoming(I::SubAck(s)) => Event::SubAck {
                         granted: s
@@ -358,14 +401,23 @@ impl EventLoop {
                 })
             }
             EventLoop::V4(l) => {
-                use rumqttc::{Event as E, Incoming as I, SubscribeReasonCode};
-                Ok(match l.poll().await.map_err(|e| e.to_string())? {
+                use rumqttc::{
+                    ConnectionError as C, Event as E, Incoming as I, SubscribeReasonCode,
+                };
+                let polled = l.poll().await.map_err(|e| match &e {
+                    C::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        Lost::Refused(e.to_string())
+                    }
+                    _ => Lost::Other(e.to_string()),
+                });
+                Ok(match polled? {
                     E::Incoming(I::ConnAck(c)) => Event::ConnAck {
                         session_present: c.session_present,
                     },
                     E::Incoming(I::Publish(p)) => Event::Publish {
                         topic: Bytes::from(p.topic.into_bytes()),
                         payload: p.payload,
+                        retained: p.retain,
                     },
                     E::Incoming(I::SubAck(s)) => Event::SubAck {
                         granted: s
@@ -448,6 +500,7 @@ pub struct MqttTask {
     pub metrics: Metrics,
     pub health: Arc<Health>,
     pub held: Arc<Held>,
+    pub clock: Arc<Clock>,
     pub out_rx: mpsc::Receiver<StatusOut>,
     pub ack_tx: mpsc::Sender<Ack>,
     /// Woken when the broker lost our session: every device's status is published again.
@@ -490,7 +543,13 @@ impl MqttTask {
                 presence_payload(false, &instance, 0),
             )),
             inflight: INFLIGHT as u16,
-            keep_alive: Duration::from_secs(15),
+            // A shared-subscription member that stops must lose its share soon (the broker
+            // drops it after 1.5 × keep-alive), well within the floor lease.
+            keep_alive: if self.cfg.shared_group.is_some() {
+                Duration::from_secs(5)
+            } else {
+                Duration::from_secs(15)
+            },
         });
         let sync = sync_topic(&instance);
         let filters = vec![self.cfg.heartbeat_filter(), sync.clone()];
@@ -511,6 +570,17 @@ impl MqttTask {
         let mut phase = Phase::Running;
         let mut drain_deadline = Instant::now();
         let mut out_open = true;
+        // How heartbeats received now are stamped (see `Stamp`): live, unless a backlog
+        // queued while we were away is being delivered (until the sync marker is back).
+        let mut stamp = Stamp::OnTime;
+        // The last time the broker refused a connection while we were disconnected.
+        let mut refused_at: Option<Millis> = None;
+        // The last heartbeat received while a marker is outstanding: a backlog still
+        // draining keeps the gate closed, however long it takes.
+        let mut progress = Instant::now();
+        // Our own stall detector: a timer firing far too late means the process was stopped
+        // and heartbeats may wait unread in the socket.
+        let mut watch_at = Instant::now() + WATCHDOG;
 
         loop {
             // Move what must be sent again into the client first, in order.
@@ -564,7 +634,7 @@ impl MqttTask {
                 && resend.is_empty();
             let sync_timeout = marker
                 .as_ref()
-                .map(|(_, sent)| *sent + SYNC_WAIT)
+                .map(|(_, sent)| (*sent).max(progress) + SYNC_WAIT)
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let tick = if phase == Phase::Running {
                 Instant::now() + Duration::from_secs(3600)
@@ -583,7 +653,20 @@ impl MqttTask {
                         break;
                     }
                 }
+                () = tokio::time::sleep_until(watch_at) => {
+                    let late = Instant::now().saturating_duration_since(watch_at);
+                    watch_at = Instant::now() + WATCHDOG;
+                    if late > STALL && connected && phase == Phase::Running && marker.is_none() {
+                        warn!(late_ms = late.as_millis() as u64, "The process was stalled; heartbeats read until the sync marker is back count as on time.");
+                        stamp = Stamp::OnTime;
+                        let _ = self.ingest.send(None);
+                        let (mark, token_bytes) = new_marker(&sync);
+                        resend.push_front(mark);
+                        marker = Some((token_bytes, Instant::now()));
+                    }
+                }
                 () = self.resync.notified(), if connected && phase == Phase::Running => {
+                    stamp = Stamp::OnTime;
                     let _ = self.ingest.send(None);
                     let (mark, token_bytes) = new_marker(&sync);
                     resend.push_front(mark);
@@ -592,12 +675,16 @@ impl MqttTask {
                 () = tokio::time::sleep_until(sync_timeout), if marker.is_some() => {
                     warn!("Sync marker did not come back; assuming queued heartbeats were delivered.");
                     marker = None;
+                    stamp = Stamp::Live;
                     let _ = self.ingest.send(Some(now_ms()));
                 }
                 ev = eventloop.poll() => match ev {
                     Ok(Event::ConnAck { session_present }) => {
                         connected = true;
                         backoff.reset();
+                        // What the broker queued for us while it refused our connections
+                        // reached it after it came back; anything else queued, in time.
+                        stamp = refused_at.take().map_or(Stamp::OnTime, Stamp::BrokerReturned);
                         info!(session_present, "Connected to the MQTT broker.");
                         if !session_present {
                             // The client dropped whatever it held; the broker may have lost
@@ -637,15 +724,22 @@ impl MqttTask {
                             self.health.set_mqtt(true, false);
                         }
                     }
-                    Ok(Event::Publish { topic, payload }) => {
+                    Ok(Event::Publish { retained: true, .. }) => {
+                        // A replay of a retained message because we (re)subscribed: not news.
+                    }
+                    Ok(Event::Publish { topic, payload, retained: false }) => {
                         if topic.as_ref() == sync.as_bytes() {
                             if marker.as_ref().is_some_and(|(t, _)| *t == payload) {
                                 marker = None;
+                                stamp = Stamp::Live;
                                 let _ = self.ingest.send(Some(now_ms()));
                                 debug!("Queued heartbeats delivered.");
                             }
                         } else {
-                            self.heartbeat(&topic, &payload, &limiters);
+                            if marker.is_some() {
+                                progress = Instant::now();
+                            }
+                            self.heartbeat(&topic, &payload, stamp, &limiters);
                         }
                     }
                     Ok(Event::Sent { pkid }) => tracker.sent(pkid),
@@ -660,8 +754,10 @@ impl MqttTask {
                         }
                         if let Kind::Status { ack, lag_from } = out.kind {
                             if let Some(deadline) = lag_from {
+                                // Both on the bucket master's clock.
+                                let acked_at = self.clock.now(ack.bucket);
                                 self.metrics
-                                    .observe_lag(now_ms().saturating_sub(deadline) as f64 / 1000.0);
+                                    .observe_lag(acked_at.saturating_sub(deadline) as f64 / 1000.0);
                             }
                             // Full: dropped; the outbox lease publishes it once more.
                             let _ = self.ack_tx.try_send(ack);
@@ -676,6 +772,9 @@ impl MqttTask {
                     Err(e) => {
                         if phase != Phase::Running {
                             break;
+                        }
+                        if matches!(e, Lost::Refused(_)) && !connected {
+                            refused_at = Some(now_ms());
                         }
                         if connected {
                             warn!(error = %e, "Lost the MQTT connection; reconnecting.");
@@ -709,7 +808,7 @@ impl MqttTask {
     }
 
     /// One message on the heartbeat subscription: validated, counted, held for Redis.
-    fn heartbeat(&self, topic: &[u8], payload: &[u8], limiters: &Limiters) {
+    fn heartbeat(&self, topic: &[u8], payload: &[u8], stamp: Stamp, limiters: &Limiters) {
         let raw = std::str::from_utf8(topic)
             .ok()
             .and_then(|t| self.cfg.heartbeat_topic.extract(t));
@@ -746,7 +845,7 @@ impl MqttTask {
             self.presence.min_ttl,
             self.presence.max_ttl,
         );
-        if self.held.insert(device, ttl) {
+        if self.held.insert(device, ttl, stamp) {
             self.metrics.heartbeat_accepted();
         } else if let Some(n) = limiters.held_full.check() {
             error!(

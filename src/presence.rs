@@ -28,7 +28,9 @@ use crate::device::{now_ms, DeviceId, Millis};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::mqtt::StatusOut;
-use crate::store::{lease_ms, Ack, Beat, Bucket, Committed, Store, BUCKETS};
+use crate::store::{
+    Ack, Beat, Bucket, Committed, Cutoff, Floor, Store, Timing, BUCKETS, OUTBOX_LEASE,
+};
 use crate::telemetry::{Backoff, LogLimiter};
 
 /// Most devices held for Redis at once (coalesced: one entry per device). Beyond it new
@@ -53,6 +55,19 @@ const REPUBLISH_RATE: u64 = 5_000;
 
 // === impl Held ===
 
+/// How a received heartbeat is stamped (see [`Held::insert`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stamp {
+    /// A live message: it reached the broker as it reached us.
+    Live,
+    /// Queued by the broker while the broker itself was down (it refused our connections):
+    /// it reached the broker when the broker came back, at this time at the earliest.
+    BrokerReturned(Millis),
+    /// Queued for us while we were away from a broker that kept running (stopped, cut off,
+    /// stalled): it reached the broker in time.
+    OnTime,
+}
+
 /// Heartbeats received and not yet applied, shared by the MQTT task (insert) and the
 /// [`Applier`] (take). A `std` mutex: nothing awaits while holding it.
 pub struct Held {
@@ -61,15 +76,72 @@ pub struct Held {
     cap: usize,
 }
 
+/// What is held of one device: its heartbeats coalesced into one entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    first: Millis,
+    arrival: Millis,
+    deadline: Millis,
+    lapse: Option<(Millis, Millis)>,
+    timing: Timing,
+}
+
+impl Entry {
+    /// Two entries of one device as one: the latest heartbeat's deadline wins, the earliest
+    /// arrival is kept (for the late rule and the watermark), and a silence between them
+    /// longer than the earlier one's deadline is kept as a lapse. On equal arrivals `other`
+    /// counts as the later one.
+    fn merge(self, other: Entry) -> Entry {
+        let (a, b) = if self.arrival <= other.arrival {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        let known = a.timing == Timing::Known && b.timing == Timing::Known;
+        let gap = (known && b.first > a.deadline).then_some((a.deadline, b.first));
+        Entry {
+            first: a.first.min(b.first),
+            arrival: b.arrival,
+            deadline: b.deadline,
+            lapse: a.lapse.or(b.lapse).or(gap),
+            timing: if a.first <= b.first {
+                a.timing
+            } else {
+                b.timing
+            },
+        }
+    }
+}
+
 #[derive(Default)]
 struct HeldInner {
-    /// device → (latest arrival, latest deadline)
-    map: HashMap<DeviceId, (Millis, Millis)>,
+    map: HashMap<DeviceId, Entry>,
     /// Oldest arrival among `map`.
     oldest: Option<Millis>,
     /// Oldest arrival of the batch the applier is working on.
     oldest_in_flight: Option<Millis>,
     closed: bool,
+}
+
+/// Which of two entries is the later one when their arrivals are equal.
+#[derive(Clone, Copy)]
+enum Tie {
+    /// The one being held now (a heartbeat that just arrived).
+    Incoming,
+    /// The one already held (it arrived while the incoming batch was being applied).
+    Held,
+}
+
+impl HeldInner {
+    fn hold(&mut self, device: DeviceId, entry: Entry, tie: Tie) {
+        let merged = match (self.map.get(&device), tie) {
+            (Some(held), Tie::Incoming) => held.merge(entry),
+            (Some(held), Tie::Held) => entry.merge(*held),
+            (None, _) => entry,
+        };
+        self.map.insert(device, merged);
+        self.oldest = Some(self.oldest.map_or(entry.first, |o| o.min(entry.first)));
+    }
 }
 
 impl Held {
@@ -90,29 +162,34 @@ impl Held {
     /// Holds a heartbeat that arrives now. `false` if it was dropped (at capacity).
     ///
     /// The arrival time is taken under the lock, so the watermark can never pass a
-    /// heartbeat that is on its way in.
-    pub fn insert(&self, device: DeviceId, ttl: Duration) -> bool {
+    /// heartbeat that is on its way in. At most one entry per device is held, however long
+    /// Redis is away.
+    pub fn insert(&self, device: DeviceId, ttl: Duration, stamp: Stamp) -> bool {
         let mut inner = self.lock();
         let now = now_ms();
-        let deadline = now + ttl.as_millis() as u64;
-        let len = inner.map.len();
-        match inner.map.get_mut(&device) {
-            Some(entry) => {
-                entry.0 = entry.0.max(now);
-                entry.1 = entry.1.max(deadline);
-            }
-            None if len >= self.cap => return false,
-            None => {
-                inner.map.insert(device, (now, deadline));
-            }
+        let (arrival, timing) = match stamp {
+            Stamp::Live => (now, Timing::Known),
+            Stamp::BrokerReturned(at) => (at.min(now), Timing::Known),
+            Stamp::OnTime => (now, Timing::OnTime),
+        };
+        if inner.map.len() >= self.cap && !inner.map.contains_key(&device) {
+            return false;
         }
-        inner.oldest = Some(inner.oldest.map_or(now, |o| o.min(now)));
+        let entry = Entry {
+            first: arrival,
+            arrival,
+            deadline: arrival + ttl.as_millis() as u64,
+            lapse: None,
+            timing,
+        };
+        inner.hold(device, entry, Tie::Incoming);
         drop(inner);
         self.notify.notify_one();
         true
     }
 
-    /// Takes every held heartbeat; they count towards the watermark until [`Held::applied`].
+    /// Takes every held heartbeat; they count towards the watermark until [`Held::applied`]
+    /// (or [`Held::restore`]).
     fn take(&self) -> Vec<Beat> {
         let mut inner = self.lock();
         let map = std::mem::take(&mut inner.map);
@@ -120,10 +197,13 @@ impl Held {
             inner.oldest_in_flight = Some(inner.oldest_in_flight.map_or(oldest, |o| o.min(oldest)));
         }
         map.into_iter()
-            .map(|(device, (arrival, deadline))| Beat {
+            .map(|(device, e)| Beat {
                 device,
-                arrival,
-                ttl_ms: deadline - arrival,
+                first: e.first,
+                arrival: e.arrival,
+                deadline: e.deadline,
+                lapse: e.lapse,
+                timing: e.timing,
             })
             .collect()
     }
@@ -131,6 +211,28 @@ impl Held {
     /// The batch taken last is in Redis.
     fn applied(&self) {
         self.lock().oldest_in_flight = None;
+    }
+
+    /// The batch taken last could not be applied (in part): hold it again, merged with
+    /// what arrived meanwhile, so a device never has more than one entry.
+    fn restore(&self, beats: Vec<Beat>) {
+        let mut inner = self.lock();
+        for beat in beats {
+            let entry = Entry {
+                first: beat.first,
+                arrival: beat.arrival,
+                deadline: beat.deadline,
+                lapse: beat.lapse,
+                timing: beat.timing,
+            };
+            inner.hold(beat.device, entry, Tie::Held);
+        }
+        inner.oldest_in_flight = None;
+    }
+
+    /// How many devices are held.
+    fn len(&self) -> usize {
+        self.lock().map.len()
     }
 
     /// Every heartbeat that arrived before this time has been applied; `None`: all have.
@@ -203,71 +305,69 @@ impl Applier {
     pub async fn run(self, token: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_secs(2));
         let limiter = LogLimiter::new(Duration::from_secs(10));
-        let mut batch: Vec<Beat> = Vec::new();
         loop {
+            if self.held.is_closed_and_empty() {
+                break;
+            }
+            let batch = self.held.take();
             if batch.is_empty() {
-                if self.held.is_closed_and_empty() {
-                    break;
-                }
-                batch = self.held.take();
-                if batch.is_empty() {
-                    self.held.notify.notified().await;
-                    continue;
-                }
+                self.held.notify.notified().await;
+                continue;
             }
-            let mut failed = None;
-            let mut retry: Vec<Beat> = Vec::new();
-            for (i, chunk) in batch.chunks(APPLY_BATCH).enumerate() {
-                let applied = self.store.apply_heartbeats(chunk, now_ms()).await;
-                // Whatever was committed is published, even if other buckets failed (in a
-                // cluster, one master may be failing over while the others work).
-                count(&self.metrics, &applied.done);
-                publish(&self.out, applied.done, true).await;
-                for beat in chunk {
-                    let b = crate::store::bucket_of(beat.device.as_str());
-                    if applied.failed.contains(&b) {
-                        retry.push(beat.clone());
-                    } else {
-                        self.due.lower(b, beat.arrival + beat.ttl_ms);
-                    }
-                }
-                if let Some(e) = applied.error {
-                    failed = Some(e);
-                    retry.extend(batch.chunks(APPLY_BATCH).skip(i + 1).flatten().cloned());
-                    break;
-                }
-                self.health.set_redis_commands(true);
+            let Err(e) = self.apply(batch).await else {
+                backoff.reset();
+                self.held.applied();
+                continue;
+            };
+            // What was not applied is held again, merged per device with what arrived
+            // meanwhile (re-applying is harmless); expiries wait for it (the watermark).
+            self.health.set_redis_commands(false);
+            let held = self.held.len();
+            if let Some(n) = limiter.check() {
+                warn!(error = %e, held, suppressed = n, "Cannot apply heartbeats to Redis; holding them.");
             }
-            match failed {
-                None => {
-                    backoff.reset();
-                    batch.clear();
-                    self.held.applied();
-                }
-                Some(e) => {
-                    // Keep what was not applied (re-applying is harmless: deadlines only
-                    // grow) and keep holding new heartbeats; expiries wait for them (the
-                    // watermark stays at the oldest heartbeat of the batch until all is in).
-                    batch = retry;
-                    self.health.set_redis_commands(false);
-                    if let Some(n) = limiter.check() {
-                        warn!(error = %e, held = batch.len(), suppressed = n, "Cannot apply heartbeats to Redis; holding them.");
-                    }
-                    let closed_and_cancelled = token.is_cancelled() && self.held.lock().closed;
-                    if closed_and_cancelled {
-                        warn!(
-                            held = batch.len(),
-                            "Shutting down with heartbeats not applied."
-                        );
-                        break;
-                    }
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    // Merge what arrived meanwhile, so the retry is one round trip.
-                    batch.extend(self.held.take());
-                }
+            if token.is_cancelled() && self.held.lock().closed {
+                warn!(held, "Shutting down with heartbeats not applied.");
+                break;
             }
+            tokio::time::sleep(backoff.next_delay()).await;
         }
         debug!("Heartbeat applier stopped.");
+    }
+
+    /// Applies one batch in chunks; on failure, what was not applied is held again.
+    async fn apply(&self, batch: Vec<Beat>) -> Result<(), crate::store::StoreError> {
+        let mut retry: Vec<Beat> = Vec::new();
+        let mut failed = None;
+        let mut chunks = batch.chunks(APPLY_BATCH);
+        for chunk in chunks.by_ref() {
+            let applied = self.store.apply_heartbeats(chunk).await;
+            // Whatever was committed is published, even if other buckets failed (in a
+            // cluster, one master may be failing over while the others work).
+            count(&self.metrics, &applied.done);
+            publish(&self.out, applied.done, true).await;
+            for beat in chunk {
+                let b = crate::store::bucket_of(beat.device.as_str());
+                if applied.failed.contains(&b) {
+                    retry.push(beat.clone());
+                } else {
+                    self.due.lower(b, beat.deadline);
+                }
+            }
+            if let Some(e) = applied.error {
+                failed = Some(e);
+                break;
+            }
+            self.health.set_redis_commands(true);
+        }
+        match failed {
+            None => Ok(()),
+            Some(e) => {
+                retry.extend(chunks.flatten().cloned());
+                self.held.restore(retry);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -357,59 +457,10 @@ pub struct Expirer {
     pub ingest: watch::Receiver<Option<Millis>>,
     /// Asks the MQTT task for a fresh sync marker after a stall.
     pub resync: Arc<Notify>,
-    /// How long deadlines that fell due during a Redis outage wait after it (see [`Hold`]).
-    pub outage_grace: Duration,
-    pub hold: Hold,
-}
-
-/// After a Redis outage, deadlines from `from` on are not decided until `outage_grace` after
-/// Redis answered again.
-///
-/// Why: other replicas may hold heartbeats they received during the outage and could not
-/// apply yet (their connection recovers a little later than ours), and our watermark does
-/// not cover their heartbeats. A device whose deadline fell in the outage may be alive on
-/// their side. Deadlines before `from` (the start of our last complete sweep before the
-/// outage) were decided already and are not held.
-#[derive(Debug, Default)]
-pub struct Hold {
-    /// Start of the last sweep of every bucket that succeeded.
-    last_full_ok: Millis,
-    /// Deadlines at or after this wait.
-    from: Option<Millis>,
-    /// When the wait ends; `None` while Redis is still failing.
-    until: Option<Instant>,
-}
-
-impl Hold {
-    fn failed(&mut self) {
-        let from = self.from.unwrap_or(self.last_full_ok);
-        self.from = Some(from.min(self.last_full_ok));
-        self.until = None;
-    }
-
-    fn swept_all(&mut self, started: Millis, grace: Duration) {
-        match (self.from, self.until) {
-            (None, _) => self.last_full_ok = started,
-            (Some(_), None) => {
-                self.until = Some(Instant::now() + grace);
-                info!(grace = ?grace, "Redis answers again; deadlines that fell due during the outage wait for the other replicas' heartbeats.");
-            }
-            (Some(_), Some(until)) if Instant::now() >= until => {
-                self.from = None;
-                self.until = None;
-                self.last_full_ok = started;
-            }
-            (Some(_), Some(_)) => {}
-        }
-    }
-
-    /// The latest deadline that may be decided, given `cutoff`.
-    fn limit(&self, cutoff: Millis) -> Millis {
-        match self.from {
-            Some(from) => cutoff.min(from.saturating_sub(1)),
-            None => cutoff,
-        }
-    }
+    /// How long another replica's floor stands without renewal (see [`Stamper`]).
+    pub floor_lease: Duration,
+    /// Due deadlines wait for another replica's floor until then.
+    pub floor_wait: Instant,
 }
 
 /// A timer that fires this much later than planned means the process was stalled (e.g.
@@ -455,10 +506,10 @@ impl Expirer {
                 r
             } else {
                 let now = now_ms();
-                let cutoff = self.cutoff(now);
+                let cutoff = self.cutoff(now).before;
                 let earliest = self.due.earliest();
                 let wake = if earliest <= cutoff {
-                    last_sweep + MIN_SWEEP_GAP
+                    (last_sweep + MIN_SWEEP_GAP).max(self.floor_wait)
                 } else if earliest <= now {
                     // Due, but a heartbeat older than it is still being applied.
                     Instant::now() + Duration::from_millis(5)
@@ -511,7 +562,6 @@ impl Expirer {
                 }
                 Err(e) => {
                     self.health.set_redis_commands(false);
-                    self.hold.failed();
                     if let Some(n) = limiter.check() {
                         warn!(error = %e, suppressed = n, "Cannot decide expiries in Redis; retrying.");
                     }
@@ -529,8 +579,11 @@ impl Expirer {
 
     /// The latest deadline an expiry may be decided for now: before any heartbeat this
     /// replica has not applied yet, and before an outage's deadlines while they wait.
-    fn cutoff(&self, now: Millis) -> Millis {
-        self.hold.limit(self.held.cutoff(now))
+    fn cutoff(&self, now: Millis) -> Cutoff {
+        Cutoff {
+            before: self.held.cutoff(now),
+            floor_lease_ms: self.floor_lease.as_millis() as u64,
+        }
     }
 
     async fn on_expired(&mut self, first: DeviceId) -> Result<(), crate::store::StoreError> {
@@ -541,8 +594,7 @@ impl Expirer {
                 Err(_) => break,
             }
         }
-        let now = now_ms();
-        let expired = self.store.expire_devices(&ids, now, self.cutoff(now)).await;
+        let expired = self.store.expire_devices(&ids, self.cutoff(now_ms())).await;
         self.decided(Source::Notification, expired.done).await;
         expired.error.map_or(Ok(()), Err)
     }
@@ -553,13 +605,13 @@ impl Expirer {
         let cutoff = self.cutoff(now);
         let seen: Vec<(Bucket, Millis)> = (0..BUCKETS)
             .map(|b| (b, self.due.get(b)))
-            .filter(|(_, d)| *d <= cutoff)
+            .filter(|(_, d)| *d <= cutoff.before)
             .collect();
         if seen.is_empty() {
             return Ok(());
         }
         let buckets: Vec<Bucket> = seen.iter().map(|(b, _)| *b).collect();
-        let swept = self.store.sweep(&buckets, now, cutoff, SWEEP_LIMIT).await;
+        let swept = self.store.sweep(&buckets, cutoff, SWEEP_LIMIT).await;
         let mut all = Vec::new();
         for s in swept.done {
             let seen = seen
@@ -567,6 +619,11 @@ impl Expirer {
                 .find(|(b, _)| *b == s.bucket)
                 .map_or(0, |(_, d)| *d);
             let next = if s.more { Some(now) } else { s.next_deadline };
+            if next.is_some_and(|d| d > s.cutoff && d <= cutoff.before) {
+                // Another replica has not applied heartbeats older than this deadline yet:
+                // ask again when its floor has had time to move.
+                self.floor_wait = Instant::now() + FLOOR_EVERY / 4;
+            }
             self.due.replace(s.bucket, seen, next);
             all.extend(s.committed);
         }
@@ -584,16 +641,14 @@ impl Expirer {
     async fn sweep_all(&mut self, source: Source) -> Result<(), crate::store::StoreError> {
         let mut buckets: Vec<Bucket> = (0..BUCKETS).collect();
         let started = Instant::now();
-        let started_ms = now_ms();
         let mut total = 0usize;
         while !buckets.is_empty() {
-            let now = now_ms();
-            let mut cutoff = self.cutoff(now);
+            let mut cutoff = self.cutoff(now_ms());
             if source == Source::SafetyNet {
-                cutoff = cutoff.saturating_sub(MISSED_GRACE_MS);
+                cutoff.before = cutoff.before.saturating_sub(MISSED_GRACE_MS);
             }
             let seen: Vec<Millis> = (0..BUCKETS).map(|b| self.due.get(b)).collect();
-            let swept = self.store.sweep(&buckets, now, cutoff, SWEEP_LIMIT).await;
+            let swept = self.store.sweep(&buckets, cutoff, SWEEP_LIMIT).await;
             let mut again = Vec::new();
             let mut all = Vec::new();
             for s in swept.done {
@@ -614,7 +669,6 @@ impl Expirer {
             self.health.set_redis_commands(true);
             buckets = again;
         }
-        self.hold.swept_all(started_ms, self.outage_grace);
         if source == Source::Reconcile {
             info!(
                 missed = total,
@@ -635,6 +689,89 @@ impl Expirer {
         debug!(?source, n = committed.len(), "Offline transitions decided.");
         count(&self.metrics, &committed);
         publish(&self.out, committed, true).await;
+    }
+}
+
+// === impl Stamper ===
+
+/// How often the clock offsets are measured.
+const CLOCK_EVERY: Duration = Duration::from_secs(1);
+/// How often a replica sharing heartbeats renews its floor.
+pub const FLOOR_EVERY: Duration = Duration::from_millis(100);
+/// Longest wait for one clock / floor round trip.
+const STAMP_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Keeps the offsets to the Redis clocks fresh ([`crate::clock`]) and, for a replica that
+/// shares heartbeats with others (a shared subscription), its *floor* in every bucket: a
+/// time before which every heartbeat it received is applied. Every replica's expiries stay
+/// below every live floor, so a heartbeat that one replica holds (Redis is slow or
+/// unreachable for it, a failover, a partition) is never overtaken by another replica's
+/// sweep. A floor stands for `floor_lease` without renewal; then the replica is taken for
+/// dead (stopped, partitioned for longer) and its floor ignored.
+pub struct Stamper {
+    pub store: Store,
+    pub held: Arc<Held>,
+    /// Our name in the floors, with a shared subscription.
+    pub floor_of: Option<String>,
+    pub ingest: watch::Receiver<Option<Millis>>,
+    pub resync: Arc<Notify>,
+}
+
+impl Stamper {
+    /// Measures the clocks once (and records our floor) before anything else starts.
+    pub async fn first(&self, floor: Millis) {
+        let _ = tokio::time::timeout(STAMP_TIMEOUT, self.store.sync_clock(self.floor(floor))).await;
+    }
+
+    fn floor(&self, at: Millis) -> Floor<'_> {
+        match &self.floor_of {
+            Some(who) => Floor::At(who, at),
+            None => Floor::None,
+        }
+    }
+
+    pub async fn run(self, token: CancellationToken) {
+        let every = if self.floor_of.is_some() {
+            FLOOR_EVERY
+        } else {
+            CLOCK_EVERY
+        };
+        let limiter = LogLimiter::new(Duration::from_secs(10));
+        let mut floor = now_ms();
+        let mut stalled_at: Millis = 0;
+        let mut planned = Instant::now();
+        loop {
+            tokio::select! {
+                () = token.cancelled() => break,
+                () = tokio::time::sleep_until(planned) => {}
+            }
+            if Instant::now() > planned + STALL {
+                // Stalled: heartbeats may be unread in the socket. Keep renewing the old floor
+                // until the MQTT task has read them (a fresh sync marker).
+                stalled_at = now_ms();
+                self.resync.notify_one();
+            }
+            planned = Instant::now() + every;
+            let open = (*self.ingest.borrow())
+                .is_some_and(|t| t >= stalled_at && self.held.watermark().is_none_or(|w| w > t));
+            if open {
+                floor = floor.max(self.held.cutoff(now_ms()));
+            }
+            let r =
+                tokio::time::timeout(STAMP_TIMEOUT, self.store.sync_clock(self.floor(floor))).await;
+            let error = match r {
+                Ok(p) => p.error.map(|e| e.to_string()),
+                Err(_) => Some("timed out".to_owned()),
+            };
+            if let (Some(e), Some(n)) = (error, limiter.check()) {
+                debug!(error = %e, suppressed = n, "Cannot read the Redis clock.");
+            }
+        }
+        if let Some(who) = &self.floor_of {
+            let _ =
+                tokio::time::timeout(STAMP_TIMEOUT, self.store.sync_clock(Floor::Leave(who))).await;
+        }
+        debug!("Stamper stopped.");
     }
 }
 
@@ -662,7 +799,7 @@ impl Outbox {
         let mut claim = tokio::time::interval(CLAIM_EVERY);
         // At start, whatever a previous run committed and did not see acknowledged is ours:
         // every entry leased before this process could have leased any.
-        let mut first_claim = Some(now_ms() + lease_ms());
+        let mut first_claim = Some(OUTBOX_LEASE);
         let mut republisher: Option<CancellationToken> = None;
         loop {
             tokio::select! {
@@ -689,8 +826,7 @@ impl Outbox {
                     if self.out.capacity() * 2 < self.out.max_capacity() {
                         continue;
                     }
-                    let now = now_ms();
-                    let claimed = self.store.claim_outbox(now, first_claim.unwrap_or(now), SWEEP_LIMIT).await;
+                    let claimed = self.store.claim_outbox(first_claim.unwrap_or(Duration::ZERO), SWEEP_LIMIT).await;
                     if !claimed.done.is_empty() {
                         info!(n = claimed.done.len(), "Publishing transitions whose publisher did not confirm them.");
                     }
@@ -725,7 +861,7 @@ impl Outbox {
     }
 
     async fn flush_acks(&self, pending: &mut Vec<Ack>, limiter: &LogLimiter) {
-        let acked = self.store.ack(pending, now_ms()).await;
+        let acked = self.store.ack(pending).await;
         if !acked.done.is_empty() {
             debug!(
                 n = acked.done.len(),
@@ -806,25 +942,86 @@ mod tests {
         let held = Held::new(2);
         assert_eq!(held.watermark(), None);
         assert_eq!(held.cutoff(1_000), 1_000);
-        assert!(held.insert(id("a"), Duration::from_secs(10)));
+        assert!(held.insert(id("a"), Duration::from_secs(10), Stamp::Live));
         let w = held.watermark().unwrap();
-        assert!(held.insert(id("a"), Duration::from_secs(1)));
-        assert!(held.insert(id("b"), Duration::from_secs(1)));
+        assert!(held.insert(id("a"), Duration::from_secs(1), Stamp::Live));
+        assert!(held.insert(id("b"), Duration::from_secs(1), Stamp::Live));
         // Capacity counts devices, not heartbeats.
-        assert!(!held.insert(id("c"), Duration::from_secs(1)));
-        assert!(held.insert(id("a"), Duration::from_secs(1)));
+        assert!(!held.insert(id("c"), Duration::from_secs(1), Stamp::Live));
+        assert!(held.insert(id("a"), Duration::from_secs(1), Stamp::Live));
         assert_eq!(held.watermark(), Some(w));
         assert_eq!(held.cutoff(w + 100), w - 1);
 
         let batch = held.take();
         assert_eq!(batch.len(), 2);
         let a = batch.iter().find(|b| b.device == id("a")).unwrap();
-        // The longest deadline any of a's heartbeats asked for stands.
-        assert!(a.ttl_ms >= 9_000, "{a:?}");
+        // The latest heartbeat's deadline wins, even when it is the sooner one.
+        assert_eq!(a.deadline, a.arrival + 1_000, "{a:?}");
+        assert_eq!(a.first, w);
         // Taken but not applied: still holds the watermark back.
         assert_eq!(held.watermark(), Some(w));
         held.applied();
         assert_eq!(held.watermark(), None);
+    }
+
+    fn entry(first: Millis, arrival: Millis, ttl: Millis, timing: Timing) -> Entry {
+        Entry {
+            first,
+            arrival,
+            deadline: arrival + ttl,
+            lapse: None,
+            timing,
+        }
+    }
+
+    #[test]
+    fn merging_keeps_the_latest_deadline_and_any_silence() {
+        let a = entry(100, 100, 30, Timing::Known);
+        let b = entry(120, 120, 5, Timing::Known);
+        // In either order: the later arrival's (shorter) deadline wins, the first stays.
+        for m in [a.merge(b), b.merge(a)] {
+            assert_eq!(
+                (m.first, m.arrival, m.deadline, m.lapse),
+                (100, 120, 125, None)
+            );
+        }
+        // A heartbeat after the earlier one's deadline: the silence between them is kept.
+        let late = entry(200, 200, 30, Timing::Known);
+        let m = a.merge(late);
+        assert_eq!(m.lapse, Some((130, 200)));
+        assert_eq!((m.first, m.deadline), (100, 230));
+        // Queued heartbeats (on time whatever their arrival) never make a silence.
+        let queued = entry(200, 200, 30, Timing::OnTime);
+        assert_eq!(
+            entry(100, 100, 30, Timing::OnTime).merge(queued).lapse,
+            None
+        );
+    }
+
+    #[test]
+    fn a_failed_batch_is_held_again_as_one_entry_per_device() {
+        let held = Held::new(10);
+        for _ in 0..3 {
+            assert!(held.insert(id("a"), Duration::from_secs(5), Stamp::Live));
+        }
+        let batch = held.take();
+        assert!(held.insert(id("a"), Duration::from_secs(7), Stamp::Live));
+        held.restore(batch);
+        assert_eq!(held.len(), 1);
+        let again = held.take();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].deadline, again[0].arrival + 7_000);
+    }
+
+    #[test]
+    fn heartbeats_queued_while_the_broker_was_down_arrive_when_it_came_back() {
+        let held = Held::new(10);
+        let back = now_ms() - 5_000;
+        assert!(held.insert(id("a"), Duration::from_secs(1), Stamp::BrokerReturned(back)));
+        let beat = &held.take()[0];
+        assert_eq!((beat.first, beat.timing), (back, Timing::Known));
+        assert!(held.insert(id("b"), Duration::from_secs(1), Stamp::OnTime));
+        assert_eq!(held.take()[0].timing, Timing::OnTime);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use redis::aio::{
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, RedisError, RedisFuture, ServerErrorKind, Value};
 
+use crate::clock::Clock;
 use crate::device::{DeviceId, DeviceRecord, Millis, State, StatusEvent};
 
 /// Number of buckets the fleet is split into. Part of the key layout: changing it needs a
@@ -99,6 +100,11 @@ impl Keys {
         self.key(b, "outbox")
     }
 
+    /// Replica floors (see src/lua/clock.lua).
+    pub fn floors(&self, b: Bucket) -> String {
+        self.key(b, "floor")
+    }
+
     /// A key for the notification probe (under the prefix, outside every bucket). In a
     /// cluster, `tag` (see [`crate::cluster::tag_in`]) puts it on the master being probed.
     pub fn probe(&self, tag: Option<&str>) -> String {
@@ -126,6 +132,11 @@ impl Keys {
             self.index(b, State::Offline),
             self.outbox(b),
         ]
+    }
+
+    fn expire_keys(&self, b: Bucket) -> [String; 6] {
+        let [a, b2, c, d, e] = self.bucket_keys(b);
+        [a, b2, c, d, e, self.floors(b)]
     }
 }
 
@@ -174,15 +185,69 @@ pub struct Swept {
     pub next_deadline: Option<Millis>,
     /// The sweep hit its limit: more devices may be overdue.
     pub more: bool,
+    /// The cutoff Redis used (lowered by other replicas' floors).
+    pub cutoff: Millis,
     pub committed: Vec<Committed>,
 }
 
-/// One heartbeat to apply.
+/// What is known of when a heartbeat reached the broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timing {
+    /// Its arrival at the monitor (a live message), or the moment the broker came back
+    /// (queued while the broker was down): a late arrival ends an offline period.
+    Known,
+    /// Queued for the monitor while it was away (stopped, cut off, stalled) from a broker
+    /// that kept running: it reached the broker in time, whatever its arrival says.
+    OnTime,
+}
+
+/// The held heartbeats of one device, to apply (local wall-clock times).
 #[derive(Clone, Debug)]
 pub struct Beat {
     pub device: DeviceId,
+    /// The earliest held heartbeat's arrival.
+    pub first: Millis,
+    /// The latest heartbeat's arrival and the deadline it set (the latest heartbeat wins).
     pub arrival: Millis,
-    pub ttl_ms: u64,
+    pub deadline: Millis,
+    /// A silence inside the held heartbeats: the deadline that passed, and the arrival
+    /// that ended it.
+    pub lapse: Option<(Millis, Millis)>,
+    pub timing: Timing,
+}
+
+impl Beat {
+    /// One live heartbeat.
+    pub fn live(device: DeviceId, arrival: Millis, ttl_ms: u64) -> Beat {
+        Beat {
+            device,
+            first: arrival,
+            arrival,
+            deadline: arrival + ttl_ms,
+            lapse: None,
+            timing: Timing::Known,
+        }
+    }
+}
+
+/// The latest deadline an expiry may be decided for (a local time; Redis takes the lowest
+/// of it, its own clock and the live replicas' floors).
+#[derive(Clone, Copy, Debug)]
+pub struct Cutoff {
+    pub before: Millis,
+    /// How long a replica's floor stands without being renewed.
+    pub floor_lease_ms: u64,
+}
+
+/// What [`Store::sync_clock`] records of this replica.
+#[derive(Clone, Copy, Debug)]
+pub enum Floor<'a> {
+    /// Nothing: this replica sees every heartbeat itself (no shared subscription).
+    None,
+    /// This replica (by name) has applied every heartbeat received before this local time.
+    At(&'a str, Millis),
+    /// This replica stops: its floor is removed.
+    Leave(&'a str),
 }
 
 /// What `notify-keyspace-events` looked like and what was done about it.
@@ -349,6 +414,7 @@ pub struct Store {
     conn: Conn,
     keys: Keys,
     scripts: std::sync::Arc<Scripts>,
+    clock: Arc<Clock>,
 }
 
 struct Scripts {
@@ -356,6 +422,7 @@ struct Scripts {
     expire: LuaScript,
     ack: LuaScript,
     claim: LuaScript,
+    clock: LuaScript,
 }
 
 impl Scripts {
@@ -365,11 +432,18 @@ impl Scripts {
             expire: LuaScript::new(include_str!("lua/expire.lua")),
             ack: LuaScript::new(include_str!("lua/ack.lua")),
             claim: LuaScript::new(include_str!("lua/claim.lua")),
+            clock: LuaScript::new(include_str!("lua/clock.lua")),
         })
     }
 
-    fn all(&self) -> [&LuaScript; 4] {
-        [&self.heartbeat, &self.expire, &self.ack, &self.claim]
+    fn all(&self) -> [&LuaScript; 5] {
+        [
+            &self.heartbeat,
+            &self.expire,
+            &self.ack,
+            &self.claim,
+            &self.clock,
+        ]
     }
 }
 
@@ -394,6 +468,7 @@ impl Store {
             conn: Conn::Single(conn),
             keys: Keys::new(prefix),
             scripts: Scripts::new(),
+            clock: Arc::default(),
         })
     }
 
@@ -419,6 +494,7 @@ impl Store {
             })),
             keys: Keys::new(prefix),
             scripts: Scripts::new(),
+            clock: Arc::default(),
         })
     }
 
@@ -436,6 +512,58 @@ impl Store {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// The offsets to every bucket's master clock (see [`Clock`]).
+    pub fn clock(&self) -> &Arc<Clock> {
+        &self.clock
+    }
+
+    /// Reads every bucket's master clock (one round trip) and, with `floor`, records this
+    /// replica's floor (a local time: every heartbeat it received before it is applied) in
+    /// every bucket, or removes it (`Floor::Leave`). Returns the buckets that failed.
+    pub async fn sync_clock(&self, floor: Floor<'_>) -> Partial<()> {
+        let buckets: Vec<Bucket> = (0..BUCKETS).collect();
+        let sent = crate::device::now_ms();
+        let replies = self
+            .exec(
+                buckets
+                    .iter()
+                    .map(|&b| {
+                        let args = match floor {
+                            Floor::None => vec![String::new(), String::new()],
+                            Floor::At(who, at) => {
+                                vec![who.to_owned(), self.clock.to_master(b, at).to_string()]
+                            }
+                            Floor::Leave(who) => vec![who.to_owned(), "-".to_owned()],
+                        };
+                        self.scripts.clock.cmd(&[self.keys.floors(b)], args)
+                    })
+                    .collect(),
+            )
+            .await;
+        let received = crate::device::now_ms();
+        let mut out = Partial {
+            error: replies.error.map(StoreError::from),
+            ..Partial::empty()
+        };
+        for (b, reply) in buckets.into_iter().zip(replies.values) {
+            match reply
+                .as_ref()
+                .and_then(bulk_string)
+                .and_then(|t| t.parse().ok())
+            {
+                Some(master) => {
+                    self.clock.observe(b, sent, received, master);
+                    out.done.push(());
+                }
+                None => out.failed.push(b),
+            }
+        }
+        if out.error.is_none() && !out.failed.is_empty() {
+            out.error = Some(StoreError::Protocol("TIME reply not a number".to_owned()));
+        }
+        out
     }
 
     /// Loads every script; in a cluster SCRIPT LOAD goes to every master (a promoted replica
@@ -550,20 +678,31 @@ impl Store {
     }
 
     /// Applies heartbeats (any buckets) in one round trip; returns the online transitions.
-    pub async fn apply_heartbeats(&self, beats: &[Beat], now: Millis) -> Partial<Committed> {
+    pub async fn apply_heartbeats(&self, beats: &[Beat]) -> Partial<Committed> {
         self.per_bucket(
             beats,
             |beat| bucket_of(beat.device.as_str()),
             |b, beats| {
-                let mut args = vec![
-                    self.keys.ttl_prefix(b),
-                    now.to_string(),
-                    lease_ms().to_string(),
-                ];
+                let mut args = vec![self.keys.ttl_prefix(b), lease_ms().to_string()];
+                let t = |local: Millis| self.clock.to_master(b, local).to_string();
                 for beat in beats {
+                    let (from, to) = beat
+                        .lapse
+                        .map_or(("0".into(), "0".into()), |(f, t2)| (t(f), t(t2)));
                     args.push(beat.device.to_string());
-                    args.push(beat.arrival.to_string());
-                    args.push(beat.ttl_ms.to_string());
+                    args.push(t(beat.first));
+                    args.push(t(beat.arrival));
+                    args.push(t(beat.deadline));
+                    args.push(from);
+                    args.push(to);
+                    args.push(
+                        if beat.timing == Timing::OnTime {
+                            "1"
+                        } else {
+                            "0"
+                        }
+                        .into(),
+                    );
                 }
                 self.scripts.heartbeat.cmd(&self.keys.bucket_keys(b), args)
             },
@@ -573,19 +712,14 @@ impl Store {
     }
 
     /// Marks the given devices offline if their deadline is at or before `cutoff`.
-    pub async fn expire_devices(
-        &self,
-        ids: &[DeviceId],
-        now: Millis,
-        cutoff: Millis,
-    ) -> Partial<Committed> {
+    pub async fn expire_devices(&self, ids: &[DeviceId], cutoff: Cutoff) -> Partial<Committed> {
         self.per_bucket(
             ids,
             |id| bucket_of(id.as_str()),
             |b, ids| {
-                let mut args = self.expire_args(b, now, cutoff, ids.len());
+                let mut args = self.expire_args(b, cutoff, ids.len());
                 args.extend(ids.iter().map(|id| id.to_string()));
-                self.scripts.expire.cmd(&self.keys.bucket_keys(b), args)
+                self.scripts.expire.cmd(&self.keys.expire_keys(b), args)
             },
             |b, reply| Ok(parse_swept(b, reply)?.committed),
         )
@@ -594,43 +728,42 @@ impl Store {
 
     /// Marks offline up to `limit` devices per bucket whose deadline is at or before
     /// `cutoff`, in the given buckets, in one round trip.
-    pub async fn sweep(
-        &self,
-        buckets: &[Bucket],
-        now: Millis,
-        cutoff: Millis,
-        limit: usize,
-    ) -> Partial<Swept> {
+    pub async fn sweep(&self, buckets: &[Bucket], cutoff: Cutoff, limit: usize) -> Partial<Swept> {
         self.per_bucket(
             buckets,
             |b| *b,
             |b, _| {
-                let args = self.expire_args(b, now, cutoff, limit);
-                self.scripts.expire.cmd(&self.keys.bucket_keys(b), args)
+                let args = self.expire_args(b, cutoff, limit);
+                self.scripts.expire.cmd(&self.keys.expire_keys(b), args)
             },
-            |b, reply| Ok(vec![parse_swept(b, reply)?]),
+            |b, reply| {
+                let mut swept = parse_swept(b, reply)?;
+                swept.next_deadline = swept.next_deadline.map(|d| self.clock.to_local(b, d));
+                swept.cutoff = self.clock.to_local(b, swept.cutoff);
+                Ok(vec![swept])
+            },
         )
         .await
     }
 
-    fn expire_args(&self, b: Bucket, now: Millis, cutoff: Millis, limit: usize) -> Vec<String> {
+    fn expire_args(&self, b: Bucket, cutoff: Cutoff, limit: usize) -> Vec<String> {
         vec![
             self.keys.ttl_prefix(b),
-            now.to_string(),
-            cutoff.to_string(),
+            self.clock.to_master(b, cutoff.before).to_string(),
             lease_ms().to_string(),
             limit.max(1).to_string(),
+            cutoff.floor_lease_ms.to_string(),
         ]
     }
 
     /// Records acknowledgements; returns statuses that must be published again because the
     /// device moved on while an older status was in flight (see src/lua/ack.lua).
-    pub async fn ack(&self, acks: &[Ack], now: Millis) -> Partial<Committed> {
+    pub async fn ack(&self, acks: &[Ack]) -> Partial<Committed> {
         self.per_bucket(
             acks,
             |ack| ack.bucket,
             |b, acks| {
-                let mut args = vec![now.to_string(), lease_ms().to_string()];
+                let mut args = vec![lease_ms().to_string()];
                 for ack in acks {
                     args.push(ack.member.clone());
                     args.push(ack.device.to_string());
@@ -688,24 +821,14 @@ impl Store {
 
     /// Claims outbox entries whose lease ends at or before `until` (normally `now`: their
     /// publisher died or is stuck), at most `limit` per bucket.
-    pub async fn claim_outbox(
-        &self,
-        now: Millis,
-        until: Millis,
-        limit: usize,
-    ) -> Partial<Committed> {
+    pub async fn claim_outbox(&self, ahead: Duration, limit: usize) -> Partial<Committed> {
         let buckets: Vec<Bucket> = (0..BUCKETS).collect();
-        let max = until.to_string();
+        let ahead = (ahead.as_millis() as u64).to_string();
         self.per_bucket(
             &buckets,
             |b| *b,
             |b, _| {
-                let args = vec![
-                    now.to_string(),
-                    lease_ms().to_string(),
-                    limit.to_string(),
-                    max.clone(),
-                ];
+                let args = vec![lease_ms().to_string(), limit.to_string(), ahead.clone()];
                 self.scripts.claim.cmd(&[self.keys.outbox(b)], args)
             },
             members,
@@ -995,6 +1118,10 @@ fn parse_swept(b: Bucket, reply: Value) -> Result<Swept, StoreError> {
     let mut it = items.iter();
     let next = it.next().and_then(bulk_string).unwrap_or_default();
     let more = it.next().and_then(bulk_string).unwrap_or_default() == "1";
+    let used = it
+        .next()
+        .and_then(bulk_string)
+        .and_then(|c| c.parse::<Millis>().ok());
     let next_deadline = next
         .parse::<f64>()
         .ok()
@@ -1011,6 +1138,7 @@ fn parse_swept(b: Bucket, reply: Value) -> Result<Swept, StoreError> {
         bucket: b,
         next_deadline,
         more,
+        cutoff: used.unwrap_or(0),
         committed,
     })
 }

@@ -334,15 +334,17 @@ async fn committed_transitions_of_a_dead_replica_are_published() {
     let dead = Store::connect(&client, "presence").await.unwrap();
     let beats = |prefix: &str| -> Vec<Beat> {
         (0..20)
-            .map(|i| Beat {
-                device: DeviceId::parse(&format!("{prefix}-{i}")).unwrap(),
-                arrival: now_ms(),
-                ttl_ms: 60_000,
+            .map(|i| {
+                Beat::live(
+                    DeviceId::parse(&format!("{prefix}-{i}")).unwrap(),
+                    now_ms(),
+                    60_000,
+                )
             })
             .collect()
     };
     let committed = dead
-        .apply_heartbeats(&beats("orphan"), now_ms())
+        .apply_heartbeats(&beats("orphan"))
         .await
         .into_result()
         .unwrap();
@@ -364,7 +366,7 @@ async fn committed_transitions_of_a_dead_replica_are_published() {
 
     // Left behind at a stop: a replica that starts takes it over at once.
     app.stop().await.unwrap();
-    dead.apply_heartbeats(&beats("left"), now_ms())
+    dead.apply_heartbeats(&beats("left"))
         .await
         .into_result()
         .unwrap();

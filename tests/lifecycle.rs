@@ -412,6 +412,13 @@ async fn heartbeats_during_a_restart_keep_devices_online() {
     app.stop().await.unwrap();
 }
 
+fn cutoff(before: u64) -> presenced::store::Cutoff {
+    presenced::store::Cutoff {
+        before,
+        floor_lease_ms: 12_000,
+    }
+}
+
 /// The same device named twice in one batch of expired events yields one transition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_expiry_events_in_one_batch_commit_once() {
@@ -419,14 +426,14 @@ async fn duplicate_expiry_events_in_one_batch_commit_once() {
     let (_redis, store, id, _) = online_but_overdue("twice").await;
     let now = now_ms();
     let off = store
-        .expire_devices(&[id.clone(), id.clone(), id.clone()], now, now)
+        .expire_devices(&[id.clone(), id.clone(), id.clone()], cutoff(now))
         .await
         .into_result()
         .unwrap();
     assert_eq!(off.len(), 1);
     assert_eq!(off[0].event.seq, 2);
     let again = store
-        .expire_devices(std::slice::from_ref(&id), now, now)
+        .expire_devices(std::slice::from_ref(&id), cutoff(now))
         .await
         .into_result()
         .unwrap();
@@ -470,7 +477,7 @@ async fn ack_of_an_overtaken_status_republishes_the_current_one() {
     let (_redis, store, id, online) = online_but_overdue("overtaken").await;
     let now = now_ms();
     let offline = store
-        .expire_devices(std::slice::from_ref(&id), now, now)
+        .expire_devices(std::slice::from_ref(&id), cutoff(now))
         .await
         .into_result()
         .unwrap()
@@ -483,7 +490,7 @@ async fn ack_of_an_overtaken_status_republishes_the_current_one() {
     };
     // seq 1 acknowledged after seq 2 was committed: seq 2 must go out (again).
     let again = store
-        .ack(&[ack(&online), ack(&online)], now_ms())
+        .ack(&[ack(&online), ack(&online)])
         .await
         .into_result()
         .unwrap();
@@ -493,13 +500,13 @@ async fn ack_of_an_overtaken_status_republishes_the_current_one() {
     assert_eq!(again[0].member, offline.member);
     // The current one acknowledged: nothing more, and the outbox is empty.
     assert!(store
-        .ack(&[ack(&offline)], now_ms())
+        .ack(&[ack(&offline)])
         .await
         .into_result()
         .unwrap()
         .is_empty());
     let left = store
-        .claim_outbox(now_ms(), u64::MAX, 100)
+        .claim_outbox(Duration::from_secs(3600), 100)
         .await
         .into_result()
         .unwrap();
@@ -523,19 +530,14 @@ async fn online_but_overdue(
     let client = redis::Client::open(redis.url()).unwrap();
     let store = Store::connect(&client, "presence").await.unwrap();
     let id = DeviceId::parse(name).unwrap();
-    let arrival = now_ms() - 5_000;
-    // Applied with `now` at its arrival, so it comes online with a deadline now passed.
-    let beat = Beat {
-        device: id.clone(),
-        arrival,
-        ttl_ms: 1_000,
-    };
+    // Online with a short TTL; then its deadline passes (nothing in this test sweeps).
     let mut on = store
-        .apply_heartbeats(&[beat], arrival)
+        .apply_heartbeats(&[Beat::live(id.clone(), now_ms(), 200)])
         .await
         .into_result()
         .unwrap();
     assert_eq!(on.len(), 1);
     let online = on.remove(0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
     (redis, store, id, online)
 }

@@ -4,11 +4,11 @@
 -- is staged again in the outbox and returned, to be published once more.
 -- Batched: one ZREM and one HMGET for the whole batch.
 -- KEYS: 1 records hash, 2 outbox zset
--- ARGV: 1 now, 2 outbox lease (ms), then triples (member, id, seq)
+-- ARGV: 1 outbox lease (ms), then triples (member, id, seq)
 local recs, outbox = KEYS[1], KEYS[2]
-local now, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+local lease = tonumber(ARGV[1])
 local members, ids, seqs = {}, {}, {}
-for i = 3, #ARGV, 3 do
+for i = 2, #ARGV, 3 do
   members[#members + 1] = ARGV[i]
   ids[#ids + 1] = ARGV[i + 1]
   seqs[#seqs + 1] = tonumber(ARGV[i + 2])
@@ -31,6 +31,7 @@ for i, id in ipairs(ids) do
   end
 end
 if #out > 0 then
+  local now = redis_now()
   local args = {}
   for _, m in ipairs(out) do
     args[#args + 1] = now + lease

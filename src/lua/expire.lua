@@ -1,12 +1,28 @@
 -- Marks devices of one bucket offline whose deadline is at or before the cutoff: the given
 -- ids, or (without ids) the earliest overdue ones, at most `limit`. Writes are batched (one
 -- call per structure, not per device): a mass expiry is decided at Redis speed.
--- Returns {next deadline or -1, 1 if more may be overdue else 0, members...}.
--- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset
--- ARGV: 1 TTL key prefix, 2 now, 3 cutoff, 4 outbox lease (ms), 5 limit, then ids
+-- The cutoff is the lowest of: this master's clock, the caller's (before any heartbeat it
+-- has not applied yet), and every live replica's floor (before any heartbeat *it* has not
+-- applied yet; a floor whose writer stopped renewing it for `floor lease` ms is ignored).
+-- Returns {next deadline or -1, 1 if more may be overdue else 0, the cutoff used, members...}.
+-- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
+--       6 floors hash (replica -> "floor|written at")
+-- ARGV: 1 TTL key prefix, 2 cutoff, 3 outbox lease (ms), 4 limit, 5 floor lease (ms), then ids
 local recs, deadlines, online, offline, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local ttl_prefix, now, cutoff = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local lease, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
+local ttl_prefix, cutoff = ARGV[1], tonumber(ARGV[2])
+local lease, limit, floor_lease = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = redis_now()
+if now < cutoff then cutoff = now end
+local floors = redis.call('HGETALL', KEYS[6])
+for i = 1, #floors, 2 do
+  local f, at = string.match(floors[i + 1], '^(%d+)|(%d+)$')
+  if f and tonumber(at) + floor_lease > now then
+    if tonumber(f) - 1 < cutoff then cutoff = tonumber(f) - 1 end
+  elseif not f or tonumber(at) + 100 * floor_lease < now then
+    -- Long gone (a replica that stopped without leaving): forget it.
+    redis.call('HDEL', KEYS[6], floors[i])
+  end
+end
 local ids, dls, more = {}, {}, 0
 if #ARGV > 5 then
   local seen = {}
@@ -58,6 +74,6 @@ if #ids > 0 then
   end
 end
 local nxt = redis.call('ZRANGE', deadlines, 0, 0, 'WITHSCORES')
-local result = {nxt[2] or '-1', more}
+local result = {nxt[2] or '-1', more, int(cutoff)}
 for _, m in ipairs(out) do result[#result + 1] = m end
 return result

@@ -1,38 +1,78 @@
 -- Applies a batch of heartbeats of one bucket; returns the outbox members of the
--- online transitions it committed.
+-- transitions it committed, in order.
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset
--- ARGV: 1 TTL key prefix, 2 now, 3 outbox lease (ms), then triples (id, arrival, ttl_ms)
+-- ARGV: 1 TTL key prefix, 2 outbox lease (ms), then per device 7 values:
+--   id, first arrival, latest arrival, latest deadline, lapse from, lapse to (0 0: none),
+--   timing ('1': queued while the monitor was away, counts as on time; '0': live)
+-- Rules: the latest heartbeat wins (its deadline replaces the earlier one, by arrival, across
+-- replicas); a heartbeat that arrived after the deadline ends an offline period (offline
+-- since the deadline, then online); a gap inside the held heartbeats is one such period.
 local recs, deadlines, online, offline, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local ttl_prefix, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local ttl_prefix, lease = ARGV[1], tonumber(ARGV[2])
+local now = redis_now()
 local out = {}
-for i = 4, #ARGV, 3 do
-  local id, arrival = ARGV[i], tonumber(ARGV[i + 1])
-  local deadline = arrival + tonumber(ARGV[i + 2])
+local function stage(id, nseq, state, since, seen)
+  local member = table.concat({nseq, state, int(since), int(seen), int(now), id}, '|')
+  redis.call('ZADD', outbox, now + lease, member)
+  out[#out + 1] = member
+end
+for i = 3, #ARGV, 7 do
+  local id, first, arrival = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local deadline, lapse_from, lapse_to = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+  local on_time = ARGV[i + 6] == '1'
   local state, seq, since, last, det = parse(redis.call('HGET', recs, id))
+  local online_since = first
   if state == '1' then
-    -- Online: extend the deadline (never shorten it: a late, held heartbeat may carry an
-    -- older arrival) and remember the latest heartbeat.
-    if redis.call('ZADD', deadlines, 'GT', 'CH', deadline, id) == 1 then
-      redis.call('SET', ttl_prefix .. id, '1', 'PXAT', int(deadline))
+    local dl = tonumber(redis.call('ZSCORE', deadlines, id))
+    local off_at
+    if dl and not on_time and first > dl then
+      off_at = dl
     end
-    if arrival > tonumber(last) then
+    if lapse_to > 0 then
+      local from = lapse_from
+      if dl and dl > from then from = dl end
+      if from < lapse_to then
+        off_at = off_at or from
+        online_since = lapse_to
+      end
+    end
+    if off_at then
+      -- The device was silent past its deadline: that offline period is history to publish.
+      if off_at < tonumber(since) then off_at = tonumber(since) end
+      seq = int(tonumber(seq) + 1)
+      since = int(off_at)
+      state = '0'
+      redis.call('HSET', recs, id, table.concat({'0', seq, since, last, int(now)}, '|'))
+      redis.call('ZREM', deadlines, id)
+      redis.call('UNLINK', ttl_prefix .. id)
+      redis.call('ZREM', online, id)
+      redis.call('ZADD', offline, 0, id)
+      stage(id, seq, '0', off_at, last)
+    elseif arrival > tonumber(last) then
+      -- Online, and this is the latest heartbeat: its deadline replaces the earlier one.
+      redis.call('ZADD', deadlines, deadline, id)
+      redis.call('SET', ttl_prefix .. id, '1', 'PXAT', int(deadline))
       redis.call('HSET', recs, id, table.concat({state, seq, since, int(arrival), det}, '|'))
     end
-  elseif deadline > now then
-    -- New or offline: a transition to online. A heartbeat whose deadline already passed
-    -- (held while Redis was away) proves presence only for a time gone by, so it does not
-    -- bring a device online.
-    local s = arrival
-    if since and tonumber(since) > s then s = tonumber(since) end
-    local nseq = int((tonumber(seq) or 0) + 1)
-    redis.call('HSET', recs, id, table.concat({'1', nseq, int(s), int(arrival), int(now)}, '|'))
-    redis.call('ZADD', deadlines, deadline, id)
-    redis.call('SET', ttl_prefix .. id, '1', 'PXAT', int(deadline))
-    redis.call('ZREM', offline, id)
-    redis.call('ZADD', online, 0, id)
-    local member = table.concat({nseq, '1', int(s), int(s), int(now), id}, '|')
-    redis.call('ZADD', outbox, now + lease, member)
-    out[#out + 1] = member
+    -- Otherwise an older heartbeat than one already applied (another replica's): no change.
+  end
+  if state ~= '1' then
+    if deadline > now then
+      -- New or offline: a transition to online.
+      local s = online_since
+      if since and tonumber(since) > s then s = tonumber(since) end
+      local nseq = int((tonumber(seq) or 0) + 1)
+      redis.call('HSET', recs, id, table.concat({'1', nseq, int(s), int(arrival), int(now)}, '|'))
+      redis.call('ZADD', deadlines, deadline, id)
+      redis.call('SET', ttl_prefix .. id, '1', 'PXAT', int(deadline))
+      redis.call('ZREM', offline, id)
+      redis.call('ZADD', online, 0, id)
+      stage(id, nseq, '1', s, s)
+    elseif state == '0' and arrival > tonumber(last) then
+      -- Proves presence only for a time gone by (held while Redis was away): no transition,
+      -- but the record knows the latest heartbeat.
+      redis.call('HSET', recs, id, table.concat({'0', seq, since, int(arrival), det}, '|'))
+    end
   end
 end
 return out
