@@ -224,6 +224,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             health: health.clone(),
             out: out_tx.clone(),
             due: due.clone(),
+            recent: Default::default(),
         }
         .run(token.child_token())
         .instrument(tracing::info_span!("applier")),

@@ -297,12 +297,59 @@ pub struct Applier {
     pub health: Arc<Health>,
     pub out: mpsc::Sender<StatusOut>,
     pub due: Arc<DueTable>,
+    pub recent: Recent,
+}
+
+/// How long applied heartbeats are kept to apply again if their master fails: a write the
+/// master acknowledged may not have reached its replica before it died (asynchronous
+/// replication), and the promoted replica would otherwise hold an older deadline.
+const REPLICATION_WINDOW: Duration = Duration::from_secs(2);
+/// Most heartbeats kept for that (the oldest go first).
+const RECENT_CAP: usize = 200_000;
+
+/// Heartbeats applied within the last [`REPLICATION_WINDOW`], per batch.
+#[derive(Default)]
+pub struct Recent {
+    batches: std::collections::VecDeque<(Instant, Vec<Beat>)>,
+    len: usize,
+}
+
+impl Recent {
+    fn push(&mut self, beats: Vec<Beat>) {
+        let now = Instant::now();
+        self.len += beats.len();
+        self.batches.push_back((now, beats));
+        while let Some((at, b)) = self.batches.front() {
+            if now.duration_since(*at) <= REPLICATION_WINDOW && self.len <= RECENT_CAP {
+                break;
+            }
+            self.len -= b.len();
+            self.batches.pop_front();
+        }
+    }
+
+    /// The kept heartbeats of the failed buckets (they leave the window: they are held).
+    fn take(&mut self, failed: &[Bucket]) -> Vec<Beat> {
+        let mut out = Vec::new();
+        for (_, batch) in &mut self.batches {
+            let before = batch.len();
+            batch.retain(|beat| {
+                let lost = failed.contains(&crate::store::bucket_of(beat.device.as_str()));
+                if lost {
+                    out.push(beat.clone());
+                }
+                !lost
+            });
+            self.len -= before - batch.len();
+        }
+        out
+    }
 }
 
 impl Applier {
     /// Runs until the MQTT task closed [`Held`] and everything held is applied (or, with Redis
     /// away at shutdown, until cancelled and closed).
-    pub async fn run(self, token: CancellationToken) {
+    pub async fn run(mut self, token: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_secs(2));
         let limiter = LogLimiter::new(Duration::from_secs(10));
         loop {
@@ -336,8 +383,9 @@ impl Applier {
     }
 
     /// Applies one batch in chunks; on failure, what was not applied is held again.
-    async fn apply(&self, batch: Vec<Beat>) -> Result<(), crate::store::StoreError> {
+    async fn apply(&mut self, batch: Vec<Beat>) -> Result<(), crate::store::StoreError> {
         let mut retry: Vec<Beat> = Vec::new();
+        let mut done: Vec<Beat> = Vec::new();
         let mut failed = None;
         let mut chunks = batch.chunks(APPLY_BATCH);
         for chunk in chunks.by_ref() {
@@ -352,7 +400,12 @@ impl Applier {
                     retry.push(beat.clone());
                 } else {
                     self.due.lower(b, beat.deadline);
+                    done.push(beat.clone());
                 }
+            }
+            if !applied.failed.is_empty() {
+                // The failed buckets' master may be gone with writes it had acknowledged.
+                retry.extend(self.recent.take(&applied.failed));
             }
             if let Some(e) = applied.error {
                 failed = Some(e);
@@ -360,6 +413,7 @@ impl Applier {
             }
             self.health.set_redis_commands(true);
         }
+        self.recent.push(done);
         match failed {
             None => Ok(()),
             Some(e) => {
