@@ -173,33 +173,28 @@ fn faketime_skews_a_childs_wall_clock() {
     );
 }
 
-/// A replica under libfaketime runs normally (its timers keep real time) and stamps what it
-/// publishes with its own, skewed, wall clock.
+/// A replica started with the skew has libfaketime loaded and works (its timers keep real
+/// time: it gets ready and publishes). Which clock stamps published times is the product's
+/// business, not the harness's, so this does not look at them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_with_a_skewed_clock_stamps_statuses_with_it() {
+async fn a_replica_runs_under_a_skewed_clock() {
     let redis = RedisServer::start();
     let mqtt = Mosquitto::start();
-    let (_replica, http, _) = spawn_replica_with_env(
+    let (replica, http, _) = spawn_replica_with_env(
         &["--redis-url".into(), redis.url()],
         &mqtt,
         &[],
         &skewed_clock("+15s"),
     );
     wait_ready(http).await;
+    // Read once it runs: the dynamic loader maps preloaded libraries after exec.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", replica.id())).unwrap();
+    assert!(maps.contains("libfaketime"), "libfaketime is not loaded");
     let statuses = Collector::start(&mqtt, "devices/+/status").await;
     let devices = Devices::connect(&mqtt).await;
-    let sent = presenced::device::now_ms();
-    // A TTL longer than the skew, the most the contract allows replicas to disagree by.
+    // A TTL longer than the skew, the most the contract lets replicas' clocks disagree by.
     devices.heartbeat("skewed-1", br#"{"ttl_s": 60}"#).await;
     statuses
         .wait_for("online", |s| s.iter().any(|m| m.json["seq"] == 1))
         .await;
-    let on = statuses.all()[0].clone();
-    let since = ms(&on.json["since"]);
-    // The replica saw the heartbeat between our sending it and our receiving its status.
-    assert!(
-        since >= sent + 15_000 && since <= on.at_ms + 15_000,
-        "since {since}, sent {sent}, received {}",
-        on.at_ms
-    );
 }
