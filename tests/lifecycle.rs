@@ -281,26 +281,50 @@ async fn silent_devices_among_many_are_reported_on_time() {
     .await;
 
     let statuses = Collector::start(&mqtt, "devices/+/status").await;
-    for i in 0..100 {
-        devices
-            .heartbeat(&format!("quiet-{i:03}"), br#"{"ttl_s": 3}"#)
-            .await;
+    let quiet: Vec<String> = (0..100).map(|i| format!("quiet-{i:03}")).collect();
+    for id in &quiet {
+        devices.heartbeat(id, br#"{"ttl_s": 3}"#).await;
     }
+    // Counted per device and seq, not per message: a status may be published twice (when
+    // the broker acknowledges the online status after the device already went offline,
+    // the offline one is published again so that it stays the retained one), which the
+    // contract allows ("each seq at least once"). The 20,000 online statuses still being
+    // published when the quiet devices start make that likely on a loaded machine.
+    // One pass over what was seen per check: the collector also holds the 20,000 steady
+    // statuses, so a lookup per device would cost more CPU than the monitor under test.
     statuses
-        .wait_for("100 offline", |s| {
-            s.iter().filter(|m| m.json["state"] == "offline").count() == 100
+        .wait_for("every quiet device offline", |s| {
+            let offline: std::collections::HashSet<&str> = s
+                .iter()
+                .filter(|m| m.json["state"] == "offline")
+                .filter_map(|m| m.json["device"].as_str())
+                .collect();
+            quiet.iter().all(|id| offline.contains(id.as_str()))
         })
         .await;
+    let mut by_device: std::collections::HashMap<String, Vec<Seen>> = Default::default();
+    for m in statuses.all() {
+        if let Some(id) = m.json["device"]
+            .as_str()
+            .filter(|d| d.starts_with("quiet-"))
+        {
+            by_device.entry(id.to_owned()).or_default().push(m.clone());
+        }
+    }
     let mut worst = 0;
-    for m in statuses
-        .all()
-        .iter()
-        .filter(|m| m.json["state"] == "offline")
-    {
-        let deadline = ms(&m.json["since"]);
-        assert_eq!(deadline - ms(&m.json["last_seen"]), 3000);
-        let late = m.at_ms.saturating_sub(deadline);
-        worst = worst.max(late);
+    for id in &quiet {
+        let seen = &by_device[id];
+        let msgs: Vec<_> = seen.iter().map(|m| m.json.clone()).collect();
+        assert_eq!(
+            history(&msgs),
+            vec![(1, "online".into()), (2, "offline".into())],
+            "{id}"
+        );
+        // The first offline status is the report; a repeat of it is not later news.
+        let first = seen.iter().find(|m| m.json["state"] == "offline").unwrap();
+        let deadline = ms(&first.json["since"]);
+        assert_eq!(deadline - ms(&first.json["last_seen"]), 3000);
+        worst = worst.max(first.at_ms.saturating_sub(deadline));
     }
     assert!(
         worst <= 2000,

@@ -3,6 +3,9 @@
 //! collector, a heartbeat publisher, and HTTP/metrics helpers.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod faketime;
+pub mod proxy;
+
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -886,6 +889,17 @@ pub fn spawn_replica_on(
     mqtt: &Mosquitto,
     extra: &[&str],
 ) -> (Proc, SocketAddr, String) {
+    spawn_replica_with_env(redis_args, mqtt, extra, &[])
+}
+
+/// [`spawn_replica_on`] with extra environment variables for the process, e.g.
+/// [`faketime::skewed_clock`] for a replica whose wall clock is off.
+pub fn spawn_replica_with_env(
+    redis_args: &[String],
+    mqtt: &Mosquitto,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> (Proc, SocketAddr, String) {
     let http = free_port();
     let id = format!("presenced-replica-{:08x}", fastrand::u32(..));
     let child = Command::new(presenced_bin())
@@ -895,6 +909,7 @@ pub fn spawn_replica_on(
             "RUST_LOG",
             std::env::var("PRESENCED_TEST_RUST_LOG").unwrap_or_else(|_| "warn".into()),
         )
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(redis_args)
         .args(["--mqtt-url", &mqtt.url()])
         .args(["--http-listen", &format!("127.0.0.1:{http}")])
