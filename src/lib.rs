@@ -69,6 +69,8 @@ const FLOOR_LEASE: Duration = Duration::from_secs(12);
 const STATUS_QUEUE: usize = 65_536;
 /// Capacity of the channel of broker acknowledgements (overflow: dropped, see `Outbox`).
 const ACK_QUEUE: usize = 16_384;
+/// Capacity of the channel of replicas seen gone (overflow: their floors lapse instead).
+const GONE_QUEUE: usize = 64;
 /// Capacity of the channel of expired-key events (overflow: dropped, see `expiry`).
 const EXPIRED_QUEUE: usize = 16_384;
 
@@ -182,6 +184,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let republish = Arc::new(Notify::new());
     let resync = Arc::new(Notify::new());
 
+    let (gone_tx, gone_rx) = mpsc::channel(GONE_QUEUE);
     let stamper = Stamper {
         store: store.clone(),
         held: held.clone(),
@@ -192,6 +195,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             .map(|_| cfg.mqtt.client_id.clone()),
         ingest: ingest_rx.clone(),
         resync: resync.clone(),
+        gone: gone_rx,
     };
     stamper.first(device::now_ms()).await;
     tracker.spawn(
@@ -207,6 +211,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             health: health.clone(),
             held: held.clone(),
             clock: store.clock().clone(),
+            gone: gone_tx,
             out_rx,
             ack_tx,
             republish: republish.clone(),

@@ -119,6 +119,15 @@ fn presence_payload(online: bool, instance: &str, since: Millis) -> Bytes {
     Bytes::from(v.to_string())
 }
 
+/// The replica named by a presence message that says it is offline.
+fn gone_instance(topic: &[u8], payload: &[u8]) -> Option<String> {
+    let who = std::str::from_utf8(topic)
+        .ok()?
+        .strip_prefix("presenced/instances/")?;
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    (v.get("state")?.as_str()? == "offline").then(|| who.to_owned())
+}
+
 /// A sync marker with a fresh token (see [`MqttTask`]).
 fn new_marker(topic: &str) -> (Outgoing, Bytes) {
     let token = Bytes::from(format!("{:016x}", fastrand::u64(..)));
@@ -501,6 +510,8 @@ pub struct MqttTask {
     pub health: Arc<Health>,
     pub held: Arc<Held>,
     pub clock: Arc<Clock>,
+    /// Replicas whose presence says offline (see `presence::Stamper`).
+    pub gone: mpsc::Sender<String>,
     pub out_rx: mpsc::Receiver<StatusOut>,
     pub ack_tx: mpsc::Sender<Ack>,
     /// Woken when the broker lost our session: every device's status is published again.
@@ -552,7 +563,11 @@ impl MqttTask {
             },
         });
         let sync = sync_topic(&instance);
-        let filters = vec![self.cfg.heartbeat_filter(), sync.clone()];
+        let mut filters = vec![self.cfg.heartbeat_filter(), sync.clone()];
+        if self.cfg.shared_group.is_some() {
+            // The other replicas' presence: a will tells at once that one is gone.
+            filters.push(instance_topic("+"));
+        }
         let limiters = Limiters {
             invalid: LogLimiter::new(Duration::from_secs(10)),
             too_large: LogLimiter::new(Duration::from_secs(10)),
@@ -722,6 +737,12 @@ impl MqttTask {
                         } else {
                             error!(filter = %filters[0], "The broker refused the heartbeat subscription.");
                             self.health.set_mqtt(true, false);
+                        }
+                    }
+                    Ok(Event::Publish { topic, payload, .. }) if topic.starts_with(b"presenced/instances/") => {
+                        if let Some(who) = gone_instance(&topic, &payload) {
+                            // Full: the floor's lease ends it anyway.
+                            let _ = self.gone.try_send(who);
                         }
                     }
                     Ok(Event::Publish { retained: true, .. }) => {

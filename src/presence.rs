@@ -488,6 +488,14 @@ enum Source {
     SafetyNet,
 }
 
+/// Whether a sweep of every bucket decided everything overdue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Progress {
+    Complete,
+    /// Some overdue deadlines wait for another replica's floor.
+    Blocked,
+}
+
 /// What woke the expirer.
 enum Wake {
     Reconcile,
@@ -552,12 +560,23 @@ impl Expirer {
             }
 
             let result = if reconcile_owed {
-                let r = self.sweep_all(Source::Reconcile).await;
-                if r.is_ok() {
-                    reconcile_owed = false;
-                    next_safety = Instant::now() + SAFETY_EVERY;
+                match self.sweep_all(Source::Reconcile).await {
+                    Ok(Progress::Complete) => {
+                        reconcile_owed = false;
+                        next_safety = Instant::now() + SAFETY_EVERY;
+                        Ok(())
+                    }
+                    Ok(Progress::Blocked) => {
+                        // Not done until every overdue device is decided: try again when
+                        // the other replicas' floors have moved (or their leases ran out).
+                        tokio::select! {
+                            () = token.cancelled() => break,
+                            () = tokio::time::sleep(FLOOR_EVERY) => {}
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
                 }
-                r
             } else {
                 let now = now_ms();
                 let cutoff = self.cutoff(now).before;
@@ -601,7 +620,7 @@ impl Expirer {
                     Wake::Expired(id) => self.on_expired(id).await,
                     Wake::SafetyNet => {
                         next_safety = Instant::now() + SAFETY_EVERY;
-                        self.sweep_all(Source::SafetyNet).await
+                        self.sweep_all(Source::SafetyNet).await.map(|_| ())
                     }
                     Wake::Recompute => Ok(()),
                     Wake::Due => {
@@ -692,10 +711,11 @@ impl Expirer {
     }
 
     /// Sweeps every bucket until nothing overdue is left (reconcile) or once (safety net).
-    async fn sweep_all(&mut self, source: Source) -> Result<(), crate::store::StoreError> {
+    async fn sweep_all(&mut self, source: Source) -> Result<Progress, crate::store::StoreError> {
         let mut buckets: Vec<Bucket> = (0..BUCKETS).collect();
         let started = Instant::now();
         let mut total = 0usize;
+        let mut progress = Progress::Complete;
         while !buckets.is_empty() {
             let mut cutoff = self.cutoff(now_ms());
             if source == Source::SafetyNet {
@@ -708,6 +728,12 @@ impl Expirer {
             for s in swept.done {
                 if s.more {
                     again.push(s.bucket);
+                }
+                if s.next_deadline
+                    .is_some_and(|d| d > s.cutoff && d <= cutoff.before)
+                {
+                    // Overdue, but another replica's floor says it may hold a heartbeat.
+                    progress = Progress::Blocked;
                 }
                 self.due
                     .replace(s.bucket, seen[usize::from(s.bucket)], s.next_deadline);
@@ -723,14 +749,14 @@ impl Expirer {
             self.health.set_redis_commands(true);
             buckets = again;
         }
-        if source == Source::Reconcile {
+        if source == Source::Reconcile && progress == Progress::Complete {
             info!(
                 missed = total,
                 took_ms = started.elapsed().as_millis() as u64,
                 "Reconciled expiries."
             );
         }
-        Ok(())
+        Ok(progress)
     }
 
     async fn decided(&self, source: Source, committed: Vec<Committed>) {
@@ -769,6 +795,9 @@ pub struct Stamper {
     pub floor_of: Option<String>,
     pub ingest: watch::Receiver<Option<Millis>>,
     pub resync: Arc<Notify>,
+    /// Replicas whose presence went offline (their will, or a clean stop): their floors
+    /// go at once instead of at the end of their lease.
+    pub gone: mpsc::Receiver<String>,
 }
 
 impl Stamper {
@@ -784,7 +813,7 @@ impl Stamper {
         }
     }
 
-    pub async fn run(self, token: CancellationToken) {
+    pub async fn run(mut self, token: CancellationToken) {
         let every = if self.floor_of.is_some() {
             FLOOR_EVERY
         } else {
@@ -797,6 +826,14 @@ impl Stamper {
         loop {
             tokio::select! {
                 () = token.cancelled() => break,
+                Some(who) = self.gone.recv() => {
+                    if self.floor_of.as_ref().is_some_and(|me| *me != who) {
+                        debug!(replica = %who, "A replica is gone; dropping its floor.");
+                        let leave = self.store.sync_clock(Floor::Leave(&who));
+                        let _ = tokio::time::timeout(STAMP_TIMEOUT, leave).await;
+                    }
+                    continue;
+                }
                 () = tokio::time::sleep_until(planned) => {}
             }
             if Instant::now() > planned + STALL {
