@@ -9,6 +9,7 @@
 //! * [`device`]: pure domain types (ids, topics, payloads, records); no I/O.
 //! * [`store`]: every Redis command and Lua script; the key layout.
 //! * [`expiry`]: the keyspace-notification listeners (the fast path), one per Redis node.
+//! * [`redis_version`]: the oldest supported Redis (6.2) and the check against it.
 //! * [`cluster`]: Redis Cluster topology (`CLUSTER NODES`) and key slots, for the listeners.
 //! * [`presence`]: where transitions are decided: heartbeats, deadlines, reconciliation,
 //!   the outbox.
@@ -28,6 +29,7 @@ pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod presence;
+pub mod redis_version;
 pub mod shutdown;
 pub mod simulate;
 pub mod store;
@@ -44,11 +46,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use crate::config::Config;
-use crate::expiry::{Listener, Nodes, NotificationsOff};
+use crate::expiry::{Listener, Nodes, NotificationsOff, Refused};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::mqtt::MqttTask;
 use crate::presence::{Applier, DueTable, Expirer, Held, Outbox, HELD_CAP};
+use crate::redis_version::{CheckError, RedisVersion, Unsupported};
 use crate::store::{Store, StoreError};
 
 /// How long a shutdown may take before the remaining tasks are abandoned. Deployments keep
@@ -79,6 +82,8 @@ const EXPIRED_QUEUE: usize = 16_384;
 pub enum Error {
     #[error(transparent)]
     NotificationsOff(#[from] NotificationsOff),
+    #[error(transparent)]
+    RedisUnsupported(#[from] Unsupported),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -92,12 +97,22 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
 }
 
+impl From<Refused> for Error {
+    fn from(r: Refused) -> Error {
+        match r {
+            Refused::NotificationsOff(e) => Error::NotificationsOff(e),
+            Refused::Unsupported(e) => Error::RedisUnsupported(e),
+        }
+    }
+}
+
 /// Runs the monitor until `shutdown` completes, then shuts down in order: inputs stop,
 /// held heartbeats are applied, statuses in flight are flushed and the monitor's own
 /// `offline` presence is published, then the HTTP server stops.
 ///
-/// Fails at start if the HTTP address cannot be bound or keyspace notifications are off and
-/// cannot be enabled; every later outage is survived (reconnect and reconcile).
+/// Fails at start if the HTTP address cannot be bound, Redis is older than 6.2, or keyspace
+/// notifications are off and cannot be enabled; every later outage is survived (reconnect
+/// and reconcile).
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let cfg = Arc::new(cfg);
     let registry = prometheus::Registry::new();
@@ -311,76 +326,13 @@ async fn watch_redis(store: Store, health: Arc<Health>, token: CancellationToken
 /// What `presenced check-config` found, one line per check.
 pub async fn check(cfg: &Config) -> Result<Vec<String>, Error> {
     let mut report = vec![format!("config: ok (instance {})", cfg.mqtt.client_id)];
-    let timed_out = || Error::Redis(StoreError::Protocol("connect timed out".into()));
-    // Read-only: check-config never changes the server's configuration.
-    let describe = |node: &str, found: store::NotifyConfig| match found {
-        store::NotifyConfig::AlreadyOn => {
-            format!("redis: {node}notify-keyspace-events has E and x")
-        }
-        other => format!(
-            "redis: {node}notify-keyspace-events not confirmed ({other:?}); `run` will {}",
-            if cfg.redis.configure_notifications {
-                "try to enable it"
-            } else {
-                "probe for it"
-            }
-        ),
-    };
     match &cfg.redis.cluster_nodes {
-        None => {
-            let client = redis::Client::open(cfg.redis.url.0.as_str()).map_err(StoreError::from)?;
-            let store = tokio::time::timeout(
-                Duration::from_secs(5),
-                Store::connect(&client, &cfg.redis.key_prefix),
-            )
-            .await
-            .map_err(|_| timed_out())??;
-            store.ping().await?;
-            report.push("redis: reachable".into());
-            let mut conn = client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(StoreError::from)?;
-            report.push(describe(
-                "",
-                store::ensure_notifications(&mut conn, false).await,
-            ));
-        }
+        None => check_single(cfg, &mut report).await?,
         Some(seeds) => {
             let urls: Vec<String> = seeds.iter().map(|s| s.0.clone()).collect();
-            let store = tokio::time::timeout(
-                Duration::from_secs(5),
-                Store::connect_cluster(&urls, &cfg.redis.key_prefix),
-            )
-            .await
-            .map_err(|_| timed_out())??;
-            store.ping().await?;
-            let infos = seed_infos(&urls)?;
-            let topology = cluster::discover(&infos)
-                .await
-                .map_err(|e| Error::Redis(StoreError::Protocol(e)))?;
-            let masters: Vec<_> = topology.iter().filter(|n| n.serves_slots()).collect();
-            report.push(format!(
-                "redis: cluster reachable ({} masters, {} nodes)",
-                masters.len(),
-                topology.len()
-            ));
-            for node in masters {
-                let info = cluster::node_info(&infos[0], &node.host, node.port);
-                let client = redis::Client::open(info).map_err(StoreError::from)?;
-                let mut conn = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    client.get_multiplexed_async_connection(),
-                )
-                .await
-                .map_err(|_| timed_out())?
-                .map_err(StoreError::from)?;
-                let found = store::ensure_notifications(&mut conn, false).await;
-                report.push(describe(&format!("master {}: ", node.addr()), found));
-            }
+            check_cluster(cfg, &urls, &mut report).await?;
         }
     }
-
     let (_client, mut eventloop) = mqtt::client(mqtt::ConnectOptions {
         cfg: &cfg.mqtt,
         client_id: format!("{}-check-{:08x}", cfg.mqtt.client_id, fastrand::u32(..)),
@@ -403,4 +355,107 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, Error> {
     connack.map_err(Error::Mqtt)?;
     report.push("mqtt: reachable".into());
     Ok(report)
+}
+
+/// How long check-config waits for each Redis step.
+const CHECK_WAIT: Duration = Duration::from_secs(5);
+
+fn timed_out() -> Error {
+    Error::Redis(StoreError::Protocol("connect timed out".into()))
+}
+
+impl From<CheckError> for Error {
+    fn from(e: CheckError) -> Error {
+        match e {
+            CheckError::Unsupported(e) => Error::RedisUnsupported(e),
+            CheckError::Redis(e) => Error::Redis(e.into()),
+        }
+    }
+}
+
+/// A connection to one node, and its version checked (first: an old Redis is named as such
+/// rather than failing on whatever comes next).
+async fn connect_checked(
+    info: redis::ConnectionInfo,
+) -> Result<(redis::aio::MultiplexedConnection, RedisVersion), Error> {
+    let addr = info.addr().to_string();
+    let client = redis::Client::open(info).map_err(StoreError::from)?;
+    let mut conn = tokio::time::timeout(CHECK_WAIT, client.get_multiplexed_async_connection())
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(StoreError::from)?;
+    let version = tokio::time::timeout(CHECK_WAIT, redis_version::check(&mut conn, &addr))
+        .await
+        .map_err(|_| timed_out())??;
+    Ok((conn, version))
+}
+
+/// The report line on a node's notification setting. Read-only: check-config never changes
+/// the server's configuration.
+async fn describe_notifications(
+    cfg: &Config,
+    node: &str,
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> String {
+    match store::ensure_notifications(conn, false).await {
+        store::NotifyConfig::AlreadyOn => {
+            format!("redis: {node}notify-keyspace-events has E and x")
+        }
+        other => format!(
+            "redis: {node}notify-keyspace-events not confirmed ({other:?}); `run` will {}",
+            if cfg.redis.configure_notifications {
+                "try to enable it"
+            } else {
+                "probe for it"
+            }
+        ),
+    }
+}
+
+async fn check_single(cfg: &Config, report: &mut Vec<String>) -> Result<(), Error> {
+    let client = redis::Client::open(cfg.redis.url.0.as_str()).map_err(StoreError::from)?;
+    let (mut conn, version) = connect_checked(client.get_connection_info().clone()).await?;
+    let store = tokio::time::timeout(CHECK_WAIT, Store::connect(&client, &cfg.redis.key_prefix))
+        .await
+        .map_err(|_| timed_out())??;
+    store.ping().await?;
+    report.push(format!("redis: reachable (Redis {version})"));
+    report.push(describe_notifications(cfg, "", &mut conn).await);
+    Ok(())
+}
+
+/// Every master that serves slots is checked: each runs the scripts of its slots.
+async fn check_cluster(
+    cfg: &Config,
+    urls: &[String],
+    report: &mut Vec<String>,
+) -> Result<(), Error> {
+    let infos = seed_infos(urls)?;
+    let topology = cluster::discover(&infos)
+        .await
+        .map_err(|e| Error::Redis(StoreError::Protocol(e)))?;
+    let masters: Vec<_> = topology.iter().filter(|n| n.serves_slots()).collect();
+    let mut checked = Vec::new();
+    for node in &masters {
+        let info = cluster::node_info(&infos[0], &node.host, node.port);
+        let (conn, version) = connect_checked(info).await?;
+        checked.push((node.addr(), conn, version));
+    }
+    let store = tokio::time::timeout(
+        CHECK_WAIT,
+        Store::connect_cluster(urls, &cfg.redis.key_prefix),
+    )
+    .await
+    .map_err(|_| timed_out())??;
+    store.ping().await?;
+    report.push(format!(
+        "redis: cluster reachable ({} masters, {} nodes)",
+        masters.len(),
+        topology.len()
+    ));
+    for (addr, mut conn, version) in checked {
+        report.push(format!("redis: master {addr}: Redis {version}"));
+        report.push(describe_notifications(cfg, &format!("master {addr}: "), &mut conn).await);
+    }
+    Ok(())
 }
