@@ -24,6 +24,7 @@ use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::{ConnectionInfo, ErrorKind, RedisError};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
@@ -144,6 +145,10 @@ impl Listener {
         let limiter = LogLimiter::new(Duration::from_secs(30));
         let mut backoff = Backoff::new(Duration::from_secs(5));
         let mut known: Vec<ConnectionInfo> = Vec::new();
+        // The node listeners are this task's children: a panic in one is raised again here,
+        // so the monitor's supervisor sees it (as the `expiry` task's) instead of a node
+        // silently no longer listened to.
+        let mut listeners = JoinSet::new();
         loop {
             // Ask the nodes we know first (the seeds may be gone), then the seeds.
             let candidates: Vec<ConnectionInfo> =
@@ -187,7 +192,7 @@ impl Listener {
                             None
                         };
                         info!(node = %node.addr(), master = node.master, "Listening to a cluster node.");
-                        tokio::spawn(
+                        listeners.spawn(
                             listener
                                 .run(child.clone(), node_first)
                                 .instrument(tracing::info_span!("node", addr = %node.addr())),
@@ -262,10 +267,22 @@ impl Listener {
             tokio::select! {
                 () = token.cancelled() => break,
                 () = tokio::time::sleep(delay) => {}
+                Some(Err(e)) = listeners.join_next(), if !listeners.is_empty() => {
+                    if e.is_panic() {
+                        std::panic::resume_unwind(e.into_panic());
+                    }
+                }
             }
         }
         for r in running.values() {
             r.token.cancel();
+        }
+        while let Some(joined) = listeners.join_next().await {
+            if let Err(e) = joined {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
         }
     }
 }

@@ -33,6 +33,7 @@ pub mod redis_version;
 pub mod shutdown;
 pub mod simulate;
 pub mod store;
+mod supervisor;
 pub mod telemetry;
 
 use std::future::Future;
@@ -42,8 +43,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{info, warn, Instrument};
+use tracing::{error, info, warn, Instrument};
 
 use crate::config::Config;
 use crate::expiry::{Listener, Nodes, NotificationsOff, Refused};
@@ -53,6 +53,7 @@ use crate::mqtt::MqttTask;
 use crate::presence::{Applier, DueTable, Expirer, Held, Outbox, HELD_CAP};
 use crate::redis_version::{CheckError, RedisVersion, Unsupported};
 use crate::store::{Store, StoreError};
+use crate::supervisor::{Stopped, Supervisor, TaskPanicked};
 
 /// How long a shutdown may take before the remaining tasks are abandoned. Deployments keep
 /// their stop timeouts (systemd `TimeoutStopSec`, Kubernetes
@@ -95,6 +96,12 @@ pub enum Error {
     Mqtt(String),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// A task panicked: the monitor stopped rather than run without it.
+    #[error("task '{task}' panicked: {message}")]
+    TaskPanicked { task: &'static str, message: String },
+    /// The keyspace listener ended before it could tell whether Redis is usable.
+    #[error("the keyspace listener stopped before its first check of Redis")]
+    ListenerGone,
 }
 
 impl From<Refused> for Error {
@@ -106,13 +113,34 @@ impl From<Refused> for Error {
     }
 }
 
+impl From<TaskPanicked> for Error {
+    fn from(p: TaskPanicked) -> Error {
+        Error::TaskPanicked {
+            task: p.task,
+            message: p.message,
+        }
+    }
+}
+
+/// How the wait for the keyspace listener's first check ended.
+enum Start {
+    /// Redis is usable: start the rest.
+    Go,
+    /// Redis is refused (too old, no notifications), or the listener vanished.
+    Refused(Error),
+    /// Asked to shut down while waiting.
+    ShutDown,
+    Panicked(TaskPanicked),
+}
+
 /// Runs the monitor until `shutdown` completes, then shuts down in order: inputs stop,
 /// held heartbeats are applied, statuses in flight are flushed and the monitor's own
 /// `offline` presence is published, then the HTTP server stops.
 ///
 /// Fails at start if the HTTP address cannot be bound, Redis is older than 6.2, or keyspace
 /// notifications are off and cannot be enabled; every later outage is survived (reconnect
-/// and reconcile).
+/// and reconcile). A task that panics stops the monitor the same orderly way, as far as the
+/// others can go without it, and `run` returns [`Error::TaskPanicked`].
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let cfg = Arc::new(cfg);
     let registry = prometheus::Registry::new();
@@ -131,9 +159,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         "Starting presenced."
     );
 
-    let token = CancellationToken::new();
-    let http_token = CancellationToken::new();
-    let tracker = TaskTracker::new();
+    // Two groups, because the HTTP server stops last (it reports health until the end).
+    let mut workers = Supervisor::new();
+    let mut web = Supervisor::new();
     tokio::pin!(shutdown);
 
     // Lazy: nothing waits for Redis here. The listener below retries until it can subscribe.
@@ -146,14 +174,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         metrics: metrics.clone(),
         health: health.clone(),
     };
-    let http_task = tokio::spawn(
-        http::serve(listener, api, http_token.clone()).instrument(tracing::info_span!("http")),
+    let http_token = web.token().child_token();
+    web.spawn(
+        "http",
+        http::serve(listener, api, http_token).instrument(tracing::info_span!("http")),
     );
 
     let reconcile = Arc::new(Notify::new());
     let (expired_tx, expired_rx) = mpsc::channel(EXPIRED_QUEUE);
     let (first_tx, first_rx) = oneshot::channel();
-    tracker.spawn(
+    let token = workers.token().clone();
+    workers.spawn(
+        "expiry",
         Listener {
             nodes,
             keys: store.keys().clone(),
@@ -165,30 +197,28 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         .run(token.child_token(), first_tx)
         .instrument(tracing::info_span!("expiry")),
     );
-    tracker.spawn(
+    workers.spawn(
+        "redis",
         watch_redis(store.clone(), health.clone(), token.child_token())
             .instrument(tracing::info_span!("redis")),
     );
-    let first = tokio::select! {
-        r = first_rx => Some(r.unwrap_or(Ok(()))),
-        () = &mut shutdown => None,
+    let start = tokio::select! {
+        r = first_rx => match r {
+            Ok(Ok(())) => Start::Go,
+            Ok(Err(refused)) => Start::Refused(refused.into()),
+            // A listener that panicked drops its sender too: the panic is the better
+            // explanation, and `stop` below reports it.
+            Err(_) => Start::Refused(Error::ListenerGone),
+        },
+        () = &mut shutdown => Start::ShutDown,
+        p = workers.panicked() => Start::Panicked(p),
+        p = web.panicked() => Start::Panicked(p),
     };
-    match first {
-        Some(Ok(())) => {}
-        Some(Err(e)) => {
-            token.cancel();
-            http_token.cancel();
-            let _ = http_task.await;
-            return Err(e.into());
-        }
-        None => {
-            token.cancel();
-            tracker.close();
-            tracker.wait().await;
-            http_token.cancel();
-            let _ = http_task.await;
-            return Ok(());
-        }
+    match start {
+        Start::Go => {}
+        Start::ShutDown => return stop(workers, web).await,
+        Start::Refused(e) => return stop(workers, web).await.and(Err(e)),
+        Start::Panicked(p) => return panicked(p, workers, web).await,
     }
 
     let held = Arc::new(Held::new(HELD_CAP));
@@ -199,23 +229,32 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let republish = Arc::new(Notify::new());
     let resync = Arc::new(Notify::new());
 
-    tracker.spawn(
-        MqttTask {
-            cfg: cfg.mqtt.clone(),
-            presence: cfg.presence.clone(),
-            metrics: metrics.clone(),
-            health: health.clone(),
-            held: held.clone(),
-            out_rx,
-            ack_tx,
-            republish: republish.clone(),
-            ingest: ingest_tx,
-            resync: resync.clone(),
+    let mqtt = MqttTask {
+        cfg: cfg.mqtt.clone(),
+        presence: cfg.presence.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        held: held.clone(),
+        out_rx,
+        ack_tx,
+        republish: republish.clone(),
+        ingest: ingest_tx,
+        resync: resync.clone(),
+    };
+    let closer = CloseOnDrop(held.clone());
+    let mqtt_token = token.child_token();
+    workers.spawn(
+        "mqtt",
+        async move {
+            // However the MQTT task ends (a panic included), no heartbeat comes any more:
+            // the applier must not wait for one.
+            let _closer = closer;
+            mqtt.run(mqtt_token).await;
         }
-        .run(token.child_token())
         .instrument(tracing::info_span!("mqtt")),
     );
-    tracker.spawn(
+    workers.spawn(
+        "applier",
         Applier {
             store: store.clone(),
             held: held.clone(),
@@ -227,7 +266,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         .run(token.child_token())
         .instrument(tracing::info_span!("applier")),
     );
-    tracker.spawn(
+    workers.spawn(
+        "expirer",
         Expirer {
             store: store.clone(),
             held: held.clone(),
@@ -249,31 +289,64 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         .run(token.child_token())
         .instrument(tracing::info_span!("expirer")),
     );
-    tracker.spawn(
+    workers.spawn(
+        "outbox",
         Outbox {
             store: store.clone(),
             out: out_tx,
             ack_rx,
             republish,
         }
-        .run(token.child_token(), tracker.clone())
+        .run(token.child_token(), workers.helpers())
         .instrument(tracing::info_span!("outbox")),
     );
 
-    shutdown.await;
-    info!("Shutting down.");
-    token.cancel();
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!(grace = ?SHUTDOWN_GRACE, "Graceful shutdown timed out; exiting anyway.");
+    let panic = tokio::select! {
+        () = &mut shutdown => None,
+        p = workers.panicked() => Some(p),
+        p = web.panicked() => Some(p),
+    };
+    match panic {
+        None => {
+            info!("Shutting down.");
+            let stopped = stop(workers, web).await;
+            info!("Stopped.");
+            stopped
+        }
+        Some(p) => panicked(p, workers, web).await,
     }
-    http_token.cancel();
-    let _ = http_task.await;
-    info!("Stopped.");
+}
+
+/// Closes [`Held`] when dropped.
+struct CloseOnDrop(Arc<Held>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// Stops the workers, then the HTTP server, each bounded. A panic seen meanwhile makes it
+/// an error.
+async fn stop(workers: Supervisor, web: Supervisor) -> Result<(), Error> {
+    let workers = workers.stop(SHUTDOWN_GRACE).await;
+    if let Ok(Stopped::TimedOut { running }) = &workers {
+        warn!(grace = ?SHUTDOWN_GRACE, ?running, "Graceful shutdown timed out; exiting anyway.");
+    }
+    // The server bounds its own drain (1 s); this only guards against a wedged one.
+    let web = web.stop(Duration::from_secs(3)).await;
+    workers?;
+    web?;
     Ok(())
+}
+
+/// After a panic: stops the rest as usual (bounded) and reports the panic.
+async fn panicked(p: TaskPanicked, workers: Supervisor, web: Supervisor) -> Result<(), Error> {
+    error!(task = p.task, panic = %p.message, "A task panicked; stopping the monitor.");
+    if let Err(Error::TaskPanicked { task, message }) = stop(workers, web).await {
+        warn!(task, panic = %message, "Another task panicked while stopping.");
+    }
+    Err(p.into())
 }
 
 /// The command store and the nodes to listen to, for one Redis or a cluster.
@@ -458,4 +531,42 @@ async fn check_cluster(
         report.push(describe_notifications(cfg, &format!("master {addr}: "), &mut conn).await);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a panic the other tasks, the HTTP server included, are stopped, and `run`'s
+    /// error names the task.
+    #[tokio::test]
+    async fn a_panic_stops_everything_and_names_the_task() {
+        let mut workers = Supervisor::new();
+        let mut web = Supervisor::new();
+        let (mqtt_stopped, http_stopped) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        for (sup, name, stopped) in [
+            (&mut workers, "mqtt", mqtt_stopped.clone()),
+            (&mut web, "http", http_stopped.clone()),
+        ] {
+            let token = sup.token().child_token();
+            sup.spawn(name, async move {
+                token.cancelled().await;
+                stopped.notify_one();
+            });
+        }
+        workers.spawn("applier", async { panic!("boom") });
+        let p = workers.panicked().await;
+        let e = panicked(p, workers, web).await;
+        assert!(
+            matches!(&e, Err(Error::TaskPanicked { task: "applier", message }) if message == "boom"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.map_err(|e| e.to_string()),
+            Err("task 'applier' panicked: boom".to_owned())
+        );
+        // Both were cancelled and ran to their end (their notification is stored).
+        mqtt_stopped.notified().await;
+        http_stopped.notified().await;
+    }
 }
