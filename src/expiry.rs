@@ -6,9 +6,10 @@
 //! nothing, but when it is promoted we are already subscribed), kept in step with the
 //! topology by [`Listener::run`], which asks `CLUSTER NODES` every second.
 //!
-//! A node listener owns a dedicated pub/sub connection. On every (re)connection it
-//! subscribes to the `expired` keyevent channel, makes sure `notify-keyspace-events` has `E`
-//! and `x` (or proves with a probe key that events arrive), and asks for reconciliation,
+//! A node listener owns a dedicated pub/sub connection. On every (re)connection to a master
+//! it checks that the server is recent enough ([`crate::redis_version`]); it then subscribes
+//! to the `expired` keyevent channel, makes sure `notify-keyspace-events` has `E` and `x` (or
+//! proves with a probe key that events arrive), and asks for reconciliation,
 //! since events published while it was away are lost for good; so does a replica that
 //! becomes master. It never decides anything itself: it maps keys to device ids and hands
 //! them on. It never blocks on a full queue either: an event it drops is found by the
@@ -21,8 +22,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use redis::ConnectionInfo;
+use redis::{ConnectionInfo, ErrorKind, RedisError};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
@@ -30,11 +32,14 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::cluster::{self, Node};
 use crate::device::DeviceId;
 use crate::health::Health;
+use crate::redis_version::{self, CheckError, Unsupported};
 use crate::store::{self, Keys, NotifyConfig};
 use crate::telemetry::{Backoff, LogLimiter};
 
 /// How long the probe waits for its key's `expired` event (contract: up to 5 s).
 const PROBE_WAIT: Duration = Duration::from_secs(5);
+/// How long the version check waits for `INFO server`.
+const VERSION_WAIT: Duration = Duration::from_secs(5);
 /// How often a listener pings its node to notice a dead connection.
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// How often the cluster topology is read (failover, resharding, nodes added or removed).
@@ -47,6 +52,16 @@ const STARTUP_POLL: Duration = Duration::from_millis(50);
 #[error("Redis keyspace notifications are off: notify-keyspace-events must contain E and x (e.g. `CONFIG SET notify-keyspace-events Ex`, or the parameter group of a managed Redis); {reason}")]
 pub struct NotificationsOff {
     pub reason: String,
+}
+
+/// Why a node is not fit to be listened to: at start the monitor refuses to run; later the
+/// node's listener logs it, stays unready and tries again.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error(transparent)]
+    NotificationsOff(#[from] NotificationsOff),
+    #[error(transparent)]
+    Unsupported(#[from] Unsupported),
 }
 
 /// Where to listen.
@@ -69,7 +84,7 @@ pub struct Listener {
     pub reconcile: Arc<Notify>,
 }
 
-type First = oneshot::Sender<Result<(), NotificationsOff>>;
+type First = oneshot::Sender<Result<(), Refused>>;
 
 /// A node's role as the listener sees it; a master carries its slots (for the probe key).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,11 +141,14 @@ impl Listener {
         }
         let mut running: HashMap<String, Running> = HashMap::new();
         let mut first = Some(first);
-        let mut firsts: HashMap<String, oneshot::Receiver<Result<(), NotificationsOff>>> =
-            HashMap::new();
+        let mut firsts: HashMap<String, oneshot::Receiver<Result<(), Refused>>> = HashMap::new();
         let limiter = LogLimiter::new(Duration::from_secs(30));
         let mut backoff = Backoff::new(Duration::from_secs(5));
         let mut known: Vec<ConnectionInfo> = Vec::new();
+        // The node listeners are this task's children: a panic in one is raised again here,
+        // so the monitor's supervisor sees it (as the `expiry` task's) instead of a node
+        // silently no longer listened to.
+        let mut listeners = JoinSet::new();
         loop {
             // Ask the nodes we know first (the seeds may be gone), then the seeds.
             let candidates: Vec<ConnectionInfo> =
@@ -174,7 +192,7 @@ impl Listener {
                             None
                         };
                         info!(node = %node.addr(), master = node.master, "Listening to a cluster node.");
-                        tokio::spawn(
+                        listeners.spawn(
                             listener
                                 .run(child.clone(), node_first)
                                 .instrument(tracing::info_span!("node", addr = %node.addr())),
@@ -249,10 +267,22 @@ impl Listener {
             tokio::select! {
                 () = token.cancelled() => break,
                 () = tokio::time::sleep(delay) => {}
+                Some(Err(e)) = listeners.join_next(), if !listeners.is_empty() => {
+                    if e.is_panic() {
+                        std::panic::resume_unwind(e.into_panic());
+                    }
+                }
             }
         }
         for r in running.values() {
             r.token.cancel();
+        }
+        while let Some(joined) = listeners.join_next().await {
+            if let Err(e) = joined {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
         }
     }
 }
@@ -340,27 +370,22 @@ impl NodeListener {
         .await
         .map_err(|_| "connect timed out".to_owned())?
         .map_err(|e| e.to_string())?;
+        let role = self.role.borrow_and_update().clone();
+        // Before subscribing: a server we refuse is asked nothing more.
+        match self.check_version(&mut conn, &role).await {
+            Ok(()) => {}
+            Err(CheckError::Redis(e)) => return Err(e.to_string()),
+            Err(CheckError::Unsupported(e)) => return self.refuse(first, e.into()),
+        }
         let (mut sink, mut stream) = pubsub.split();
         sink.subscribe(channel).await.map_err(|e| e.to_string())?;
 
         // Subscribed first, so that the probe's event (if one is needed) cannot be missed.
-        let role = self.role.borrow_and_update().clone();
-        let check = self.check(&mut conn, &mut stream, &role).await;
-        match (first.take(), check) {
-            (Some(tx), check) => {
-                let failed = check.is_err();
-                let _ = tx.send(check);
-                if failed {
-                    return Ok(());
-                }
-            }
-            (None, Ok(())) => {}
-            (None, Err(e)) => {
-                // Later on (Redis restarted without our setting and CONFIG is refused) the
-                // monitor keeps working on deadlines alone; it says so loudly and stays unready.
-                error!(error = %e, "Keyspace notifications are off after a reconnect; offline detection relies on the deadline sweep alone.");
-                return Err(e.to_string());
-            }
+        if let Err(e) = self.check(&mut conn, &mut stream, &role).await {
+            return self.refuse(first, e.into());
+        }
+        if let Some(tx) = first.take() {
+            let _ = tx.send(Ok(()));
         }
 
         self.set_listening(true);
@@ -394,7 +419,12 @@ impl NodeListener {
                         // Promoted (failover) or given slots (resharding): its keys may
                         // have expired before anyone listened, and its notification setting
                         // is its own.
-                        info!("Node became a master: checking notifications and reconciling.");
+                        info!("Node became a master: checking its version and notifications, and reconciling.");
+                        match self.check_version(&mut conn, &role).await {
+                            Ok(()) => {}
+                            Err(CheckError::Redis(e)) => return Err(e.to_string()),
+                            Err(CheckError::Unsupported(e)) => return self.refuse(&mut None, e.into()),
+                        }
                         if let Err(e) = self.check(&mut conn, &mut stream, &role).await {
                             error!(error = %e, "Keyspace notifications are off on a new master; offline detection for its slots relies on the deadline sweep alone.");
                             return Err(e.to_string());
@@ -411,6 +441,45 @@ impl NodeListener {
                 }
             }
         }
+    }
+
+    /// Ends a session on a node we cannot work with. The first session of a node the monitor
+    /// waits for at start reports it (the monitor refuses to start; `Ok`: nothing to retry).
+    /// Later ones (Redis restarted without our setting and CONFIG refused, or replaced by an
+    /// older one) must not crash a running monitor: the node stays unready, says so loudly
+    /// and is tried again; the deadline sweep keeps detecting expiries meanwhile.
+    fn refuse(&self, first: &mut Option<First>, why: Refused) -> Result<(), String> {
+        if let Some(tx) = first.take() {
+            let _ = tx.send(Err(why));
+            return Ok(());
+        }
+        match &why {
+            Refused::NotificationsOff(_) => {
+                error!(error = %why, "Keyspace notifications are off after a reconnect; offline detection relies on the deadline sweep alone.");
+            }
+            Refused::Unsupported(_) => {
+                error!(error = %why, "This Redis cannot run the monitor's scripts; staying unready until a supported Redis answers.");
+            }
+        }
+        Err(why.to_string())
+    }
+
+    /// A master must run a Redis recent enough for the scripts; a replica runs none of them
+    /// and is checked when it is promoted (a rolling upgrade upgrades replicas first).
+    async fn check_version(
+        &self,
+        conn: &mut MultiplexedConnection,
+        role: &Role,
+    ) -> Result<(), CheckError> {
+        if let Role::Replica = role {
+            return Ok(());
+        }
+        let addr = self.info.addr().to_string();
+        let version = timeout(VERSION_WAIT, redis_version::check(conn, &addr))
+            .await
+            .map_err(|_| RedisError::from((ErrorKind::Io, "INFO server timed out")))??;
+        debug!(%version, "Redis version supported.");
+        Ok(())
     }
 
     /// Makes sure the node publishes `expired` events. A master must (or the check fails);

@@ -1,6 +1,7 @@
 //! The `presenced` binary: parses the command line, loads the configuration, installs
 //! logging, and hands off to the library. Exit codes (contract): 0 clean shutdown, 2 bad
-//! configuration or arguments, 1 anything else.
+//! configuration or arguments, 1 anything else (a Redis refused at start, a task that
+//! panicked: `lib::Error`).
 
 use std::process::ExitCode;
 use std::time::Duration;

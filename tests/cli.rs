@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use presenced::redis_version::RedisVersion;
+use support::fake_redis::FakeRedis;
 use support::*;
 
 /// The binary with a clean environment (no PRESENCED_* from the caller).
@@ -24,6 +26,22 @@ fn run(mut c: Command) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs `c` to its end, failing the test if that takes longer than `within`: the exit
+/// status and stderr.
+fn run_within(mut c: Command, within: Duration) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr");
+    let mut child = Proc(
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let status = wait_exit(&mut child, within);
+    (status, std::fs::read_to_string(&log).unwrap())
 }
 
 fn server_flags(redis: &RedisServer, mqtt_url: &str, http: u16) -> Vec<String> {
@@ -458,6 +476,14 @@ fn check_config_reaches_the_servers() {
         out.contains("redis: reachable") && out.contains("mqtt: reachable"),
         "{out}"
     );
+    // The installed Redis (7.x) passes the version check, which names what it found.
+    let version = out
+        .lines()
+        .find_map(|l| l.strip_prefix("redis: reachable (Redis "))
+        .and_then(|v| v.strip_suffix(')'))
+        .and_then(RedisVersion::parse)
+        .unwrap_or_else(|| panic!("no version in the report: {out}"));
+    assert!(version.is_supported(), "{version}");
 
     let o = run({
         let mut c = presenced();
@@ -470,6 +496,122 @@ fn check_config_reaches_the_servers() {
     });
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("mqtt"), "{}", stderr(&o));
+}
+
+/// A Redis older than 6.2 (a stand-in speaking its protocol) is refused by `check-config` and
+/// by `run`: exit 1, one line naming the version found, and nothing asked of it beyond the
+/// connection and INFO (no script loaded, no subscription, no CONFIG).
+#[test]
+fn redis_older_than_6_2_is_refused_at_start() {
+    let old = FakeRedis::start("6.0.16");
+    let flags = |http: u16| {
+        vec![
+            "--redis-url".to_owned(),
+            old.url(),
+            // Never reached: Redis is checked first.
+            "--mqtt-url".to_owned(),
+            format!("mqtt://127.0.0.1:{}", free_port()),
+            "--http-listen".to_owned(),
+            format!("127.0.0.1:{http}"),
+        ]
+    };
+    for command in ["check-config", "run"] {
+        let mut c = presenced();
+        c.arg(command).args(flags(free_port()));
+        // Bounded: a monitor that does not refuse would wait for this Redis forever.
+        let (status, e) = run_within(c, Duration::from_secs(15));
+        assert_eq!(status.code(), Some(1), "{command}: {e}");
+        let naming: Vec<&str> = e.lines().filter(|l| l.contains("6.0.16")).collect();
+        assert_eq!(
+            naming,
+            vec![format!(
+                "presenced: Redis 6.0.16 at 127.0.0.1:{} is too old: presenced needs Redis 6.2 or later",
+                old.port
+            )],
+            "{command}: {e}"
+        );
+    }
+    let asked = old.commands();
+    assert!(asked.contains(&"INFO".to_owned()), "{asked:?}");
+    for never in ["SCRIPT", "EVALSHA", "SUBSCRIBE", "CONFIG", "SET"] {
+        assert!(!asked.iter().any(|c| c == never), "{never} in {asked:?}");
+    }
+}
+
+/// A running monitor whose Redis is replaced by an older one does not crash: its keyspace
+/// listener logs the refusal naming the version and the monitor stays unready; when a
+/// supported Redis is back, it is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_replaced_by_an_older_one_leaves_the_monitor_unready() {
+    let mut redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let http = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("presenced.log");
+    let mut child = Proc(
+        presenced()
+            .args(server_flags(&redis, &mqtt.url(), http))
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = format!("127.0.0.1:{http}").parse().unwrap();
+    wait_ready(addr).await;
+
+    redis.stop();
+    let old = FakeRedis::start_on(redis.port, "6.0.16");
+    let body = eventually("unready on the old Redis", || async move {
+        let (code, body) = get(addr, "/readyz").await?;
+        (code == 503).then_some(body)
+    })
+    .await;
+    assert!(body.contains("redis"), "{body}");
+    let log_ref = &log;
+    let refusal = eventually("the refusal logged", || async move {
+        std::fs::read_to_string(log_ref)
+            .ok()?
+            .lines()
+            .find(|l| l.contains("ERROR") && l.contains("Redis 6.0.16") && l.contains("too old"))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(refusal.contains("6.2 or later"), "{refusal}");
+    assert!(child.try_wait().unwrap().is_none(), "the monitor exited");
+    // Still unready: the listener tries again and refuses again.
+    assert_eq!(get(addr, "/readyz").await.map(|r| r.0), Some(503));
+    assert!(old.commands().contains(&"INFO".to_owned()));
+
+    drop(old);
+    redis.restart();
+    wait_ready(addr).await;
+    signal(&child, "-TERM");
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(12)).code(),
+        Some(0)
+    );
+}
+
+/// On a cluster every master's version is checked and reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_reports_every_masters_version() {
+    let cluster = RedisCluster::start_with(3, 0).await;
+    let mqtt = Mosquitto::start();
+    let o = run({
+        let mut c = presenced();
+        c.args(["check-config", "--redis-cluster-nodes", &cluster.seeds()])
+            .args(["--mqtt-url", &mqtt.url()]);
+        c
+    });
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let versions: Vec<RedisVersion> = out
+        .lines()
+        .filter(|l| l.starts_with("redis: master "))
+        .filter_map(|l| l.split_once(": Redis ").map(|(_, v)| v))
+        .map(|v| RedisVersion::parse(v).unwrap())
+        .collect();
+    assert_eq!(versions.len(), 3, "{out}");
+    assert!(versions.iter().all(RedisVersion::is_supported), "{out}");
 }
 
 /// The simulator: N devices, the last F×N fall silent after one heartbeat; the monitor sees

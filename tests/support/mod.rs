@@ -3,6 +3,7 @@
 //! collector, a heartbeat publisher, and HTTP/metrics helpers.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod fake_redis;
 pub mod faketime;
 pub mod proxy;
 
