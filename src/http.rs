@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use crate::device::{DeviceId, State};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{ListFilter, Store};
 
 /// How long a request may wait on Redis before it is answered 503.
 const REDIS_WAIT: Duration = Duration::from_secs(2);
@@ -224,15 +224,14 @@ impl Api {
                 _ => {}
             }
         }
-        let page = self.store.list(state, cursor.as_deref(), limit);
+        let filter = ListFilter { state };
+        let page = self.store.list(&filter, cursor.as_deref(), limit);
         match tokio::time::timeout(REDIS_WAIT, page).await {
-            Ok(Ok((records, more))) => {
-                let next = if more {
-                    records.last().map(|r| encode_cursor(r.device.as_str()))
-                } else {
-                    None
-                };
-                let devices: Vec<_> = records.iter().map(|r| r.to_json()).collect();
+            Ok(Ok(page)) => {
+                // The store's cursor, not the last record's id: a page may end with (or be
+                // all) ids that failed the filter, and the next page starts after them.
+                let next = page.next.as_deref().map(encode_cursor);
+                let devices: Vec<_> = page.records.iter().map(|r| r.to_json()).collect();
                 json(
                     StatusCode::OK,
                     &serde_json::json!({ "devices": devices, "next_cursor": next }),

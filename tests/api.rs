@@ -294,3 +294,103 @@ async fn starts_while_redis_is_down() {
     statuses.wait_for("online", |s| !s.is_empty()).await;
     app.stop().await.unwrap();
 }
+
+/// Follows `next_cursor` from the first page until null: every id listed, in order.
+async fn list_all(addr: std::net::SocketAddr, query: &str, limit: usize) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1000 {
+        let path = match &cursor {
+            Some(c) => format!("/devices?{query}&limit={limit}&cursor={c}"),
+            None => format!("/devices?{query}&limit={limit}"),
+        };
+        let (code, page) = get_json(addr, &path).await;
+        assert_eq!(code, 200, "{path}: {page}");
+        let devs = page["devices"].as_array().unwrap();
+        assert!(devs.len() <= limit, "{path}: {} records", devs.len());
+        seen.extend(
+            devs.iter()
+                .map(|d| d["device"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return seen,
+        }
+    }
+    panic!("{query}: the cursor never ended");
+}
+
+/// A filtered listing keeps reading past records that do not match: many online devices,
+/// then a few offline ones whose ids sort last, and every match is listed exactly once.
+/// The second half makes the state index disagree with the records (index entries say
+/// offline, records say online), which is what a page sees when those devices come back
+/// online between its index read and its record read: a page whose first records all fail
+/// the filter must not end the listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_paging_lists_every_match_once() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "60s")])).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    let online: Vec<String> = (0..40).map(|i| format!("a-{i:03}")).collect();
+    let offline: Vec<String> = (0..5).map(|i| format!("z-{i:03}")).collect();
+    for id in &online {
+        devices.heartbeat(id, b"").await;
+    }
+    for id in &offline {
+        devices.heartbeat(id, br#"{"ttl_s": 1}"#).await;
+    }
+    statuses
+        .wait_for("40 online, 5 offline", |s| {
+            s.iter().filter(|m| m.json["state"] == "online").count() == 45
+                && s.iter().filter(|m| m.json["state"] == "offline").count() == 5
+        })
+        .await;
+    let addr = app.http();
+    assert_eq!(list_all(addr, "state=offline", 2).await, offline);
+    assert_eq!(list_all(addr, "state=online", 7).await, online);
+
+    let keys = presenced::store::Keys::new("presence");
+    let mut conn = redis.conn().await;
+    for id in &online {
+        let index = keys.index(
+            presenced::store::bucket_of(id),
+            presenced::device::State::Offline,
+        );
+        let _: i64 = redis::cmd("ZADD")
+            .arg(index)
+            .arg(0)
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    for limit in [1, 3, 5, 1000] {
+        assert_eq!(
+            list_all(addr, "state=offline", limit).await,
+            offline,
+            "limit {limit}"
+        );
+    }
+
+    // More non-matching ids than one page examines (here: index entries without a record,
+    // as a device forgotten between the two reads would leave): the first page is cut
+    // short, empty, and still carries a cursor; following it lists every match.
+    let mut pipe = redis::pipe();
+    for i in 0..presenced::store::LIST_BUDGET + 100 {
+        let id = format!("b-{i:05}");
+        let index = keys.index(
+            presenced::store::bucket_of(&id),
+            presenced::device::State::Offline,
+        );
+        pipe.cmd("ZADD").arg(index).arg(0).arg(id).ignore();
+    }
+    let () = pipe.query_async(&mut conn).await.unwrap();
+    let (code, first) = get_json(addr, "/devices?state=offline&limit=1000").await;
+    assert_eq!(code, 200);
+    assert_eq!(first["devices"].as_array().unwrap().len(), 0, "{first}");
+    assert!(first["next_cursor"].is_string(), "{first}");
+    assert_eq!(list_all(addr, "state=offline", 1000).await, offline);
+    app.stop().await.unwrap();
+}
