@@ -11,9 +11,10 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -36,36 +37,60 @@ pub struct Api {
 
 type Body = Full<Bytes>;
 
+/// Most connections served at once. Each costs a task, a file descriptor and a few KiB of
+/// buffers, so 2,048 is far below what the process can hold, yet well above what
+/// Prometheus, probes and dashboards need. When all are taken, new connections wait in the
+/// kernel's accept queue until a slot frees, which [`REQUEST_HEAD_TIMEOUT`] bounds: a client
+/// that holds a connection without sending a request loses it within 10 s.
+pub const MAX_CONNECTIONS: usize = 2048;
+
+/// How long a client may take to send a whole request head, on a new connection and
+/// between requests on a kept-alive one. Without it a client that sends half a request
+/// holds its connection (and a slot of [`MAX_CONNECTIONS`]) forever.
+pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves until cancelled, then lets requests in progress finish (up to 1 s).
 pub async fn serve(listener: TcpListener, api: Api, token: CancellationToken) {
     let graceful = GracefulShutdown::new();
-    let http = hyper::server::conn::http1::Builder::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // hyper panics on a header timeout without a timer.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_HEAD_TIMEOUT);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        tokio::select! {
+        // A slot first, then the connection: past the cap, clients wait in the accept queue
+        // instead of costing a task each.
+        let slot = tokio::select! {
             () = token.cancelled() => break,
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        warn!(error = %e, "HTTP accept failed.");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let api = api.clone();
-                let service = hyper::service::service_fn(move |req| {
-                    let api = api.clone();
-                    async move { Ok::<_, Infallible>(api.handle(req).await) }
-                });
-                let conn = http.serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(error = %e, %peer, "HTTP connection ended with an error.");
-                    }
-                });
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break, // never closed
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = token.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // E.g. out of file descriptors: retry soon rather than spin.
+                    warn!(error = %e, "HTTP accept failed.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let api = api.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let api = api.clone();
+            async move { Ok::<_, Infallible>(api.handle(req).await) }
+        });
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, %peer, "HTTP connection ended with an error.");
             }
-        }
+            drop(slot);
+        });
     }
     if tokio::time::timeout(Duration::from_secs(1), graceful.shutdown())
         .await

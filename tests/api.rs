@@ -394,3 +394,63 @@ async fn filtered_paging_lists_every_match_once() {
     assert_eq!(list_all(addr, "state=offline", 1000).await, offline);
     app.stop().await.unwrap();
 }
+
+/// With 1,000 connections open that sent half a request line, `/healthz` and `/metrics`
+/// still answer within 1 s (the promise), and the server closes every half-sent connection
+/// once it has waited 10 s for the rest of the request (within 15 s here: room for a loaded
+/// machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_neither_block_nor_linger() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const HALF_SENT: usize = 1000;
+    // Both ends of every connection live in this process (the monitor runs in it), next to
+    // the servers' and the harness's own descriptors.
+    let needed = 2 * HALF_SENT as u64 + 512;
+    let limit = rlimit::increase_nofile_limit(needed).unwrap();
+    assert!(limit >= needed, "open file limit {limit} < {needed}");
+
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[])).await;
+    let addr = app.http();
+    let mut conns = Vec::with_capacity(HALF_SENT);
+    for _ in 0..HALF_SENT {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /hea").await.unwrap();
+        conns.push(s);
+    }
+    let opened = Instant::now();
+
+    for path in ["/healthz", "/metrics"] {
+        let started = Instant::now();
+        let (code, _) = get(addr, path).await.expect("answers");
+        let took = started.elapsed();
+        assert_eq!(code, 200, "{path}");
+        assert!(
+            took < Duration::from_secs(1),
+            "{path} took {took:?} with {HALF_SENT} half-sent connections open"
+        );
+    }
+
+    // Each read ends (EOF, a reset, or whatever the server says before closing) only when
+    // the server closes the connection.
+    let closes = conns.into_iter().map(|mut s| async move {
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+    });
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        futures_util::future::join_all(closes),
+    )
+    .await
+    .expect("half-sent connections still open after 15 s");
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9),
+        "closed after {waited:?}: sooner than the 10 s a client has for its request"
+    );
+    assert_eq!(get(addr, "/healthz").await.unwrap().0, 200);
+    app.stop().await.unwrap();
+}
