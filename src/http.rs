@@ -1,7 +1,9 @@
 //! The HTTP server (hyper 1): `/metrics`, `/healthz`, `/readyz`, `/devices/{id}` and
 //! `/devices?state=&limit=&cursor=`. It only reads: Redis for devices and fleet counts,
-//! [`Health`] for readiness.
+//! [`Health`] for readiness. With `http.auth_token` set, every route but `/`, `/healthz`
+//! and `/readyz` needs that bearer token.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -18,6 +20,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use subtle::ConstantTimeEq;
+
+use crate::config::{HttpAuth, Secret};
 use crate::device::{DeviceId, State};
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -33,6 +38,55 @@ pub struct Api {
     pub store: Store,
     pub metrics: Metrics,
     pub health: Arc<Health>,
+    pub auth: HttpAuth,
+}
+
+/// Whether a route needs the bearer token (when one is configured).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// The status page and the probes: a kubelet or load balancer has no token, and the
+    /// page asks the person for it.
+    Open,
+    /// Everything that shows the fleet.
+    Token,
+}
+
+fn access(path: &str) -> Access {
+    match path {
+        "/" | "/healthz" | "/readyz" => Access::Open,
+        _ => Access::Token,
+    }
+}
+
+/// The bearer token a request presents: the `Authorization: Bearer` header, else the
+/// `access_token` query parameter (RFC 6750), for clients that cannot set headers.
+fn presented_token<'a>(headers: &'a HeaderMap, query: &'a str) -> Option<Cow<'a, str>> {
+    let header = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| Cow::Borrowed(token.trim()));
+    header.or_else(|| {
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("access_token="))
+            .and_then(decode)
+            .map(Cow::Owned)
+    })
+}
+
+/// Compares in time that depends only on the lengths, so response times do not tell an
+/// attacker how much of a guess was right.
+fn token_matches(presented: &str, expected: &Secret) -> bool {
+    presented.as_bytes().ct_eq(expected.0.as_bytes()).into()
+}
+
+fn unauthorized() -> Response<Body> {
+    let mut r = error(StatusCode::UNAUTHORIZED, "a bearer token is required");
+    r.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
 }
 
 type Body = Full<Bytes>;
@@ -173,6 +227,13 @@ impl Api {
         }
         let path = req.uri().path().to_owned();
         let query = req.uri().query().unwrap_or("").to_owned();
+        if let (HttpAuth::Bearer(expected), Access::Token) = (&self.auth, access(&path)) {
+            let granted =
+                presented_token(req.headers(), &query).is_some_and(|t| token_matches(&t, expected));
+            if !granted {
+                return unauthorized();
+            }
+        }
         match path.as_str() {
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => match self.health.readiness() {
@@ -280,6 +341,43 @@ mod tests {
         assert_eq!(decode_cursor("abc"), None);
         assert_eq!(decode_cursor(""), None);
         assert_eq!(decode_cursor("00"), None); // a control character is no device id
+    }
+
+    #[test]
+    fn token_from_the_header_or_the_query() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(presented_token(&headers, "limit=5"), None);
+        assert_eq!(
+            presented_token(&headers, "limit=5&access_token=a%2Bb").as_deref(),
+            Some("a+b")
+        );
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("Basic dXNlcg=="));
+        assert_eq!(presented_token(&headers, ""), None);
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("bearer  s3cret"));
+        assert_eq!(
+            presented_token(&headers, "access_token=other").as_deref(),
+            Some("s3cret")
+        );
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        let expected = Secret("s3cret".into());
+        assert!(token_matches("s3cret", &expected));
+        assert!(!token_matches("s3cre", &expected));
+        assert!(!token_matches("s3cret!", &expected));
+        assert!(!token_matches("S3cret", &expected));
+        assert!(!token_matches("", &expected));
+    }
+
+    #[test]
+    fn only_the_page_and_the_probes_are_open() {
+        for open in ["/", "/healthz", "/readyz"] {
+            assert_eq!(access(open), Access::Open, "{open}");
+        }
+        for closed in ["/metrics", "/devices", "/devices/x", "/nope", "/healthz/x"] {
+            assert_eq!(access(closed), Access::Token, "{closed}");
+        }
     }
 
     #[test]

@@ -130,6 +130,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         store: store.clone(),
         metrics: metrics.clone(),
         health: health.clone(),
+        auth: cfg.http.auth.clone(),
     };
     let http_task = tokio::spawn(
         http::serve(listener, api, http_token.clone()).instrument(tracing::info_span!("http")),

@@ -454,3 +454,100 @@ async fn half_sent_requests_neither_block_nor_linger() {
     assert_eq!(get(addr, "/healthz").await.unwrap().0, 200);
     app.stop().await.unwrap();
 }
+
+/// A plain HTTP/1.0 GET with extra header lines: `(status, head, body)`.
+async fn get_with(addr: std::net::SocketAddr, path: &str, headers: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: test\r\n{headers}\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// With `http.auth_token`, the fleet's routes need the token (header or `access_token`),
+/// the probes stay open, and a refusal says how to authenticate without echoing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_guards_everything_but_the_probes() {
+    const TOKEN: &str = "tok-3f9a.Z_~+/=";
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("http.auth_token", TOKEN)])).await;
+    let addr = app.http();
+    let devices = Devices::connect(&mqtt).await;
+    devices.heartbeat("guarded", b"").await;
+    let good = format!("Authorization: Bearer {TOKEN}\r\n");
+    eventually("the device is listed", || {
+        let good = good.clone();
+        async move { (get_with(addr, "/devices/guarded", &good).await.0 == 200).then_some(()) }
+    })
+    .await;
+
+    let wrong = format!("Authorization: Bearer {TOKEN}x\r\n");
+    let short = "Authorization: Bearer tok\r\n".to_owned();
+    let basic = "Authorization: Basic dXNlcjpwdw==\r\n".to_owned();
+    for path in ["/metrics", "/devices", "/devices/guarded", "/nope"] {
+        for refused in ["", &wrong, &short, &basic] {
+            let (code, head, body) = get_with(addr, path, refused).await;
+            assert_eq!(code, 401, "{path} with {refused:?}");
+            assert!(
+                head.lines()
+                    .any(|l| l.eq_ignore_ascii_case("www-authenticate: bearer")),
+                "{head}"
+            );
+            assert!(
+                !body.contains(TOKEN) && !head.contains(TOKEN),
+                "{head}{body}"
+            );
+        }
+        let wrong_query = format!("{path}?access_token=nope");
+        assert_eq!(
+            get_with(addr, &wrong_query, "").await.0,
+            401,
+            "{wrong_query}"
+        );
+    }
+
+    let (code, _, body) = get_with(addr, "/metrics", &good).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("presenced_devices"), "{body}");
+    let lower = format!("authorization: bearer {TOKEN}\r\n");
+    assert_eq!(get_with(addr, "/devices/guarded", &lower).await.0, 200);
+    // The query form, percent-encoded as a browser's URLSearchParams would send it.
+    let encoded: String = TOKEN
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let (code, _, body) = get_with(
+        addr,
+        &format!("/devices?state=online&access_token={encoded}"),
+        "",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"guarded\""), "{body}");
+    assert_eq!(
+        get_with(addr, &format!("/metrics?access_token={encoded}"), "")
+            .await
+            .0,
+        200
+    );
+
+    // Probes and the page need no token (the page has no route yet: 404, not 401).
+    assert_eq!(get(addr, "/healthz").await.unwrap().0, 200);
+    assert_eq!(get(addr, "/readyz").await.unwrap().0, 200);
+    assert_eq!(get(addr, "/").await.unwrap().0, 404);
+    app.stop().await.unwrap();
+}
