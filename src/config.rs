@@ -181,6 +181,20 @@ pub const KEYS: &[Key] = &[
         Some("127.0.0.1:9464"),
         "Address of the metrics, health and device API."
     ),
+    key!(
+        "http",
+        "auth_token",
+        Str,
+        None,
+        "Bearer token every route but /, /healthz and /readyz requires (prefer http.auth_token_file or the environment)."
+    ),
+    key!(
+        "http",
+        "auth_token_file",
+        Str,
+        None,
+        "File holding the HTTP bearer token (trailing newline trimmed)."
+    ),
 ];
 
 /// Environment variables that are not config keys but are known (not warned about).
@@ -281,6 +295,16 @@ pub struct PresenceConfig {
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    pub auth: HttpAuth,
+}
+
+/// Who may read the HTTP API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpAuth {
+    /// Every route answers everyone (no token configured).
+    Open,
+    /// Every route but the status page and the probes needs this bearer token.
+    Bearer(Secret),
 }
 
 #[derive(Clone, Debug)]
@@ -391,27 +415,11 @@ impl Config {
             None => default_client_id(shared_group.is_some()),
         };
         let username = string("mqtt.username")?;
-        let password = match (string("mqtt.password")?, string("mqtt.password_file")?) {
-            (Some(_), Some(_)) => {
-                return Err(key_err(
-                    "mqtt.password_file",
-                    "set either mqtt.password or mqtt.password_file, not both",
-                ));
-            }
-            (Some(p), None) => Some(Secret(p)),
-            (None, Some(file)) => {
-                let text = std::fs::read_to_string(&file).map_err(|e| {
-                    key_err("mqtt.password_file", format!("cannot read {file}: {e}"))
-                })?;
-                Some(Secret(
-                    text.strip_suffix('\n')
-                        .map(|s| s.strip_suffix('\r').unwrap_or(s))
-                        .unwrap_or(&text)
-                        .to_owned(),
-                ))
-            }
-            (None, None) => None,
-        };
+        let password = secret(
+            ("mqtt.password", string("mqtt.password")?),
+            ("mqtt.password_file", string("mqtt.password_file")?),
+        )?
+        .map(|(secret, _)| secret);
         if password.is_some() && username.is_none() {
             return Err(key_err(
                 "mqtt.username",
@@ -510,6 +518,17 @@ impl Config {
             )
         })?;
 
+        let auth = match secret(
+            ("http.auth_token", string("http.auth_token")?),
+            ("http.auth_token_file", string("http.auth_token_file")?),
+        )? {
+            None => HttpAuth::Open,
+            Some((token, from)) => {
+                check_token(&token.0).map_err(|m| key_err(from, m))?;
+                HttpAuth::Bearer(token)
+            }
+        };
+
         Ok(Config {
             mqtt: MqttConfig {
                 url,
@@ -533,9 +552,47 @@ impl Config {
                 min_ttl,
                 max_ttl,
             },
-            http: HttpConfig { listen },
+            http: HttpConfig { listen, auth },
         })
     }
+}
+
+/// A secret given either inline (`value`) or in a file (`file`), each `(key, value)`: at most
+/// one of them, the file's content without its trailing newline. Returns the secret and the
+/// key it came from, for errors about its content.
+fn secret(
+    value: (&'static str, Option<String>),
+    file: (&'static str, Option<String>),
+) -> Result<Option<(Secret, &'static str)>, ConfigError> {
+    match (value, file) {
+        ((value_key, Some(_)), (file_key, Some(_))) => Err(key_err(
+            file_key,
+            format!("set either {value_key} or {file_key}, not both"),
+        )),
+        ((value_key, Some(v)), _) => Ok(Some((Secret(v), value_key))),
+        (_, (file_key, Some(path))) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| key_err(file_key, format!("cannot read {path}: {e}")))?;
+            let trimmed = text
+                .strip_suffix('\n')
+                .map(|s| s.strip_suffix('\r').unwrap_or(s))
+                .unwrap_or(&text);
+            Ok(Some((Secret(trimmed.to_owned()), file_key)))
+        }
+        (_, (_, None)) => Ok(None),
+    }
+}
+
+/// A bearer token must be presentable in an `Authorization` header: visible ASCII, no
+/// spaces. The message never quotes the token.
+fn check_token(token: &str) -> Result<(), String> {
+    if token.is_empty() {
+        return Err("the token must not be empty".into());
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the token must be visible ASCII without spaces or control characters".into());
+    }
+    Ok(())
 }
 
 /// A value after typing.
@@ -928,6 +985,45 @@ mod tests {
         assert_eq!(parse_size("10B"), Ok(10));
         assert_eq!(parse_size("10"), Ok(10));
         assert!(parse_size("ten").is_err());
+    }
+
+    #[test]
+    fn auth_token_inline_or_from_a_file() {
+        assert_eq!(load(&[], &[]).unwrap().http.auth, HttpAuth::Open);
+        let c = load(&[("PRESENCED_HTTP_AUTH_TOKEN", "t0ken")], &[]).unwrap();
+        assert_eq!(c.http.auth, HttpAuth::Bearer(Secret("t0ken".into())));
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("t0ken"), "{debug}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "from-file\r\n").unwrap();
+        let file = path.to_str().unwrap();
+        let c = load(&[], &[("http.auth_token_file", file)]).unwrap();
+        assert_eq!(c.http.auth, HttpAuth::Bearer(Secret("from-file".into())));
+
+        let e = load(
+            &[],
+            &[("http.auth_token", "a"), ("http.auth_token_file", file)],
+        );
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .starts_with("http.auth_token_file:"));
+        let e = load(&[], &[("http.auth_token", "")]).unwrap_err();
+        assert!(e.to_string().starts_with("http.auth_token:"), "{e}");
+        let e = load(&[], &[("http.auth_token", "has space")]).unwrap_err();
+        assert!(e.to_string().starts_with("http.auth_token:"), "{e}");
+        assert!(!e.to_string().contains("has space"), "{e}");
+        std::fs::write(&path, "\n").unwrap();
+        let e = load(&[], &[("http.auth_token_file", file)]).unwrap_err();
+        assert!(e.to_string().starts_with("http.auth_token_file:"), "{e}");
+        let missing = dir.path().join("missing");
+        let e = load(&[], &[("http.auth_token_file", missing.to_str().unwrap())]);
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .starts_with("http.auth_token_file:"));
     }
 
     #[test]

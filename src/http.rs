@@ -1,7 +1,9 @@
 //! The HTTP server (hyper 1): `/metrics`, `/healthz`, `/readyz`, `/devices/{id}` and
 //! `/devices?state=&limit=&cursor=`. It only reads: Redis for devices and fleet counts,
-//! [`Health`] for readiness.
+//! [`Health`] for readiness. With `http.auth_token` set, every route but `/`, `/healthz`
+//! and `/readyz` needs that bearer token.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,18 +11,22 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use subtle::ConstantTimeEq;
+
+use crate::config::{HttpAuth, Secret};
 use crate::device::{DeviceId, State};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{ListFilter, Store};
 
 /// How long a request may wait on Redis before it is answered 503.
 const REDIS_WAIT: Duration = Duration::from_secs(2);
@@ -32,40 +38,113 @@ pub struct Api {
     pub store: Store,
     pub metrics: Metrics,
     pub health: Arc<Health>,
+    pub auth: HttpAuth,
+}
+
+/// Whether a route needs the bearer token (when one is configured).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// The status page and the probes: a kubelet or load balancer has no token, and the
+    /// page asks the person for it.
+    Open,
+    /// Everything that shows the fleet.
+    Token,
+}
+
+fn access(path: &str) -> Access {
+    match path {
+        "/" | "/healthz" | "/readyz" => Access::Open,
+        _ => Access::Token,
+    }
+}
+
+/// The bearer token a request presents: the `Authorization: Bearer` header, else the
+/// `access_token` query parameter (RFC 6750), for clients that cannot set headers.
+fn presented_token<'a>(headers: &'a HeaderMap, query: &'a str) -> Option<Cow<'a, str>> {
+    let header = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| Cow::Borrowed(token.trim()));
+    header.or_else(|| {
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("access_token="))
+            .and_then(decode)
+            .map(Cow::Owned)
+    })
+}
+
+/// Compares in time that depends only on the lengths, so response times do not tell an
+/// attacker how much of a guess was right.
+fn token_matches(presented: &str, expected: &Secret) -> bool {
+    presented.as_bytes().ct_eq(expected.0.as_bytes()).into()
+}
+
+fn unauthorized() -> Response<Body> {
+    let mut r = error(StatusCode::UNAUTHORIZED, "a bearer token is required");
+    r.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
 }
 
 type Body = Full<Bytes>;
 
+/// Most connections served at once. Each costs a task, a file descriptor and a few KiB of
+/// buffers, so 2,048 is far below what the process can hold, yet well above what
+/// Prometheus, probes and dashboards need. When all are taken, new connections wait in the
+/// kernel's accept queue until a slot frees, which [`REQUEST_HEAD_TIMEOUT`] bounds: a client
+/// that holds a connection without sending a request loses it within 10 s.
+pub const MAX_CONNECTIONS: usize = 2048;
+
+/// How long a client may take to send a whole request head, on a new connection and
+/// between requests on a kept-alive one. Without it a client that sends half a request
+/// holds its connection (and a slot of [`MAX_CONNECTIONS`]) forever.
+pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves until cancelled, then lets requests in progress finish (up to 1 s).
 pub async fn serve(listener: TcpListener, api: Api, token: CancellationToken) {
     let graceful = GracefulShutdown::new();
-    let http = hyper::server::conn::http1::Builder::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // hyper panics on a header timeout without a timer.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_HEAD_TIMEOUT);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        tokio::select! {
+        // A slot first, then the connection: past the cap, clients wait in the accept queue
+        // instead of costing a task each.
+        let slot = tokio::select! {
             () = token.cancelled() => break,
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        warn!(error = %e, "HTTP accept failed.");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let api = api.clone();
-                let service = hyper::service::service_fn(move |req| {
-                    let api = api.clone();
-                    async move { Ok::<_, Infallible>(api.handle(req).await) }
-                });
-                let conn = http.serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(error = %e, %peer, "HTTP connection ended with an error.");
-                    }
-                });
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break, // never closed
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = token.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // E.g. out of file descriptors: retry soon rather than spin.
+                    warn!(error = %e, "HTTP accept failed.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let api = api.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let api = api.clone();
+            async move { Ok::<_, Infallible>(api.handle(req).await) }
+        });
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, %peer, "HTTP connection ended with an error.");
             }
-        }
+            drop(slot);
+        });
     }
     if tokio::time::timeout(Duration::from_secs(1), graceful.shutdown())
         .await
@@ -148,6 +227,13 @@ impl Api {
         }
         let path = req.uri().path().to_owned();
         let query = req.uri().query().unwrap_or("").to_owned();
+        if let (HttpAuth::Bearer(expected), Access::Token) = (&self.auth, access(&path)) {
+            let granted =
+                presented_token(req.headers(), &query).is_some_and(|t| token_matches(&t, expected));
+            if !granted {
+                return unauthorized();
+            }
+        }
         match path.as_str() {
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => match self.health.readiness() {
@@ -224,15 +310,14 @@ impl Api {
                 _ => {}
             }
         }
-        let page = self.store.list(state, cursor.as_deref(), limit);
+        let filter = ListFilter { state };
+        let page = self.store.list(&filter, cursor.as_deref(), limit);
         match tokio::time::timeout(REDIS_WAIT, page).await {
-            Ok(Ok((records, more))) => {
-                let next = if more {
-                    records.last().map(|r| encode_cursor(r.device.as_str()))
-                } else {
-                    None
-                };
-                let devices: Vec<_> = records.iter().map(|r| r.to_json()).collect();
+            Ok(Ok(page)) => {
+                // The store's cursor, not the last record's id: a page may end with (or be
+                // all) ids that failed the filter, and the next page starts after them.
+                let next = page.next.as_deref().map(encode_cursor);
+                let devices: Vec<_> = page.records.iter().map(|r| r.to_json()).collect();
                 json(
                     StatusCode::OK,
                     &serde_json::json!({ "devices": devices, "next_cursor": next }),
@@ -256,6 +341,43 @@ mod tests {
         assert_eq!(decode_cursor("abc"), None);
         assert_eq!(decode_cursor(""), None);
         assert_eq!(decode_cursor("00"), None); // a control character is no device id
+    }
+
+    #[test]
+    fn token_from_the_header_or_the_query() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(presented_token(&headers, "limit=5"), None);
+        assert_eq!(
+            presented_token(&headers, "limit=5&access_token=a%2Bb").as_deref(),
+            Some("a+b")
+        );
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("Basic dXNlcg=="));
+        assert_eq!(presented_token(&headers, ""), None);
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("bearer  s3cret"));
+        assert_eq!(
+            presented_token(&headers, "access_token=other").as_deref(),
+            Some("s3cret")
+        );
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        let expected = Secret("s3cret".into());
+        assert!(token_matches("s3cret", &expected));
+        assert!(!token_matches("s3cre", &expected));
+        assert!(!token_matches("s3cret!", &expected));
+        assert!(!token_matches("S3cret", &expected));
+        assert!(!token_matches("", &expected));
+    }
+
+    #[test]
+    fn only_the_page_and_the_probes_are_open() {
+        for open in ["/", "/healthz", "/readyz"] {
+            assert_eq!(access(open), Access::Open, "{open}");
+        }
+        for closed in ["/metrics", "/devices", "/devices/x", "/nope", "/healthz/x"] {
+            assert_eq!(access(closed), Access::Token, "{closed}");
+        }
     }
 
     #[test]

@@ -173,6 +173,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         store: store.clone(),
         metrics: metrics.clone(),
         health: health.clone(),
+        auth: cfg.http.auth.clone(),
     };
     let http_token = web.token().child_token();
     web.spawn(

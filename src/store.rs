@@ -32,6 +32,31 @@ use crate::device::{DeviceId, DeviceRecord, Millis, State, StatusEvent};
 /// migration. 64 keeps every bucket (and cluster slot) below ~2% of the fleet.
 pub const BUCKETS: u16 = 64;
 
+/// Most ids one `/devices` page examines (see [`Store::list`]).
+pub const LIST_BUDGET: usize = 10_000;
+/// Fewest ids read per round of a page, so a short remainder does not cost a round trip per
+/// non-matching id.
+const LIST_MIN_BATCH: usize = 100;
+
+/// Which records a listing keeps.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub state: Option<State>,
+}
+
+impl ListFilter {
+    pub fn matches(&self, record: &DeviceRecord) -> bool {
+        self.state.is_none_or(|s| record.state == s)
+    }
+}
+
+/// One page of a listing: its records, and the id to continue after when more may follow.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub records: Vec<DeviceRecord>,
+    pub next: Option<String>,
+}
+
 /// How long a committed transition may wait for the broker's acknowledgement before any
 /// replica may claim and publish it again.
 pub const OUTBOX_LEASE: Duration = Duration::from_secs(10);
@@ -863,18 +888,59 @@ impl Store {
         Ok((online, offline))
     }
 
-    /// One page of devices in id order, after `after` (exclusive), optionally of one state.
-    /// Returns the records and whether more may follow.
+    /// One page of devices in id order, after `after` (exclusive), holding at most `limit`
+    /// records that match `filter`.
     ///
-    /// Each bucket's state index is read from `after` on, at most `limit + 1` ids each; the
-    /// smallest `limit` ids overall form the page. Paging by id (not by a scan cursor) lists
-    /// every device of an unchanging fleet exactly once.
+    /// Paging by id (not by a scan cursor) lists every device of an unchanging fleet exactly
+    /// once. The state index narrows the ids read, but the filter is judged on the records:
+    /// a device may change state between the index read and the record read. So the page
+    /// keeps reading past ids whose records do not match until it holds `limit` records or
+    /// the index ends, and its cursor is the last id *examined*, not the last one kept: a
+    /// stretch of non-matching ids never ends the listing early, nor is it read again. The
+    /// reading stops after [`LIST_BUDGET`] ids even if the page is short (possibly empty),
+    /// so a rare match costs a client more pages, never one unbounded request.
     pub async fn list(
+        &self,
+        filter: &ListFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let mut page = Page::default();
+        let mut after = after.map(str::to_owned);
+        let mut examined = 0;
+        loop {
+            let want = (limit - page.records.len()).max(LIST_MIN_BATCH);
+            let (ids, index_more) = self.index_ids(filter.state, after.as_deref(), want).await?;
+            let records = self.records_of(&ids).await?;
+            for (i, (id, record)) in ids.iter().zip(records).enumerate() {
+                examined += 1;
+                after = Some(id.clone());
+                page.records.extend(record.filter(|r| filter.matches(r)));
+                if page.records.len() == limit {
+                    let more = index_more || i + 1 < ids.len();
+                    page.next = after.filter(|_| more);
+                    return Ok(page);
+                }
+            }
+            if !index_more {
+                return Ok(page);
+            }
+            if examined >= LIST_BUDGET {
+                page.next = after;
+                return Ok(page);
+            }
+        }
+    }
+
+    /// The smallest `limit` ids after `after` in the state indexes (both without a state),
+    /// and whether more follow. Each bucket's index is read from `after` on, at most
+    /// `limit + 1` ids each; the smallest `limit` overall are the answer.
+    async fn index_ids(
         &self,
         state: Option<State>,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<(Vec<DeviceRecord>, bool), StoreError> {
+    ) -> Result<(Vec<String>, bool), StoreError> {
         let states: &[State] = match state {
             Some(State::Online) => &[State::Online],
             Some(State::Offline) => &[State::Offline],
@@ -905,30 +971,28 @@ impl Store {
         ids.dedup();
         let more = ids.len() > limit;
         ids.truncate(limit);
-        if ids.is_empty() {
-            return Ok((Vec::new(), false));
-        }
+        Ok((ids, more))
+    }
 
-        let mut cmds = Vec::with_capacity(ids.len());
-        let mut parsed = Vec::with_capacity(ids.len());
-        for id in &ids {
-            let Ok(device) = DeviceId::parse(id) else {
-                continue;
-            };
-            let mut cmd = redis::cmd("HGET");
-            cmd.arg(self.keys.records(bucket_of(id))).arg(id);
-            cmds.push(cmd);
-            parsed.push(device);
+    /// The records of `ids`, in order; `None` for an id without a (valid) record.
+    async fn records_of(&self, ids: &[String]) -> Result<Vec<Option<DeviceRecord>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
-        let raws: Vec<Option<String>> = decode(self.exec(cmds).await.all()?)?;
-        let records = parsed
-            .into_iter()
-            .zip(raws)
-            .filter_map(|(id, raw)| DeviceRecord::parse(id, &raw?))
-            // A device may change state between the two reads; keep the page to its filter.
-            .filter(|r| state.is_none_or(|s| r.state == s))
+        let cmds = ids
+            .iter()
+            .map(|id| {
+                let mut cmd = redis::cmd("HGET");
+                cmd.arg(self.keys.records(bucket_of(id))).arg(id);
+                cmd
+            })
             .collect();
-        Ok((records, more))
+        let raws: Vec<Option<String>> = decode(self.exec(cmds).await.all()?)?;
+        Ok(ids
+            .iter()
+            .zip(raws)
+            .map(|(id, raw)| DeviceRecord::parse(DeviceId::parse(id).ok()?, &raw?))
+            .collect())
     }
 
     /// One HSCAN step over a bucket's records: every device's current status, for

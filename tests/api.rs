@@ -294,3 +294,260 @@ async fn starts_while_redis_is_down() {
     statuses.wait_for("online", |s| !s.is_empty()).await;
     app.stop().await.unwrap();
 }
+
+/// Follows `next_cursor` from the first page until null: every id listed, in order.
+async fn list_all(addr: std::net::SocketAddr, query: &str, limit: usize) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1000 {
+        let path = match &cursor {
+            Some(c) => format!("/devices?{query}&limit={limit}&cursor={c}"),
+            None => format!("/devices?{query}&limit={limit}"),
+        };
+        let (code, page) = get_json(addr, &path).await;
+        assert_eq!(code, 200, "{path}: {page}");
+        let devs = page["devices"].as_array().unwrap();
+        assert!(devs.len() <= limit, "{path}: {} records", devs.len());
+        seen.extend(
+            devs.iter()
+                .map(|d| d["device"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return seen,
+        }
+    }
+    panic!("{query}: the cursor never ended");
+}
+
+/// A filtered listing keeps reading past records that do not match: many online devices,
+/// then a few offline ones whose ids sort last, and every match is listed exactly once.
+/// The second half makes the state index disagree with the records (index entries say
+/// offline, records say online), which is what a page sees when those devices come back
+/// online between its index read and its record read: a page whose first records all fail
+/// the filter must not end the listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_paging_lists_every_match_once() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "60s")])).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    let online: Vec<String> = (0..40).map(|i| format!("a-{i:03}")).collect();
+    let offline: Vec<String> = (0..5).map(|i| format!("z-{i:03}")).collect();
+    for id in &online {
+        devices.heartbeat(id, b"").await;
+    }
+    for id in &offline {
+        devices.heartbeat(id, br#"{"ttl_s": 1}"#).await;
+    }
+    statuses
+        .wait_for("40 online, 5 offline", |s| {
+            s.iter().filter(|m| m.json["state"] == "online").count() == 45
+                && s.iter().filter(|m| m.json["state"] == "offline").count() == 5
+        })
+        .await;
+    let addr = app.http();
+    assert_eq!(list_all(addr, "state=offline", 2).await, offline);
+    assert_eq!(list_all(addr, "state=online", 7).await, online);
+
+    let keys = presenced::store::Keys::new("presence");
+    let mut conn = redis.conn().await;
+    for id in &online {
+        let index = keys.index(
+            presenced::store::bucket_of(id),
+            presenced::device::State::Offline,
+        );
+        let _: i64 = redis::cmd("ZADD")
+            .arg(index)
+            .arg(0)
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    for limit in [1, 3, 5, 1000] {
+        assert_eq!(
+            list_all(addr, "state=offline", limit).await,
+            offline,
+            "limit {limit}"
+        );
+    }
+
+    // More non-matching ids than one page examines (here: index entries without a record,
+    // as a device forgotten between the two reads would leave): the first page is cut
+    // short, empty, and still carries a cursor; following it lists every match.
+    let mut pipe = redis::pipe();
+    for i in 0..presenced::store::LIST_BUDGET + 100 {
+        let id = format!("b-{i:05}");
+        let index = keys.index(
+            presenced::store::bucket_of(&id),
+            presenced::device::State::Offline,
+        );
+        pipe.cmd("ZADD").arg(index).arg(0).arg(id).ignore();
+    }
+    let () = pipe.query_async(&mut conn).await.unwrap();
+    let (code, first) = get_json(addr, "/devices?state=offline&limit=1000").await;
+    assert_eq!(code, 200);
+    assert_eq!(first["devices"].as_array().unwrap().len(), 0, "{first}");
+    assert!(first["next_cursor"].is_string(), "{first}");
+    assert_eq!(list_all(addr, "state=offline", 1000).await, offline);
+    app.stop().await.unwrap();
+}
+
+/// With 1,000 connections open that sent half a request line, `/healthz` and `/metrics`
+/// still answer within 1 s (the promise), and the server closes every half-sent connection
+/// once it has waited 10 s for the rest of the request (within 15 s here: room for a loaded
+/// machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_neither_block_nor_linger() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const HALF_SENT: usize = 1000;
+    // Both ends of every connection live in this process (the monitor runs in it), next to
+    // the servers' and the harness's own descriptors.
+    let needed = 2 * HALF_SENT as u64 + 512;
+    let limit = rlimit::increase_nofile_limit(needed).unwrap();
+    assert!(limit >= needed, "open file limit {limit} < {needed}");
+
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[])).await;
+    let addr = app.http();
+    let mut conns = Vec::with_capacity(HALF_SENT);
+    for _ in 0..HALF_SENT {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /hea").await.unwrap();
+        conns.push(s);
+    }
+    let opened = Instant::now();
+
+    for path in ["/healthz", "/metrics"] {
+        let started = Instant::now();
+        let (code, _) = get(addr, path).await.expect("answers");
+        let took = started.elapsed();
+        assert_eq!(code, 200, "{path}");
+        assert!(
+            took < Duration::from_secs(1),
+            "{path} took {took:?} with {HALF_SENT} half-sent connections open"
+        );
+    }
+
+    // Each read ends (EOF, a reset, or whatever the server says before closing) only when
+    // the server closes the connection.
+    let closes = conns.into_iter().map(|mut s| async move {
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+    });
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        futures_util::future::join_all(closes),
+    )
+    .await
+    .expect("half-sent connections still open after 15 s");
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9),
+        "closed after {waited:?}: sooner than the 10 s a client has for its request"
+    );
+    assert_eq!(get(addr, "/healthz").await.unwrap().0, 200);
+    app.stop().await.unwrap();
+}
+
+/// A plain HTTP/1.0 GET with extra header lines: `(status, head, body)`.
+async fn get_with(addr: std::net::SocketAddr, path: &str, headers: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: test\r\n{headers}\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// With `http.auth_token`, the fleet's routes need the token (header or `access_token`),
+/// the probes stay open, and a refusal says how to authenticate without echoing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_guards_everything_but_the_probes() {
+    const TOKEN: &str = "tok-3f9a.Z_~+/=";
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("http.auth_token", TOKEN)])).await;
+    let addr = app.http();
+    let devices = Devices::connect(&mqtt).await;
+    devices.heartbeat("guarded", b"").await;
+    let good = format!("Authorization: Bearer {TOKEN}\r\n");
+    eventually("the device is listed", || {
+        let good = good.clone();
+        async move { (get_with(addr, "/devices/guarded", &good).await.0 == 200).then_some(()) }
+    })
+    .await;
+
+    let wrong = format!("Authorization: Bearer {TOKEN}x\r\n");
+    let short = "Authorization: Bearer tok\r\n".to_owned();
+    let basic = "Authorization: Basic dXNlcjpwdw==\r\n".to_owned();
+    for path in ["/metrics", "/devices", "/devices/guarded", "/nope"] {
+        for refused in ["", &wrong, &short, &basic] {
+            let (code, head, body) = get_with(addr, path, refused).await;
+            assert_eq!(code, 401, "{path} with {refused:?}");
+            assert!(
+                head.lines()
+                    .any(|l| l.eq_ignore_ascii_case("www-authenticate: bearer")),
+                "{head}"
+            );
+            assert!(
+                !body.contains(TOKEN) && !head.contains(TOKEN),
+                "{head}{body}"
+            );
+        }
+        let wrong_query = format!("{path}?access_token=nope");
+        assert_eq!(
+            get_with(addr, &wrong_query, "").await.0,
+            401,
+            "{wrong_query}"
+        );
+    }
+
+    let (code, _, body) = get_with(addr, "/metrics", &good).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("presenced_devices"), "{body}");
+    let lower = format!("authorization: bearer {TOKEN}\r\n");
+    assert_eq!(get_with(addr, "/devices/guarded", &lower).await.0, 200);
+    // The query form, percent-encoded as a browser's URLSearchParams would send it.
+    let encoded: String = TOKEN
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let (code, _, body) = get_with(
+        addr,
+        &format!("/devices?state=online&access_token={encoded}"),
+        "",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"guarded\""), "{body}");
+    assert_eq!(
+        get_with(addr, &format!("/metrics?access_token={encoded}"), "")
+            .await
+            .0,
+        200
+    );
+
+    // Probes and the page need no token (the page has no route yet: 404, not 401).
+    assert_eq!(get(addr, "/healthz").await.unwrap().0, 200);
+    assert_eq!(get(addr, "/readyz").await.unwrap().0, 200);
+    assert_eq!(get(addr, "/").await.unwrap().0, 404);
+    app.stop().await.unwrap();
+}

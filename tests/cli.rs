@@ -163,6 +163,49 @@ fn bad_configuration_exits_2_naming_the_key() {
     }
 }
 
+/// The HTTP token: a file that cannot be read, or a token and a file both, exit 2 with one
+/// line naming `http.auth_token_file`; an empty token names `http.auth_token`. No message
+/// shows the token.
+#[test]
+fn bad_auth_token_settings_exit_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-token");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "hunter2\n").unwrap();
+    // (environment, flags, what stderr names)
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: [Case; 4] = [
+        (
+            &[],
+            &["--http-auth-token-file", missing.to_str().unwrap()],
+            "http.auth_token_file",
+        ),
+        (
+            &[("PRESENCED_HTTP_AUTH_TOKEN_FILE", missing.to_str().unwrap())],
+            &[],
+            "http.auth_token_file",
+        ),
+        (
+            &[("PRESENCED_HTTP_AUTH_TOKEN", "hunter2")],
+            &["--http-auth-token-file", token.to_str().unwrap()],
+            "http.auth_token_file",
+        ),
+        (&[], &["--http-auth-token", ""], "http.auth_token:"),
+    ];
+    for (env, args, key) in cases {
+        let o = run({
+            let mut c = presenced();
+            c.envs(env.iter().copied()).arg("check-config").args(args);
+            c
+        });
+        assert_eq!(o.status.code(), Some(2), "{env:?} {args:?}");
+        let e = stderr(&o);
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains(key), "{env:?} {args:?}: {e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+}
+
 /// `--log-format json` writes one JSON object per line to stderr; stdout stays empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_go_to_stderr() {

@@ -124,7 +124,9 @@ async fn dashboard_and_alerts_evaluate_against_real_prometheus() {
     let prometheus = tool("prometheus");
     let redis = RedisServer::start();
     let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(&redis, &mqtt, &[])).await;
+    // With a token, as deployed: Prometheus sends it from a file, like deploy/'s config.
+    const TOKEN: &str = "operators-test-token";
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("http.auth_token", TOKEN)])).await;
     presenced::metrics::register_process_collector();
 
     // The simulator in-process: 200 devices, a quarter of them go silent (offline, lag).
@@ -142,11 +144,16 @@ async fn dashboard_and_alerts_evaluate_against_real_prometheus() {
 
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     let config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
          rule_files: [\"{}\"]\n\
-         scrape_configs:\n  - job_name: presenced\n    static_configs:\n      - targets: [\"{}\"]\n",
+         scrape_configs:\n  - job_name: presenced\n    \
+         authorization:\n      credentials_file: \"{}\"\n    \
+         static_configs:\n      - targets: [\"{}\"]\n",
         repo("deploy/prometheus/alerts.yml").display(),
+        token.display(),
         app.http()
     );
     std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
@@ -171,7 +178,8 @@ async fn dashboard_and_alerts_evaluate_against_real_prometheus() {
         let (code, body) = get(addr, "/api/v1/query?query=count_over_time(presenced_devices%7Bstate%3D%22offline%22%7D%5B1m%5D)").await?;
         let v: Value = serde_json::from_str(&body).ok()?;
         let n: f64 = v["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
-        let offline = metric(&scrape(app.http()).await, r#"presenced_devices{state="offline"}"#)?;
+        let (_, m) = get(app.http(), &format!("/metrics?access_token={TOKEN}")).await?;
+        let offline = metric(&m, r#"presenced_devices{state="offline"}"#)?;
         (code == 200 && n >= 5.0 && offline >= 50.0).then_some(())
     })
     .await;
@@ -217,14 +225,22 @@ async fn dashboard_and_alerts_evaluate_against_real_prometheus() {
 #[test]
 fn promtool_accepts_the_rules_and_config() {
     promtool(&["check", "rules"], &repo("deploy/prometheus/alerts.yml"));
-    // The compose config names the rules by their path inside the container.
+    // The compose config names the rules and the token by their paths inside the
+    // container; promtool requires the token file to exist.
     let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t\n").unwrap();
     let text = std::fs::read_to_string(repo("deploy/prometheus/prometheus.yml"))
         .unwrap()
         .replace(
             "/etc/prometheus/alerts.yml",
             repo("deploy/prometheus/alerts.yml").to_str().unwrap(),
-        );
+        )
+        .replace("/run/secrets/presenced-http-token", token.to_str().unwrap());
+    assert!(
+        text.contains("credentials_file"),
+        "the scrape job sends no token"
+    );
     std::fs::write(dir.path().join("p.yml"), text).unwrap();
     promtool(&["check", "config"], &dir.path().join("p.yml"));
 }
