@@ -289,8 +289,68 @@ pub enum NotifyConfig {
 /// The command connection: one Redis, or a Redis Cluster (routed by each command's key).
 #[derive(Clone)]
 enum Conn {
-    Single(ConnectionManager),
+    Single(Arc<Single>),
     Cluster(Arc<Cluster>),
+}
+
+/// The connection to one Redis, replaced when it stops answering.
+///
+/// `ConnectionManager` reconnects when the connection is closed or reset, but not when it
+/// times out: a black-holed connection (packets dropped, e.g. a network partition that
+/// heals without a reset) would stay wedged until the kernel gives up, many minutes later.
+/// So, as for a cluster: when no command has succeeded for [`CLUSTER_STUCK`] while commands
+/// keep failing at the connection level, a fresh connection manager replaces it.
+struct Single {
+    client: redis::Client,
+    conn: Mutex<ConnectionManager>,
+    last_ok: AtomicU64,
+    last_rebuild: AtomicU64,
+}
+
+impl Single {
+    fn config() -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(3)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_max_delay(Duration::from_secs(2))
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn outcome<T>(&self, result: &Result<T, RedisError>) {
+        if stuck(result, &self.last_ok, &self.last_rebuild) {
+            tracing::warn!(
+                "No Redis command succeeded for {CLUSTER_STUCK:?}; replacing the connection."
+            );
+            match self.client.get_connection_manager_lazy(Self::config()) {
+                Ok(fresh) => *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = fresh,
+                Err(e) => tracing::warn!(error = %e, "Cannot make a new Redis connection."),
+            }
+        }
+    }
+}
+
+/// Records a command's outcome; `true` when the connection should be replaced: nothing has
+/// succeeded for [`CLUSTER_STUCK`] (nor was it replaced in that time) and this failed at the
+/// connection level. A server's answer (even an error reply) proves the connection works.
+fn stuck<T>(result: &Result<T, RedisError>, last_ok: &AtomicU64, last_rebuild: &AtomicU64) -> bool {
+    let now = crate::device::now_ms();
+    match result {
+        Ok(_) => last_ok.store(now, Ordering::Relaxed),
+        Err(e) if matches!(e.kind(), ErrorKind::Server(_)) => last_ok.store(now, Ordering::Relaxed),
+        Err(_) => {
+            let last = last_ok
+                .load(Ordering::Relaxed)
+                .max(last_rebuild.load(Ordering::Relaxed));
+            if now.saturating_sub(last) >= CLUSTER_STUCK.as_millis() as u64 {
+                last_rebuild.store(now, Ordering::Relaxed);
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// A cluster connection that is replaced when it stops working.
@@ -322,29 +382,14 @@ impl Cluster {
     }
 
     fn outcome<T>(&self, result: &Result<T, RedisError>) {
-        let now = crate::device::now_ms();
-        match result {
-            Ok(_) => self.last_ok.store(now, Ordering::Relaxed),
-            Err(e) if matches!(e.kind(), ErrorKind::Server(_)) => {
-                self.last_ok.store(now, Ordering::Relaxed)
-            }
-            Err(_) => {
-                let stuck = CLUSTER_STUCK.as_millis() as u64;
-                let last = self
-                    .last_ok
-                    .load(Ordering::Relaxed)
-                    .max(self.last_rebuild.load(Ordering::Relaxed));
-                if now.saturating_sub(last) >= stuck {
-                    self.last_rebuild.store(now, Ordering::Relaxed);
-                    tracing::warn!(
-                        "No Redis Cluster command succeeded for {CLUSTER_STUCK:?}; reconnecting from the seed nodes."
-                    );
-                    let fresh = self
-                        .client
-                        .get_pending_async_connection_with_config(Self::config());
-                    *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
-                }
-            }
+        if stuck(result, &self.last_ok, &self.last_rebuild) {
+            tracing::warn!(
+                "No Redis Cluster command succeeded for {CLUSTER_STUCK:?}; reconnecting from the seed nodes."
+            );
+            let fresh = self
+                .client
+                .get_pending_async_connection_with_config(Self::config());
+            *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
         }
     }
 }
@@ -352,7 +397,11 @@ impl Cluster {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Single(single) => Box::pin(async move {
+                let result = single.conn().req_packed_command(cmd).await;
+                single.outcome(&result);
+                result
+            }),
             Conn::Cluster(cluster) => Box::pin(async move {
                 let result = cluster.conn().req_packed_command(cmd).await;
                 cluster.outcome(&result);
@@ -368,7 +417,11 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Single(single) => Box::pin(async move {
+                let result = single.conn().req_packed_commands(cmd, offset, count).await;
+                single.outcome(&result);
+                result
+            }),
             Conn::Cluster(cluster) => Box::pin(async move {
                 let result = cluster.conn().req_packed_commands(cmd, offset, count).await;
                 cluster.outcome(&result);
@@ -379,7 +432,7 @@ impl ConnectionLike for Conn {
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(c) => c.get_db(),
+            Conn::Single(single) => single.conn().get_db(),
             Conn::Cluster(_) => 0,
         }
     }
@@ -484,13 +537,14 @@ impl Store {
     /// A store whose connection is made on first use and remade after failures; nothing is
     /// sent now, so it works while Redis is down. Scripts are loaded on first need (NOSCRIPT).
     pub fn lazy(client: &redis::Client, prefix: &str) -> Result<Store, StoreError> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(3)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_max_delay(Duration::from_secs(2));
-        let conn = client.get_connection_manager_lazy(config)?;
+        let conn = client.get_connection_manager_lazy(Single::config())?;
         Ok(Store {
-            conn: Conn::Single(conn),
+            conn: Conn::Single(Arc::new(Single {
+                client: client.clone(),
+                conn: Mutex::new(conn),
+                last_ok: AtomicU64::new(crate::device::now_ms()),
+                last_rebuild: AtomicU64::new(0),
+            })),
             keys: Keys::new(prefix),
             scripts: Scripts::new(),
             clock: Arc::default(),
@@ -595,12 +649,12 @@ impl Store {
     /// starts with an empty script cache: NOSCRIPT brings us back here).
     async fn load_scripts(&self) -> Result<(), StoreError> {
         match &self.conn {
-            Conn::Single(c) => {
+            Conn::Single(_) => {
                 let mut pipe = redis::pipe();
                 for s in self.scripts.all() {
                     pipe.cmd("SCRIPT").arg("LOAD").arg(&s.source).ignore();
                 }
-                pipe.query_async::<()>(&mut c.clone()).await?;
+                pipe.query_async::<()>(&mut self.conn.clone()).await?;
             }
             Conn::Cluster(_) => {
                 // One command each: a pipeline is routed to a single node.
@@ -622,16 +676,16 @@ impl Store {
     /// what failed once more (a call that failed with NOSCRIPT did nothing).
     async fn exec(&self, cmds: Vec<Cmd>) -> Replies {
         match &self.conn {
-            Conn::Single(c) => {
+            Conn::Single(_) => {
                 let n = cmds.len();
                 let mut pipe = redis::pipe();
                 for cmd in cmds {
                     pipe.add_command(cmd);
                 }
-                let mut result = pipe.query_async::<Vec<Value>>(&mut c.clone()).await;
+                let mut result = pipe.query_async::<Vec<Value>>(&mut self.conn.clone()).await;
                 if matches!(&result, Err(e) if is_noscript(e)) {
                     result = match self.load_scripts().await {
-                        Ok(()) => pipe.query_async(&mut c.clone()).await,
+                        Ok(()) => pipe.query_async(&mut self.conn.clone()).await,
                         Err(StoreError::Redis(e)) => Err(e),
                         Err(e) => Err(RedisError::from((
                             ErrorKind::Io,

@@ -20,6 +20,10 @@ for i = 3, #ARGV, 7 do
   local id, first, arrival = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local deadline, lapse_from, lapse_to = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
   local on_time = ARGV[i + 6] == '1'
+  -- Arrivals are the caller's clock shifted to ours (within half a round trip): never later
+  -- than now, so that no published time runs ahead of the decision.
+  if first > now then first = now end
+  if arrival > now then deadline, arrival = deadline - (arrival - now), now end
   local state, seq, since, last, det = parse(redis.call('HGET', recs, id))
   local online_since = first
   if state == '1' then

@@ -166,6 +166,10 @@ impl RedisServer {
     }
 
     /// Not stopped by the test (it may still be starting or have crashed).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn is_running(&self) -> bool {
         !self.stopped
     }

@@ -1,0 +1,369 @@
+//! The heartbeat timing rules and the no-false-offline guarantee under real faults: the
+//! latest heartbeat wins, a late heartbeat finds the device offline, retained replays are not
+//! news, one clock for every replica, and a replica cut off from Redis (refused or
+//! black-holed) never lets another replica expire a device whose heartbeat it holds.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use presenced::device::now_ms;
+use support::proxy::{FaultProxy, Mode};
+use support::*;
+
+/// `{"ttl_s":5}` then a plain heartbeat: the device lives the default TTL from the second
+/// heartbeat, not 5 s from the first (the latest heartbeat's deadline replaces the earlier
+/// one, shorter or longer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_latest_heartbeat_wins_even_when_its_deadline_is_sooner() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "1s")])).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    devices.heartbeat("shrink", br#"{"ttl_s": 5}"#).await;
+    statuses.wait_for("online", |s| s.len() == 1).await;
+    devices.heartbeat("shrink", b"").await;
+    let addr = app.http();
+    // The record shows the second heartbeat applied: its deadline is the one that counts.
+    let second = eventually("second heartbeat applied", || async move {
+        let (_, rec) = get_json(addr, "/devices/shrink").await;
+        (rec["last_seen"] != rec["since"]).then(|| ms(&rec["last_seen"]))
+    })
+    .await;
+    statuses.wait_for("offline", |s| s.len() == 2).await;
+    let off = statuses.device("shrink").pop().unwrap();
+    assert_eq!(off["state"], "offline");
+    assert_eq!(ms(&off["since"]), second + 1_000, "{off}");
+
+    // And the other way: a long override after a short TTL extends it.
+    devices.heartbeat("grow", b"").await;
+    devices.heartbeat("grow", br#"{"ttl_s": 4}"#).await;
+    statuses
+        .wait_for("grow online", |s| {
+            s.iter().any(|m| m.json["device"] == "grow")
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let (_, rec) = get_json(addr, "/devices/grow").await;
+    assert_eq!(
+        rec["state"], "online",
+        "the 4 s override of the latest heartbeat holds"
+    );
+    check_invariants(&mqtt, app.http(), &statuses).await;
+    app.stop().await.unwrap();
+}
+
+/// A retained heartbeat is replayed by the broker at every (re)subscription: it must not
+/// bring a long-silent device back online. One published while the monitor is subscribed is
+/// news.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_heartbeats_replayed_on_subscription_are_not_news() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let cfg = config(&redis, &mqtt, &[("presence.ttl", "1s")]);
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    devices
+        .publish_retained("devices/ghost/heartbeat", b"")
+        .await;
+    let app = TestApp::spawn(cfg.clone()).await;
+    // Published while the monitor is subscribed: news, even with the retain flag.
+    devices
+        .publish_retained("devices/live/heartbeat", b"")
+        .await;
+    wait_online_then_offline(&statuses, &["live".to_owned()]).await;
+    app.stop().await.unwrap();
+
+    // A restart resubscribes: the broker replays both retained heartbeats.
+    let app = TestApp::spawn(cfg).await;
+    // A live heartbeat after the resubscription: once its status is out, the replays (sent
+    // before it, at the subscription) have been read.
+    devices.heartbeat("sentinel", b"").await;
+    statuses
+        .wait_for("sentinel online", |s| {
+            s.iter().any(|m| m.json["device"] == "sentinel")
+        })
+        .await;
+    assert!(
+        statuses.device("ghost").is_empty(),
+        "{:?}",
+        statuses.device("ghost")
+    );
+    assert_eq!(
+        history(&statuses.device("live")),
+        vec![(1, "online".into()), (2, "offline".into())]
+    );
+    let (code, _) = get_json(app.http(), "/devices/ghost").await;
+    assert_eq!(code, 404);
+    check_invariants(&mqtt, app.http(), &statuses).await;
+    app.stop().await.unwrap();
+}
+
+/// The broker is down for longer than the TTL: devices cannot reach it, so the deadline
+/// passes. When it is back, the devices' (queued or new) heartbeats end that offline period:
+/// the offline status, since the deadline, is published first, then the online one. (A
+/// monitor stopped for longer than the TTL while the broker runs makes no device offline:
+/// `lifecycle::heartbeats_during_a_restart_keep_devices_online`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_longer_than_the_ttl_publishes_the_offline_it_caused() {
+    let redis = RedisServer::start();
+    let mut mqtt = Mosquitto::start_persistent();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "2s")])).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Arc::new(Devices::connect(&mqtt).await);
+    let fleet = ids("late", 20);
+    let beating = keep_beating(devices.clone(), fleet.clone(), Duration::from_millis(400));
+    wait_until_online(&statuses, &fleet).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await; // let autosave persist
+    let down_at = now_ms();
+    mqtt.stop();
+    tokio::time::sleep(Duration::from_secs(4)).await; // twice the TTL
+    let up_at = now_ms();
+    mqtt.restart();
+    app.wait_ready().await;
+    eventually("every device offline then online again", || async {
+        fleet
+            .iter()
+            .all(|id| history(&statuses.device(id)).len() == 3)
+            .then_some(())
+    })
+    .await;
+    beating.cancel();
+    for id in &fleet {
+        assert_eq!(
+            history(&statuses.device(id)),
+            vec![
+                (1, "online".into()),
+                (2, "offline".into()),
+                (3, "online".into())
+            ],
+            "{id}"
+        );
+        let off = accepted(&statuses.device(id))
+            .into_iter()
+            .find(|m| m["seq"] == 2)
+            .unwrap();
+        // Since the deadline: the last heartbeat before the outage plus the TTL.
+        let since = ms(&off["since"]);
+        assert!(
+            since > down_at && since <= down_at + 2_000 && since < up_at,
+            "{id}: offline since {since}, broker down {down_at}..{up_at}"
+        );
+        assert_eq!(off["reason"], "ttl_expired");
+    }
+    check_invariants(&mqtt, app.http(), &statuses).await;
+    app.stop().await.unwrap();
+}
+
+/// Two replicas share heartbeats; one replica's connection to Redis is cut (refused, then
+/// black-holed: packets dropped, not refused) while the other keeps working. Devices that
+/// never stop heartbeating (every TTL/4) are never published offline; devices that stop
+/// are, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_partitioned_from_redis_lets_no_device_go_falsely_offline() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let proxy = FaultProxy::start(redis_addr(&redis));
+    let shared = ["--mqtt-shared-group", "truth", "--presence-ttl", "2s"];
+    let (_a, a_http, _) = spawn_replica_on(
+        &["--redis-url".into(), format!("redis://{}/0", proxy.addr())],
+        &mqtt,
+        &shared,
+    );
+    let (_b, b_http, _) = spawn_replica(&redis, &mqtt, &shared);
+    wait_ready(a_http).await;
+    wait_ready(b_http).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Arc::new(Devices::connect(&mqtt).await);
+    let keep = ids("keep", 100);
+    let beating = keep_beating(devices.clone(), keep.clone(), Duration::from_millis(500));
+    wait_until_online(&statuses, &keep).await;
+
+    let mut stopped = Vec::new();
+    let started = std::time::Instant::now();
+    for (round, mode) in [Mode::Refuse, Mode::Blackhole, Mode::Refuse, Mode::Blackhole]
+        .into_iter()
+        .enumerate()
+    {
+        // Some devices go silent just as the partition starts: they must still go offline.
+        let silent = ids(&format!("stop{round}"), 10);
+        for id in &silent {
+            devices.heartbeat(id, b"").await;
+        }
+        wait_until_online(&statuses, &silent).await;
+        proxy.set(mode);
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        proxy.set(Mode::Pass);
+        wait_ready(a_http).await;
+        stopped.extend(silent);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_secs(55));
+    wait_online_then_offline(&statuses, &stopped).await;
+    beating.cancel();
+    for id in &keep {
+        assert_eq!(
+            history(&statuses.device(id)),
+            vec![(1, "online".into())],
+            "{id}"
+        );
+    }
+    check_invariants(&mqtt, b_http, &statuses).await;
+}
+
+/// A replica whose wall clock is 15 s ahead shares heartbeats with a correct one for a
+/// minute: it expires nothing early, claims nothing early, and publishes no time from its
+/// own clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_a_skewed_clock_changes_no_decision_and_no_time() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let shared = ["--mqtt-shared-group", "truth", "--presence-ttl", "2s"];
+    let redis_args = ["--redis-url".to_owned(), redis.url()];
+    let skew = faketime::skewed_clock("+15s");
+    let (_ahead, ahead_http, _) = spawn_replica_with_env(&redis_args, &mqtt, &shared, &skew);
+    let (_b, b_http, _) = spawn_replica(&redis, &mqtt, &shared);
+    wait_ready(ahead_http).await;
+    wait_ready(b_http).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Arc::new(Devices::connect(&mqtt).await);
+    let keep = ids("keep", 100);
+    let beating = keep_beating(devices.clone(), keep.clone(), Duration::from_millis(500));
+    wait_until_online(&statuses, &keep).await;
+    let started = std::time::Instant::now();
+    let mut stopped = Vec::new();
+    while started.elapsed() < Duration::from_secs(60) {
+        let silent = ids(&format!("stop{}", stopped.len()), 10);
+        for id in &silent {
+            devices.heartbeat(id, b"").await;
+        }
+        stopped.extend(silent);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    wait_online_then_offline(&statuses, &stopped).await;
+    beating.cancel();
+    for id in &keep {
+        assert_eq!(
+            history(&statuses.device(id)),
+            vec![(1, "online".into())],
+            "{id}"
+        );
+    }
+    // Every published time is on one clock: an offline is since its deadline (the last
+    // heartbeat plus the TTL) and detected after it, and nothing is 15 s in the future.
+    for id in &stopped {
+        for m in accepted(&statuses.device(id)) {
+            let (since, detected) = (ms(&m["since"]), ms(&m["detected_at"]));
+            assert!(detected >= since, "{m}");
+            assert!(
+                detected < now_ms() + 1_000,
+                "a time from the skewed clock: {m}"
+            );
+            if m["state"] == "offline" {
+                assert_eq!(since, ms(&m["last_seen"]) + 2_000, "{m}");
+            }
+        }
+    }
+    check_invariants(&mqtt, b_http, &statuses).await;
+}
+
+/// While Redis is stopped (SIGSTOP) for a minute, 20,000 devices heartbeat every second:
+/// the monitor holds at most one pending heartbeat per device, so its memory stays within
+/// twice its level before the outage; afterwards every device is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_while_redis_is_stopped() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let (app, app_http, _) = spawn_replica(&redis, &mqtt, &["--presence-ttl", "120s"]);
+    wait_ready(app_http).await;
+    let mut sim = simulate(&mqtt, &["--devices", "20000", "--interval", "1s"]);
+    eventually("20,000 online", || async move {
+        let m = scrape(app_http).await;
+        (metric(&m, r#"presenced_devices{state="online"}"#)? == 20_000.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = rss_kib(&app);
+    let pid = redis.pid();
+    signal(pid, "-STOP");
+    let started = std::time::Instant::now();
+    let mut worst = before;
+    while started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        worst = worst.max(rss_kib(&app));
+    }
+    signal(pid, "-CONT");
+    let accepted_at_end = eventually("heartbeats applied again", || async move {
+        let m = scrape(app_http).await;
+        (metric(&m, "presenced_redis_up")? == 1.0)
+            .then(|| metric(&m, "presenced_heartbeats_total"))
+            .flatten()
+    })
+    .await;
+    let _ = sim.0.kill();
+    assert!(
+        accepted_at_end >= 20_000.0 * 60.0,
+        "the simulator kept publishing through the outage: {accepted_at_end}"
+    );
+    assert!(
+        worst <= before * 2,
+        "RSS grew from {before} KiB to {worst} KiB while Redis was stopped"
+    );
+    let m = scrape(app_http).await;
+    assert_eq!(
+        metric(&m, r#"presenced_devices{state="offline"}"#),
+        Some(0.0)
+    );
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:04}")).collect()
+}
+
+async fn wait_until_online(statuses: &Collector, ids: &[String]) {
+    eventually("devices online", || async {
+        ids.iter()
+            .all(|id| !statuses.device(id).is_empty())
+            .then_some(())
+    })
+    .await;
+}
+
+fn redis_addr(redis: &RedisServer) -> std::net::SocketAddr {
+    format!("127.0.0.1:{}", redis.port).parse().unwrap()
+}
+
+fn rss_kib(p: &Proc) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.0.id())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// `presenced simulate` against the broker, killed on drop.
+fn simulate(mqtt: &Mosquitto, args: &[&str]) -> Proc {
+    let child = std::process::Command::new(presenced_bin())
+        .arg("simulate")
+        .args(["--mqtt-url", &mqtt.url()])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
