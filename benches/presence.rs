@@ -656,7 +656,11 @@ async fn seed(redis: &RedisServer, n: usize, ttl_ms: u64) {
                 )
             })
             .collect();
-        store.apply_heartbeats(&beats).await.into_result().unwrap();
+        store
+            .apply_heartbeats(&beats, 12_000)
+            .await
+            .into_result()
+            .unwrap();
     }
     // Seeding committed online transitions nobody published: drop them from the outbox, it
     // is empty in a steady state.

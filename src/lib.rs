@@ -231,6 +231,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let resync = Arc::new(Notify::new());
 
     let (gone_tx, gone_rx) = mpsc::channel(GONE_QUEUE);
+    let (redis_ok_tx, redis_ok_rx) = watch::channel(true);
     let stamper = Stamper {
         store: store.clone(),
         held: held.clone(),
@@ -242,6 +243,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         ingest: ingest_rx.clone(),
         resync: resync.clone(),
         gone: gone_rx,
+        redis_ok: redis_ok_tx,
     };
     stamper.first(device::now_ms()).await;
     workers.spawn(
@@ -258,6 +260,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         held: held.clone(),
         clock: store.clock().clone(),
         gone: gone_tx,
+        redis_ok: redis_ok_rx,
         out_rx,
         ack_tx,
         republish: republish.clone(),
@@ -286,6 +289,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             out: out_tx.clone(),
             due: due.clone(),
             recent: Default::default(),
+            floor_lease: FLOOR_LEASE.max(cfg.presence.ttl / 2),
         }
         .run(token.child_token())
         .instrument(tracing::info_span!("applier")),

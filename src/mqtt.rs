@@ -119,6 +119,79 @@ fn presence_payload(online: bool, instance: &str, since: Millis) -> Bytes {
     Bytes::from(v.to_string())
 }
 
+const BEACONS: &str = "presenced/peers/";
+
+fn beacon_topic(instance: &str) -> String {
+    format!("{BEACONS}{instance}")
+}
+
+/// How often a replica that reaches Redis says so to the others.
+const BEACON_EVERY: Duration = Duration::from_millis(500);
+/// A replica that cannot reach Redis leaves the shared group when another replica said it
+/// reaches Redis this long after our own trouble began (so a Redis that is down for every
+/// replica makes none of them leave: then every one holds what it gets).
+const PEER_OK_AFTER: Duration = Duration::from_millis(1500);
+
+/// Membership of the shared subscription. A replica that cannot reach Redis while another
+/// can leaves the group, so the broker hands its share of heartbeats to the replicas that can
+/// apply them; it joins again when Redis answers. (Until it has left, its floor holds back
+/// the others' expiries: see `presence::Stamper`.)
+struct Share {
+    me: String,
+    member: bool,
+    /// When our Redis trouble began.
+    trouble: Option<Instant>,
+    /// The last beacon of another replica.
+    peer_ok: Option<Instant>,
+    next_beacon: Instant,
+}
+
+impl Share {
+    fn new(me: &str) -> Share {
+        Share {
+            me: beacon_topic(me),
+            member: true,
+            trouble: None,
+            peer_ok: None,
+            next_beacon: Instant::now(),
+        }
+    }
+
+    /// A (re)connection subscribes to everything.
+    fn joined(&mut self) {
+        self.member = true;
+    }
+
+    fn beacon(&mut self, topic: &[u8]) {
+        if topic != self.me.as_bytes() {
+            self.peer_ok = Some(Instant::now());
+        }
+    }
+
+    fn tick(&mut self, client: &Client, heartbeats: &str, redis_ok: bool, health: &Health) {
+        let now = Instant::now();
+        if redis_ok {
+            self.trouble = None;
+            if now >= self.next_beacon {
+                self.next_beacon = now + BEACON_EVERY;
+                let _ = client.try_publish_qos0(&self.me, Bytes::from_static(b"redis-ok"));
+            }
+            if !self.member && client.try_subscribe_many(&[heartbeats.to_owned()]).is_ok() {
+                self.member = true;
+                info!("Redis answers again; rejoining the shared subscription.");
+            }
+            return;
+        }
+        let began = *self.trouble.get_or_insert(now);
+        let peer_fine = self.peer_ok.is_some_and(|at| at > began + PEER_OK_AFTER);
+        if self.member && peer_fine && client.try_unsubscribe(heartbeats).is_ok() {
+            self.member = false;
+            health.set_mqtt(true, false);
+            warn!("Cannot reach Redis while other replicas can; leaving the shared subscription so that they get our share of heartbeats.");
+        }
+    }
+}
+
 /// The replica named by a presence message that says it is offline.
 fn gone_instance(topic: &[u8], payload: &[u8]) -> Option<String> {
     let who = std::str::from_utf8(topic)
@@ -358,6 +431,30 @@ impl Client {
         }
     }
 
+    pub fn try_unsubscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Client::V5(c) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Client::V4(c) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// A QoS 0 message, not retained: for what may be lost (beacons).
+    pub fn try_publish_qos0(&self, topic: &str, payload: Bytes) -> Result<(), String> {
+        match self {
+            Client::V5(c) => c
+                .try_publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                    false,
+                    payload,
+                )
+                .map_err(|e| e.to_string()),
+            Client::V4(c) => c
+                .try_publish(topic, QoS::AtMostOnce, false, payload.to_vec())
+                .map_err(|e| e.to_string()),
+        }
+    }
+
     pub fn try_disconnect(&self) -> Result<(), String> {
         match self {
             Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
@@ -512,6 +609,8 @@ pub struct MqttTask {
     pub clock: Arc<Clock>,
     /// Replicas whose presence says offline (see `presence::Stamper`).
     pub gone: mpsc::Sender<String>,
+    /// Whether this replica reaches Redis (see [`Share`]).
+    pub redis_ok: watch::Receiver<bool>,
     pub out_rx: mpsc::Receiver<StatusOut>,
     pub ack_tx: mpsc::Sender<Ack>,
     /// Woken when the broker lost our session: every device's status is published again.
@@ -564,9 +663,16 @@ impl MqttTask {
         });
         let sync = sync_topic(&instance);
         let mut filters = vec![self.cfg.heartbeat_filter(), sync.clone()];
-        if self.cfg.shared_group.is_some() {
-            // The other replicas' presence: a will tells at once that one is gone.
+        let mut share = self
+            .cfg
+            .shared_group
+            .as_ref()
+            .map(|_| Share::new(&instance));
+        if share.is_some() {
+            // The other replicas' presence (a will tells at once that one is gone), and
+            // their beacons (which of them reach Redis).
             filters.push(instance_topic("+"));
+            filters.push(beacon_topic("+"));
         }
         let limiters = Limiters {
             invalid: LogLimiter::new(Duration::from_secs(10)),
@@ -671,6 +777,9 @@ impl MqttTask {
                 () = tokio::time::sleep_until(watch_at) => {
                     let late = Instant::now().saturating_duration_since(watch_at);
                     watch_at = Instant::now() + WATCHDOG;
+                    if let (Some(share), true) = (share.as_mut(), connected && phase == Phase::Running) {
+                        share.tick(&client, &filters[0], *self.redis_ok.borrow(), &self.health);
+                    }
                     if late > STALL && connected && phase == Phase::Running && marker.is_none() {
                         warn!(late_ms = late.as_millis() as u64, "The process was stalled; heartbeats read until the sync marker is back count as on time.");
                         stamp = Stamp::OnTime;
@@ -716,6 +825,9 @@ impl MqttTask {
                             self.republish.notify_one();
                         }
                         ever_connected = true;
+                        if let Some(share) = share.as_mut() {
+                            share.joined();
+                        }
                         if let Err(e) = client.try_subscribe_many(&filters) {
                             error!(error = %e, "Could not queue the subscription.");
                         }
@@ -737,6 +849,11 @@ impl MqttTask {
                         } else {
                             error!(filter = %filters[0], "The broker refused the heartbeat subscription.");
                             self.health.set_mqtt(true, false);
+                        }
+                    }
+                    Ok(Event::Publish { topic, .. }) if topic.starts_with(BEACONS.as_bytes()) => {
+                        if let Some(share) = share.as_mut() {
+                            share.beacon(&topic);
                         }
                     }
                     Ok(Event::Publish { topic, payload, .. }) if topic.starts_with(b"presenced/instances/") => {

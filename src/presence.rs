@@ -298,6 +298,8 @@ pub struct Applier {
     pub out: mpsc::Sender<StatusOut>,
     pub due: Arc<DueTable>,
     pub recent: Recent,
+    /// As for the [`Expirer`]: a late heartbeat respects the other replicas' floors.
+    pub floor_lease: Duration,
 }
 
 /// How long applied heartbeats are kept to apply again if their master fails: a write the
@@ -389,7 +391,10 @@ impl Applier {
         let mut failed = None;
         let mut chunks = batch.chunks(APPLY_BATCH);
         for chunk in chunks.by_ref() {
-            let applied = self.store.apply_heartbeats(chunk).await;
+            let applied = self
+                .store
+                .apply_heartbeats(chunk, self.floor_lease.as_millis() as u64)
+                .await;
             // Whatever was committed is published, even if other buckets failed (in a
             // cluster, one master may be failing over while the others work).
             count(&self.metrics, &applied.done);
@@ -798,6 +803,8 @@ pub struct Stamper {
     /// Replicas whose presence went offline (their will, or a clean stop): their floors
     /// go at once instead of at the end of their lease.
     pub gone: mpsc::Receiver<String>,
+    /// Whether Redis answers (every bucket, within [`STAMP_TIMEOUT`]).
+    pub redis_ok: watch::Sender<bool>,
 }
 
 impl Stamper {
@@ -854,6 +861,8 @@ impl Stamper {
                 Ok(p) => p.error.map(|e| e.to_string()),
                 Err(_) => Some("timed out".to_owned()),
             };
+            self.redis_ok
+                .send_if_modified(|ok| std::mem::replace(ok, error.is_none()) != error.is_none());
             if let (Some(e), Some(n)) = (error, limiter.check()) {
                 debug!(error = %e, suppressed = n, "Cannot read the Redis clock.");
             }

@@ -757,12 +757,20 @@ impl Store {
     }
 
     /// Applies heartbeats (any buckets) in one round trip; returns the online transitions.
-    pub async fn apply_heartbeats(&self, beats: &[Beat]) -> Partial<Committed> {
+    pub async fn apply_heartbeats(
+        &self,
+        beats: &[Beat],
+        floor_lease_ms: u64,
+    ) -> Partial<Committed> {
         self.per_bucket(
             beats,
             |beat| bucket_of(beat.device.as_str()),
             |b, beats| {
-                let mut args = vec![self.keys.ttl_prefix(b), lease_ms().to_string()];
+                let mut args = vec![
+                    self.keys.ttl_prefix(b),
+                    lease_ms().to_string(),
+                    floor_lease_ms.to_string(),
+                ];
                 let t = |local: Millis| self.clock.to_master(b, local).to_string();
                 for beat in beats {
                     let (from, to) = beat
@@ -783,7 +791,7 @@ impl Store {
                         .into(),
                     );
                 }
-                self.scripts.heartbeat.cmd(&self.keys.bucket_keys(b), args)
+                self.scripts.heartbeat.cmd(&self.keys.expire_keys(b), args)
             },
             members,
         )

@@ -344,7 +344,7 @@ async fn committed_transitions_of_a_dead_replica_are_published() {
             .collect()
     };
     let committed = dead
-        .apply_heartbeats(&beats("orphan"))
+        .apply_heartbeats(&beats("orphan"), 12_000)
         .await
         .into_result()
         .unwrap();
@@ -366,7 +366,7 @@ async fn committed_transitions_of_a_dead_replica_are_published() {
 
     // Left behind at a stop: a replica that starts takes it over at once.
     app.stop().await.unwrap();
-    dead.apply_heartbeats(&beats("left"))
+    dead.apply_heartbeats(&beats("left"), 12_000)
         .await
         .into_result()
         .unwrap();

@@ -556,7 +556,7 @@ async fn online_but_overdue(
     let id = DeviceId::parse(name).unwrap();
     // Online with a short TTL; then its deadline passes (nothing in this test sweeps).
     let mut on = store
-        .apply_heartbeats(&[Beat::live(id.clone(), now_ms(), 200)])
+        .apply_heartbeats(&[Beat::live(id.clone(), now_ms(), 200)], 12_000)
         .await
         .into_result()
         .unwrap();

@@ -13,16 +13,8 @@ local ttl_prefix, cutoff = ARGV[1], tonumber(ARGV[2])
 local lease, limit, floor_lease = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = redis_now()
 if now < cutoff then cutoff = now end
-local floors = redis.call('HGETALL', KEYS[6])
-for i = 1, #floors, 2 do
-  local f, at = string.match(floors[i + 1], '^(%d+)|(%d+)$')
-  if f and tonumber(at) + floor_lease > now then
-    if tonumber(f) - 1 < cutoff then cutoff = tonumber(f) - 1 end
-  elseif not f or tonumber(at) + 100 * floor_lease < now then
-    -- Long gone (a replica that stopped without leaving): forget it.
-    redis.call('HDEL', KEYS[6], floors[i])
-  end
-end
+local floor = lowest_floor(KEYS[6], floor_lease, now)
+if floor and floor - 1 < cutoff then cutoff = floor - 1 end
 local ids, dls, more = {}, {}, 0
 if #ARGV > 5 then
   local seen = {}

@@ -1,22 +1,27 @@
 -- Applies a batch of heartbeats of one bucket; returns the outbox members of the
 -- transitions it committed, in order.
--- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset
--- ARGV: 1 TTL key prefix, 2 outbox lease (ms), then per device 7 values:
+-- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
+--       6 floors hash (see expire.lua)
+-- ARGV: 1 TTL key prefix, 2 outbox lease (ms), 3 floor lease (ms), then per device 7 values:
 --   id, first arrival, latest arrival, latest deadline, lapse from, lapse to (0 0: none),
 --   timing ('1': queued while the monitor was away, counts as on time; '0': live)
 -- Rules: the latest heartbeat wins (its deadline replaces the earlier one, by arrival, across
 -- replicas); a heartbeat that arrived after the deadline ends an offline period (offline
 -- since the deadline, then online); a gap inside the held heartbeats is one such period.
+-- Such a period is only known once no replica can hold an earlier heartbeat that covers it
+-- (the deadline is before every live floor); until then the heartbeat counts as on time.
 local recs, deadlines, online, offline, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ttl_prefix, lease = ARGV[1], tonumber(ARGV[2])
 local now = redis_now()
+local floor = lowest_floor(KEYS[6], tonumber(ARGV[3]), now)
+local function settled(t) return not floor or t < floor end
 local out = {}
 local function stage(id, nseq, state, since, seen)
   local member = table.concat({nseq, state, int(since), int(seen), int(now), id}, '|')
   redis.call('ZADD', outbox, now + lease, member)
   out[#out + 1] = member
 end
-for i = 3, #ARGV, 7 do
+for i = 4, #ARGV, 7 do
   local id, first, arrival = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local deadline, lapse_from, lapse_to = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
   local on_time = ARGV[i + 6] == '1'
@@ -29,13 +34,13 @@ for i = 3, #ARGV, 7 do
   if state == '1' then
     local dl = tonumber(redis.call('ZSCORE', deadlines, id))
     local off_at
-    if dl and not on_time and first > dl then
+    if dl and not on_time and first > dl and settled(dl) then
       off_at = dl
     end
     if lapse_to > 0 then
       local from = lapse_from
       if dl and dl > from then from = dl end
-      if from < lapse_to then
+      if from < lapse_to and settled(from) then
         off_at = off_at or from
         online_since = lapse_to
       end
