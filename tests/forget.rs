@@ -168,3 +168,40 @@ async fn devices_offline_for_longer_than_forget_after_are_forgotten() {
     assert_eq!(finals.get("kept").map(String::as_str), Some("online"));
     beating.cancel();
 }
+
+/// Two replicas on one Redis forget each device exactly once: their counters add up to the
+/// number of devices, and every forgotten device's retained status is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_forget_each_device_once() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let extra = [("presence.forget_after", "2s")];
+    let a = TestApp::spawn(config(&redis, &mqtt, &extra)).await;
+    let b = TestApp::spawn(config(&redis, &mqtt, &extra)).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    let ids: Vec<String> = (0..60).map(|i| format!("fleet-{i:03}")).collect();
+    for id in &ids {
+        devices.heartbeat(id, b"").await;
+    }
+    eventually("every device cleared", || async {
+        let seen = statuses.all();
+        ids.iter()
+            .all(|id| {
+                seen.iter()
+                    .any(|s| s.topic == format!("devices/{id}/status") && s.json.is_null())
+            })
+            .then_some(())
+    })
+    .await;
+    eventually("an empty outbox", || async {
+        (total(&redis, "outbox", "ZCARD").await == 0).then_some(())
+    })
+    .await;
+    let forgotten = |s: String| metric(&s, "presenced_devices_forgotten_total").unwrap();
+    let sum = forgotten(scrape(a.http()).await) + forgotten(scrape(b.http()).await);
+    assert_eq!(sum, ids.len() as f64);
+    assert_eq!(total(&redis, "rec", "HLEN").await, 0);
+    let (_, page) = get_json(b.http(), "/devices").await;
+    assert_eq!(page["devices"].as_array().map(Vec::len), Some(0));
+}
