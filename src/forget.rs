@@ -50,10 +50,22 @@ impl Forgetter {
         let limiter = LogLimiter::new(Duration::from_secs(30));
         let mut tick = tokio::time::interval(FORGET_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backfilled = false;
         loop {
             tokio::select! {
                 () = token.cancelled() => break,
                 _ = tick.tick() => {}
+            }
+            if !backfilled {
+                backfilled = match self.backfill().await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        if let Some(n) = limiter.check() {
+                            warn!(error = %e, suppressed = n, "Cannot index offline devices for forgetting; retrying.");
+                        }
+                        false
+                    }
+                };
             }
             if !self.open() {
                 continue;
@@ -72,6 +84,26 @@ impl Forgetter {
     fn open(&self) -> bool {
         let barrier = *self.ingest.borrow();
         barrier.is_some_and(|t| self.held.watermark().is_none_or(|w| w > t))
+    }
+
+    /// Indexes devices that went offline before the offline-since index existed (a bucket
+    /// whose offline index is not larger than it is skipped), so they are forgotten too.
+    async fn backfill(&self) -> Result<(), StoreError> {
+        for b in 0..BUCKETS {
+            if !self.store.offsince_behind(b).await? {
+                continue;
+            }
+            let mut after = None;
+            while let Some(last) = self
+                .store
+                .index_offline(b, after.as_deref(), FORGET_LIMIT)
+                .await?
+            {
+                after = Some(last);
+            }
+            info!(bucket = b, "Indexed offline devices for forgetting.");
+        }
+        Ok(())
     }
 
     /// Sweeps every bucket once, and the buckets that had more to forget until they are done.

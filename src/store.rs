@@ -446,6 +446,7 @@ struct Scripts {
     claim: LuaScript,
     clock: LuaScript,
     forget: LuaScript,
+    offsince: LuaScript,
 }
 
 impl Scripts {
@@ -457,10 +458,11 @@ impl Scripts {
             claim: LuaScript::new(include_str!("lua/claim.lua")),
             clock: LuaScript::new(include_str!("lua/clock.lua")),
             forget: LuaScript::new(include_str!("lua/forget.lua")),
+            offsince: LuaScript::new(include_str!("lua/offsince.lua")),
         })
     }
 
-    fn all(&self) -> [&LuaScript; 6] {
+    fn all(&self) -> [&LuaScript; 7] {
         [
             &self.heartbeat,
             &self.expire,
@@ -468,6 +470,7 @@ impl Scripts {
             &self.claim,
             &self.clock,
             &self.forget,
+            &self.offsince,
         ]
     }
 }
@@ -795,6 +798,51 @@ impl Store {
             |b, reply| Ok(vec![parse_forgot(b, reply)?]),
         )
         .await
+    }
+
+    /// Whether bucket `b`'s offline index has more entries than its offline-since index
+    /// (devices that went offline before the latter existed).
+    pub async fn offsince_behind(&self, b: Bucket) -> Result<bool, StoreError> {
+        let mut cmds = Vec::new();
+        for key in [
+            self.keys.index(b, State::Offline),
+            self.keys.offline_since(b),
+        ] {
+            let mut cmd = redis::cmd("ZCARD");
+            cmd.arg(key);
+            cmds.push(cmd);
+        }
+        let cards: Vec<i64> = decode(self.exec(cmds).await.all()?)?;
+        Ok(cards.first() > cards.get(1))
+    }
+
+    /// Indexes by `since` the offline devices of bucket `b` after `after` (id order, at
+    /// most `limit`) that the offline-since index lacks (see src/lua/offsince.lua). Returns
+    /// the last id looked at, `None` at the end of the bucket.
+    pub async fn index_offline(
+        &self,
+        b: Bucket,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<String>, StoreError> {
+        let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.keys.index(b, State::Offline))
+            .arg(start)
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let keys = [self.keys.records(b), self.keys.offline_since(b)];
+        let cmd = self.scripts.offsince.cmd(&keys, ids.clone());
+        self.exec(vec![cmd]).await.all()?;
+        Ok((ids.len() >= limit).then(|| ids.last().cloned()).flatten())
     }
 
     fn expire_args(&self, b: Bucket, cutoff: Cutoff, limit: usize) -> Vec<String> {

@@ -205,3 +205,43 @@ async fn two_replicas_forget_each_device_once() {
     let (_, page) = get_json(b.http(), "/devices").await;
     assert_eq!(page["devices"].as_array().map(Vec::len), Some(0));
 }
+
+/// A device that went offline before the offline-since index existed (only its record and
+/// the offline index, as an older version wrote them) is indexed at start and forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_offline_before_the_index_existed_are_forgotten_too() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let now = presenced::device::now_ms();
+    let b = presenced::store::bucket_of("old-1");
+    let mut conn = redis.conn().await;
+    let record = format!("0|2|{}|{}|{}", now - 10_000, now - 11_000, now - 9_990);
+    let _: () = redis::cmd("HSET")
+        .arg(format!("presence:{{{b}}}:rec"))
+        .arg("old-1")
+        .arg(record)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(format!("presence:{{{b}}}:offline"))
+        .arg(0)
+        .arg("old-1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.forget_after", "2s")])).await;
+    eventually("old-1 forgotten", || async {
+        (get_json(app.http(), "/devices/old-1").await.0 == 404).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &scrape(app.http()).await,
+            "presenced_devices_forgotten_total"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(total(&redis, "offsince", "ZCARD").await, 0);
+    assert_eq!(total(&redis, "offline", "ZCARD").await, 0);
+}
