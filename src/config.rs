@@ -175,6 +175,13 @@ pub const KEYS: &[Key] = &[
         "Largest TTL a heartbeat may ask for."
     ),
     key!(
+        "presence",
+        "forget_after",
+        Duration,
+        None,
+        "Forget devices offline for longer than this (from their offline since); unset: kept forever."
+    ),
+    key!(
         "http",
         "listen",
         Str,
@@ -290,6 +297,8 @@ pub struct PresenceConfig {
     pub ttl: Duration,
     pub min_ttl: Duration,
     pub max_ttl: Duration,
+    /// Devices offline for longer than this are forgotten (`None`: kept forever).
+    pub forget_after: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -509,6 +518,11 @@ impl Config {
             ));
         }
 
+        let forget_after = match get("presence.forget_after")? {
+            Some(Value::Duration(d)) => Some(d),
+            _ => None,
+        };
+
         // --- http ---
         let listen_text = required("http.listen")?;
         let listen = listen_text.parse().map_err(|_| {
@@ -551,6 +565,7 @@ impl Config {
                 ttl,
                 min_ttl,
                 max_ttl,
+                forget_after,
             },
             http: HttpConfig { listen, auth },
         })
@@ -917,6 +932,22 @@ mod tests {
         assert!(e.to_string().starts_with("mqtt.max_packet_size:"), "{e}");
         let e = load(&[], &[("mqtt.password", "x")]).unwrap_err();
         assert!(e.to_string().starts_with("mqtt.username:"), "{e}");
+    }
+
+    #[test]
+    fn forget_after_is_optional() {
+        assert_eq!(load(&[], &[]).unwrap().presence.forget_after, None);
+        let c = load(&[("PRESENCED_PRESENCE_FORGET_AFTER", "7d")], &[]).unwrap();
+        assert_eq!(
+            c.presence.forget_after,
+            Some(Duration::from_secs(7 * 24 * 3600))
+        );
+        for bad in ["soon", "0s", ""] {
+            let e = load(&[], &[("presence.forget_after", bad)]).unwrap_err();
+            assert!(e.to_string().starts_with("presence.forget_after:"), "{e}");
+        }
+        let e = file("[presence]\nforget_after = 30\n").err().unwrap();
+        assert!(e.to_string().starts_with("presence.forget_after:"), "{e}");
     }
 
     #[test]

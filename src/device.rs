@@ -305,6 +305,12 @@ impl StatusEvent {
         })
     }
 
+    /// A forgotten device's clear (seq 0, "before the first status"), staged with the
+    /// fields of the offline status it ends: published as an empty retained message.
+    pub fn is_clear(&self) -> bool {
+        self.seq == 0
+    }
+
     pub fn member(&self) -> String {
         format!(
             "{}|{}|{}|{}|{}|{}",

@@ -13,6 +13,7 @@
 //! * [`cluster`]: Redis Cluster topology (`CLUSTER NODES`) and key slots, for the listeners.
 //! * [`presence`]: where transitions are decided: heartbeats, deadlines, reconciliation,
 //!   the outbox.
+//! * [`forget`]: forgets devices offline for longer than `presence.forget_after`.
 //! * [`mqtt`]: all MQTT I/O: heartbeat ingest and acknowledged status publishing.
 //! * [`http`]: `/metrics`, `/healthz`, `/readyz`, `/devices`.
 //! * [`metrics`], [`health`], [`telemetry`]: what operators see.
@@ -25,6 +26,7 @@ pub mod cluster;
 pub mod config;
 pub mod device;
 pub mod expiry;
+pub mod forget;
 pub mod health;
 pub mod http;
 pub mod metrics;
@@ -313,6 +315,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         .run(token.child_token())
         .instrument(tracing::info_span!("expirer")),
     );
+    if let Some(after) = cfg.presence.forget_after {
+        workers.spawn(
+            "forget",
+            forget::Forgetter {
+                store: store.clone(),
+                held: held.clone(),
+                metrics: metrics.clone(),
+                out: out_tx.clone(),
+                ingest: ingest_rx.clone(),
+                after,
+                floor_lease: FLOOR_LEASE.max(cfg.presence.ttl / 2),
+            }
+            .run(token.child_token())
+            .instrument(tracing::info_span!("forget")),
+        );
+    }
     workers.spawn(
         "outbox",
         Outbox {

@@ -83,10 +83,17 @@ pub struct StatusOut {
 
 impl StatusOut {
     fn into_outgoing(self, template: &TopicTemplate) -> Outgoing {
-        let lag_from = (self.lag && self.event.state == State::Offline).then_some(self.event.since);
+        // A forgotten device's clear is an empty retained message, and no transition.
+        let clear = self.event.is_clear();
+        let lag_from =
+            (self.lag && !clear && self.event.state == State::Offline).then_some(self.event.since);
         Outgoing {
             topic: template.render(&self.event.device),
-            payload: self.event.to_json().into(),
+            payload: if clear {
+                Bytes::new()
+            } else {
+                self.event.to_json().into()
+            },
             retain: true,
             kind: Kind::Status {
                 ack: Ack {

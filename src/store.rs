@@ -11,6 +11,7 @@
 //! | `P:{b}:deadline` | zset id → deadline ms | online devices, queryable by time (reconciliation, the deadline sweep) |
 //! | `P:{b}:online`, `P:{b}:offline` | zset (lex) | the state index: counts (ZCARD) and paging (ZRANGE BYLEX) |
 //! | `P:{b}:outbox` | zset member → lease ms | committed transitions not yet acknowledged by the broker |
+//! | `P:{b}:offsince` | zset id → since ms | offline devices by the `since` of their offline status (forgetting) |
 //!
 //! Every transition is decided by one Lua script on one bucket (src/lua/*.lua), so exactly one
 //! caller, whichever replica it is, commits it, with the next `seq`.
@@ -125,6 +126,11 @@ impl Keys {
         self.key(b, "outbox")
     }
 
+    /// Offline devices by the `since` of their offline status (see src/lua/forget.lua).
+    pub fn offline_since(&self, b: Bucket) -> String {
+        self.key(b, "offsince")
+    }
+
     /// Replica floors (see src/lua/clock.lua).
     pub fn floors(&self, b: Bucket) -> String {
         self.key(b, "floor")
@@ -159,9 +165,10 @@ impl Keys {
         ]
     }
 
-    fn expire_keys(&self, b: Bucket) -> [String; 6] {
+    /// The keys of heartbeat.lua, expire.lua and forget.lua.
+    fn expire_keys(&self, b: Bucket) -> [String; 7] {
         let [a, b2, c, d, e] = self.bucket_keys(b);
-        [a, b2, c, d, e, self.floors(b)]
+        [a, b2, c, d, e, self.floors(b), self.offline_since(b)]
     }
 }
 
@@ -213,6 +220,16 @@ pub struct Swept {
     /// The cutoff Redis used (lowered by other replicas' floors).
     pub cutoff: Millis,
     pub committed: Vec<Committed>,
+}
+
+/// What a forget call on one bucket did.
+#[derive(Debug)]
+pub struct Forgot {
+    pub bucket: Bucket,
+    /// The call hit its limit: more devices may be due.
+    pub more: bool,
+    /// One clear (seq 0, see [`StatusEvent::is_clear`]) per device forgotten.
+    pub cleared: Vec<Committed>,
 }
 
 /// What is known of when a heartbeat reached the broker.
@@ -501,6 +518,8 @@ struct Scripts {
     ack: LuaScript,
     claim: LuaScript,
     clock: LuaScript,
+    forget: LuaScript,
+    offsince: LuaScript,
 }
 
 impl Scripts {
@@ -511,16 +530,20 @@ impl Scripts {
             ack: LuaScript::new(include_str!("lua/ack.lua")),
             claim: LuaScript::new(include_str!("lua/claim.lua")),
             clock: LuaScript::new(include_str!("lua/clock.lua")),
+            forget: LuaScript::new(include_str!("lua/forget.lua")),
+            offsince: LuaScript::new(include_str!("lua/offsince.lua")),
         })
     }
 
-    fn all(&self) -> [&LuaScript; 5] {
+    fn all(&self) -> [&LuaScript; 7] {
         [
             &self.heartbeat,
             &self.expire,
             &self.ack,
             &self.claim,
             &self.clock,
+            &self.forget,
+            &self.offsince,
         ]
     }
 }
@@ -831,6 +854,75 @@ impl Store {
             },
         )
         .await
+    }
+
+    /// Forgets up to `limit` devices per bucket that have been offline for at least `after`
+    /// by `cutoff`, in the given buckets, in one round trip; each clear is staged in the
+    /// outbox (see src/lua/forget.lua).
+    pub async fn forget(
+        &self,
+        buckets: &[Bucket],
+        cutoff: Cutoff,
+        after: Duration,
+        limit: usize,
+    ) -> Partial<Forgot> {
+        let after = (after.as_millis() as u64).to_string();
+        self.per_bucket(
+            buckets,
+            |b| *b,
+            |b, _| {
+                let mut args = self.expire_args(b, cutoff, limit);
+                args.push(after.clone());
+                self.scripts.forget.cmd(&self.keys.expire_keys(b), args)
+            },
+            |b, reply| Ok(vec![parse_forgot(b, reply)?]),
+        )
+        .await
+    }
+
+    /// Whether bucket `b`'s offline index has more entries than its offline-since index
+    /// (devices that went offline before the latter existed).
+    pub async fn offsince_behind(&self, b: Bucket) -> Result<bool, StoreError> {
+        let mut cmds = Vec::new();
+        for key in [
+            self.keys.index(b, State::Offline),
+            self.keys.offline_since(b),
+        ] {
+            let mut cmd = redis::cmd("ZCARD");
+            cmd.arg(key);
+            cmds.push(cmd);
+        }
+        let cards: Vec<i64> = decode(self.exec(cmds).await.all()?)?;
+        Ok(cards.first() > cards.get(1))
+    }
+
+    /// Indexes by `since` the offline devices of bucket `b` after `after` (id order, at
+    /// most `limit`) that the offline-since index lacks (see src/lua/offsince.lua). Returns
+    /// the last id looked at, `None` at the end of the bucket.
+    pub async fn index_offline(
+        &self,
+        b: Bucket,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<String>, StoreError> {
+        let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.keys.index(b, State::Offline))
+            .arg(start)
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let keys = [self.keys.records(b), self.keys.offline_since(b)];
+        let cmd = self.scripts.offsince.cmd(&keys, ids.clone());
+        self.exec(vec![cmd]).await.all()?;
+        Ok((ids.len() >= limit).then(|| ids.last().cloned()).flatten())
     }
 
     fn expire_args(&self, b: Bucket, cutoff: Cutoff, limit: usize) -> Vec<String> {
@@ -1233,6 +1325,28 @@ fn members(b: Bucket, reply: Value) -> Result<Vec<Committed>, StoreError> {
             "expected an array, got {other:?}"
         ))),
     }
+}
+
+fn parse_forgot(b: Bucket, reply: Value) -> Result<Forgot, StoreError> {
+    let Value::Array(items) = reply else {
+        return Err(StoreError::Protocol(format!(
+            "expected an array from the forget script, got {reply:?}"
+        )));
+    };
+    let mut it = items.iter();
+    let more = it.next().and_then(bulk_string).unwrap_or_default() == "1";
+    let cleared = it
+        .map(|v| {
+            bulk_string(v)
+                .ok_or_else(|| StoreError::Protocol(format!("expected a string, got {v:?}")))
+                .and_then(|m| committed(b, m))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Forgot {
+        bucket: b,
+        more,
+        cleared,
+    })
 }
 
 fn parse_swept(b: Bucket, reply: Value) -> Result<Swept, StoreError> {

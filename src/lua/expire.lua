@@ -6,7 +6,7 @@
 -- applied yet; a floor whose writer stopped renewing it for `floor lease` ms is ignored).
 -- Returns {next deadline or -1, 1 if more may be overdue else 0, the cutoff used, members...}.
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
---       6 floors hash (replica -> "floor|written at")
+--       6 floors hash (replica -> "floor|written at"), 7 offline-since zset (forget.lua)
 -- ARGV: 1 TTL key prefix, 2 cutoff, 3 outbox lease (ms), 4 limit, 5 floor lease (ms), then ids
 local recs, deadlines, online, offline, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ttl_prefix, cutoff = ARGV[1], tonumber(ARGV[2])
@@ -40,6 +40,7 @@ local out = {}
 if #ids > 0 then
   local raw = redis.call('HMGET', recs, unpack(ids))
   local ttl_keys, rec_args, gone, off_args, outbox_args = {}, {}, {}, {}, {}
+  local offsince_args = {} -- forget index
   for i, id in ipairs(ids) do
     ttl_keys[i] = ttl_prefix .. id
     local state, seq, since, last, det = parse(raw[i])
@@ -54,6 +55,8 @@ if #ids > 0 then
       outbox_args[#outbox_args + 1] = now + lease
       outbox_args[#outbox_args + 1] = member
       out[#out + 1] = member
+      offsince_args[#offsince_args + 1] = since_off -- forget index
+      offsince_args[#offsince_args + 1] = id -- forget index
     end
   end
   redis.call('ZREM', deadlines, unpack(ids))
@@ -63,6 +66,7 @@ if #ids > 0 then
     redis.call('ZREM', online, unpack(gone))
     redis.call('ZADD', offline, unpack(off_args))
     redis.call('ZADD', outbox, unpack(outbox_args))
+    redis.call('ZADD', KEYS[7], unpack(offsince_args)) -- forget index
   end
 end
 local nxt = redis.call('ZRANGE', deadlines, 0, 0, 'WITHSCORES')

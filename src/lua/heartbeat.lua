@@ -1,7 +1,7 @@
 -- Applies a batch of heartbeats of one bucket; returns the outbox members of the
 -- transitions it committed, in order.
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
---       6 floors hash (see expire.lua)
+--       6 floors hash (see expire.lua), 7 offline-since zset (forget.lua)
 -- ARGV: 1 TTL key prefix, 2 outbox lease (ms), 3 floor lease (ms), then per device 7 values:
 --   id, first arrival, latest arrival, latest deadline, lapse from, lapse to (0 0: none),
 --   timing ('1': queued while the monitor was away, counts as on time; '0': live)
@@ -56,6 +56,7 @@ for i = 4, #ARGV, 7 do
       redis.call('UNLINK', ttl_prefix .. id)
       redis.call('ZREM', online, id)
       redis.call('ZADD', offline, 0, id)
+      redis.call('ZADD', KEYS[7], since, id) -- forget index
       stage(id, seq, '0', off_at, last)
     elseif arrival > tonumber(last) then
       -- Online, and this is the latest heartbeat: its deadline replaces the earlier one.
@@ -76,6 +77,7 @@ for i = 4, #ARGV, 7 do
       redis.call('SET', ttl_prefix .. id, '1', 'PXAT', int(deadline))
       redis.call('ZREM', offline, id)
       redis.call('ZADD', online, 0, id)
+      redis.call('ZREM', KEYS[7], id) -- forget index
       stage(id, nseq, '1', s, s)
     elseif state == '0' and arrival > tonumber(last) then
       -- Proves presence only for a time gone by (held while Redis was away): no transition,

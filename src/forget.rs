@@ -1,0 +1,159 @@
+//! Forgetting: with `presence.forget_after` set, a device offline for longer than that
+//! (counted from the `since` of its offline status) is forgotten. Its record and index
+//! entries leave Redis, so it is gone from the counts and the API, and its retained status
+//! is cleared (an empty retained message, QoS 1); a later heartbeat makes it a new device.
+//!
+//! [`Forgetter`] sweeps every bucket every [`FORGET_EVERY`]. Each bucket is decided by one
+//! call of `src/lua/forget.lua`, which re-reads the record (a device that came back online is
+//! kept), deletes it and stages the clear in the outbox in the same step. So a device is
+//! forgotten exactly once whatever the number of replicas, and a clear committed by a
+//! replica that dies before publishing it is claimed and published by another, like any
+//! transition (the outbox lease). Until the broker acknowledges a device's last status, the
+//! device is not forgotten: that status could otherwise overwrite the clear.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::device::{now_ms, Millis};
+use crate::metrics::Metrics;
+use crate::mqtt::StatusOut;
+use crate::presence::Held;
+use crate::store::{Bucket, Cutoff, Store, StoreError, BUCKETS};
+use crate::telemetry::LogLimiter;
+
+/// How often every bucket is swept for devices to forget: a device is forgotten within about
+/// this much after its `forget_after` has passed.
+pub const FORGET_EVERY: Duration = Duration::from_secs(2);
+/// Most devices one call forgets in one bucket; a bucket with more is swept again at once.
+const FORGET_LIMIT: usize = 500;
+
+/// Forgets devices offline for longer than `after`.
+pub struct Forgetter {
+    pub store: Store,
+    pub held: Arc<Held>,
+    pub metrics: Metrics,
+    pub out: mpsc::Sender<StatusOut>,
+    /// The MQTT task's sync barrier (see `presence::Expirer`): nothing is forgotten while
+    /// heartbeats may still be on their way.
+    pub ingest: watch::Receiver<Option<Millis>>,
+    pub after: Duration,
+    /// How long another replica's floor stands without renewal (see `presence::Stamper`).
+    pub floor_lease: Duration,
+}
+
+impl Forgetter {
+    pub async fn run(self, token: CancellationToken) {
+        let limiter = LogLimiter::new(Duration::from_secs(30));
+        let mut tick = tokio::time::interval(FORGET_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backfilled = false;
+        loop {
+            tokio::select! {
+                () = token.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if !backfilled {
+                backfilled = match self.backfill().await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        if let Some(n) = limiter.check() {
+                            warn!(error = %e, suppressed = n, "Cannot index offline devices for forgetting; retrying.");
+                        }
+                        false
+                    }
+                };
+            }
+            if !self.open() {
+                continue;
+            }
+            if let Err(e) = self.sweep().await {
+                if let Some(n) = limiter.check() {
+                    warn!(error = %e, suppressed = n, "Cannot forget devices in Redis; retrying.");
+                }
+            }
+        }
+        debug!("Forgetter stopped.");
+    }
+
+    /// Whether every heartbeat the broker queued for us is in, and applied: a device whose
+    /// heartbeat is on its way came back, and must not be forgotten.
+    fn open(&self) -> bool {
+        let barrier = *self.ingest.borrow();
+        barrier.is_some_and(|t| self.held.watermark().is_none_or(|w| w > t))
+    }
+
+    /// Indexes devices that went offline before the offline-since index existed (a bucket
+    /// whose offline index is not larger than it is skipped), so they are forgotten too.
+    async fn backfill(&self) -> Result<(), StoreError> {
+        for b in 0..BUCKETS {
+            if !self.store.offsince_behind(b).await? {
+                continue;
+            }
+            let mut after = None;
+            while let Some(last) = self
+                .store
+                .index_offline(b, after.as_deref(), FORGET_LIMIT)
+                .await?
+            {
+                after = Some(last);
+            }
+            info!(bucket = b, "Indexed offline devices for forgetting.");
+        }
+        Ok(())
+    }
+
+    /// Sweeps every bucket once, and the buckets that had more to forget until they are done.
+    async fn sweep(&self) -> Result<(), StoreError> {
+        let mut buckets: Vec<Bucket> = (0..BUCKETS).collect();
+        while !buckets.is_empty() {
+            // Never past a heartbeat this replica holds (other replicas' are in their floors).
+            let cutoff = Cutoff {
+                before: self.held.cutoff(now_ms()),
+                floor_lease_ms: self.floor_lease.as_millis() as u64,
+            };
+            let forgot = self
+                .store
+                .forget(&buckets, cutoff, self.after, FORGET_LIMIT)
+                .await;
+            let mut again = Vec::new();
+            let mut cleared = Vec::new();
+            for f in forgot.done {
+                // Only where this call made progress: devices waiting for an acknowledgement
+                // stay due, and must not make this a busy loop.
+                if f.more && !f.cleared.is_empty() {
+                    again.push(f.bucket);
+                }
+                cleared.extend(f.cleared);
+            }
+            if !cleared.is_empty() {
+                self.metrics.devices_forgotten(cleared.len() as u64);
+                info!(
+                    n = cleared.len(),
+                    "Forgot devices offline for longer than presence.forget_after."
+                );
+                for c in cleared {
+                    debug!(device = %c.event.device, "Forgot a device.");
+                    let status = StatusOut {
+                        event: c.event,
+                        bucket: c.bucket,
+                        member: c.member,
+                        lag: false,
+                    };
+                    if self.out.send(status).await.is_err() {
+                        // The MQTT task is gone (shutdown): the outbox still holds the clears.
+                        return Ok(());
+                    }
+                }
+            }
+            if let Some(e) = forgot.error {
+                return Err(e);
+            }
+            buckets = again;
+        }
+        Ok(())
+    }
+}
