@@ -33,6 +33,7 @@ pub struct Metrics {
     transitions: IntCounterVec,
     lag: Histogram,
     missed: IntCounter,
+    rebuilds: IntCounter,
     redis_up: IntGauge,
     mqtt_up: IntGauge,
 }
@@ -76,6 +77,10 @@ impl Metrics {
             "presenced_missed_expirations_total",
             "Offline transitions whose expiry was not seen as it happened (found at start, after a reconnect, or by a safety-net pass).",
         )?;
+        let rebuilds = IntCounter::new(
+            "presenced_state_rebuilds_total",
+            "Rebuilds of the state from the retained statuses on the broker this replica ran.",
+        )?;
         let redis_up = IntGauge::new(
             "presenced_redis_up",
             "1 when Redis commands and the keyspace listener are connected, else 0.",
@@ -95,6 +100,7 @@ impl Metrics {
         registry.register(Box::new(transitions.clone()))?;
         registry.register(Box::new(lag.clone()))?;
         registry.register(Box::new(missed.clone()))?;
+        registry.register(Box::new(rebuilds.clone()))?;
         registry.register(Box::new(redis_up.clone()))?;
         registry.register(Box::new(mqtt_up.clone()))?;
         registry.register(Box::new(build_info.clone()))?;
@@ -118,6 +124,7 @@ impl Metrics {
             transitions,
             lag,
             missed,
+            rebuilds,
             redis_up,
             mqtt_up,
         })
@@ -145,6 +152,10 @@ impl Metrics {
 
     pub fn missed_expiration(&self, n: u64) {
         self.missed.inc_by(n);
+    }
+
+    pub fn state_rebuilt(&self) {
+        self.rebuilds.inc();
     }
 
     pub fn set_fleet(&self, online: i64, offline: i64) {

@@ -352,6 +352,7 @@ impl Applier {
     pub async fn run(mut self, token: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_secs(2));
         let limiter = LogLimiter::new(Duration::from_secs(10));
+        let mut rebuilt = self.store.loss().subscribe();
         loop {
             if self.held.is_closed_and_empty() {
                 break;
@@ -377,7 +378,12 @@ impl Applier {
                 warn!(held, "Shutting down with heartbeats not applied.");
                 break;
             }
-            tokio::time::sleep(backoff.next_delay()).await;
+            // Heartbeats of a bucket Redis lost wait for its rebuild (src/rebuild.rs), which
+            // ends the wait at once.
+            tokio::select! {
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+                r = rebuilt.changed() => if r.is_ok() { backoff.reset() },
+            }
         }
         debug!("Heartbeat applier stopped.");
     }
