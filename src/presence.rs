@@ -596,7 +596,10 @@ impl Expirer {
                     let ms = (earliest - now).min(SAFETY_EVERY.as_millis() as u64);
                     Instant::now() + Duration::from_millis(ms)
                 };
-                let planned = wake.min(next_safety);
+                // A wake-up already due (e.g. a deadline left overdue while held heartbeats
+                // pinned the cutoff) is planned for now, not for when it became due: it is
+                // no sign of a stall.
+                let planned = wake.min(next_safety).max(Instant::now());
                 // Due deadlines come before notifications: during a mass expiry Redis
                 // notifies at its own (slow) pace, and must not hold the sweep back.
                 let woke = tokio::select! {
