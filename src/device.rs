@@ -32,6 +32,14 @@ pub fn format_time(ms: Millis) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// Parses a time as [`format_time`] writes it (any RFC 3339 UTC time is accepted).
+pub fn parse_time(s: &str) -> Option<Millis> {
+    let t = humantime::parse_rfc3339(s).ok()?;
+    t.duration_since(UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as Millis)
+}
+
 // === impl DeviceId ===
 
 /// A validated device id: 1 to 128 bytes of UTF-8 without control characters.
@@ -311,6 +319,34 @@ impl StatusEvent {
         self.seq == 0
     }
 
+    /// Parses a status payload as published (e.g. a retained status read back from the
+    /// broker); `None` for anything that is not a status with a valid id, state, seq and times.
+    pub fn from_json(payload: &[u8]) -> Option<StatusEvent> {
+        #[derive(serde::Deserialize)]
+        struct Wire {
+            device: String,
+            state: String,
+            seq: u64,
+            since: String,
+            last_seen: String,
+            detected_at: String,
+        }
+        let w: Wire = serde_json::from_slice(payload).ok()?;
+        let state = match w.state.as_str() {
+            "online" => State::Online,
+            "offline" => State::Offline,
+            _ => return None,
+        };
+        Some(StatusEvent {
+            device: DeviceId::parse(&w.device).ok()?,
+            state,
+            seq: Some(w.seq).filter(|s| *s >= 1)?,
+            since: parse_time(&w.since)?,
+            last_seen: parse_time(&w.last_seen)?,
+            detected_at: parse_time(&w.detected_at)?,
+        })
+    }
+
     pub fn member(&self) -> String {
         format!(
             "{}|{}|{}|{}|{}|{}",
@@ -512,6 +548,14 @@ mod tests {
         assert_eq!(v["since"], "1970-01-01T00:00:01.000Z");
         assert_eq!(v["last_seen"], "1970-01-01T00:00:00.500Z");
         assert_eq!(v["detected_at"], "1970-01-01T00:00:01.008Z");
+        assert_eq!(StatusEvent::from_json(&ev.to_json()), Some(ev.clone()));
+        assert_eq!(StatusEvent::from_json(b""), None);
+        assert_eq!(
+            StatusEvent::from_json(br#"{"device":"d","state":"on"}"#),
+            None
+        );
+        let zero = String::from_utf8(ev.to_json()).unwrap().replace("42", "0");
+        assert_eq!(StatusEvent::from_json(zero.as_bytes()), None);
         assert_eq!(StatusEvent::parse_member("x|0|1|2|3|d"), None);
         assert_eq!(StatusEvent::parse_member("1|2|1|2|3|d"), None);
     }

@@ -15,6 +15,8 @@
 //!   the outbox.
 //! * [`forget`]: forgets devices offline for longer than `presence.forget_after`.
 //! * [`mqtt`]: all MQTT I/O: heartbeat ingest and acknowledged status publishing.
+//! * [`rebuild`]: notices a Redis that lost its data and rebuilds it from the retained
+//!   statuses on the broker.
 //! * [`http`]: `/metrics`, `/healthz`, `/readyz`, `/devices`.
 //! * [`metrics`], [`health`], [`telemetry`]: what operators see.
 //! * [`simulate`]: the fleet simulator behind `presenced simulate`.
@@ -32,6 +34,7 @@ pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod presence;
+pub mod rebuild;
 pub mod redis_version;
 pub mod shutdown;
 pub mod simulate;
@@ -295,6 +298,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         }
         .run(token.child_token())
         .instrument(tracing::info_span!("applier")),
+    );
+    workers.spawn(
+        "rebuild",
+        rebuild::Rebuilder {
+            store: store.clone(),
+            mqtt: cfg.mqtt.clone(),
+            ttl: cfg.presence.ttl,
+            metrics: metrics.clone(),
+            reconcile: reconcile.clone(),
+        }
+        .run(token.child_token())
+        .instrument(tracing::info_span!("rebuild")),
     );
     workers.spawn(
         "expirer",

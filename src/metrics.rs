@@ -34,6 +34,7 @@ pub struct Metrics {
     lag: Histogram,
     missed: IntCounter,
     forgotten: IntCounter,
+    rebuilds: IntCounter,
     redis_up: IntGauge,
     mqtt_up: IntGauge,
 }
@@ -81,6 +82,10 @@ impl Metrics {
             "presenced_devices_forgotten_total",
             "Devices this replica forgot (offline for longer than presence.forget_after).",
         )?;
+        let rebuilds = IntCounter::new(
+            "presenced_state_rebuilds_total",
+            "Rebuilds of the state from the retained statuses on the broker this replica ran.",
+        )?;
         let redis_up = IntGauge::new(
             "presenced_redis_up",
             "1 when Redis commands and the keyspace listener are connected, else 0.",
@@ -101,6 +106,7 @@ impl Metrics {
         registry.register(Box::new(lag.clone()))?;
         registry.register(Box::new(missed.clone()))?;
         registry.register(Box::new(forgotten.clone()))?;
+        registry.register(Box::new(rebuilds.clone()))?;
         registry.register(Box::new(redis_up.clone()))?;
         registry.register(Box::new(mqtt_up.clone()))?;
         registry.register(Box::new(build_info.clone()))?;
@@ -125,6 +131,7 @@ impl Metrics {
             lag,
             missed,
             forgotten,
+            rebuilds,
             redis_up,
             mqtt_up,
         })
@@ -156,6 +163,10 @@ impl Metrics {
 
     pub fn devices_forgotten(&self, n: u64) {
         self.forgotten.inc_by(n);
+    }
+
+    pub fn state_rebuilt(&self) {
+        self.rebuilds.inc();
     }
 
     pub fn set_fleet(&self, online: i64, offline: i64) {

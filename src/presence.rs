@@ -354,6 +354,7 @@ impl Applier {
     pub async fn run(mut self, token: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_secs(2));
         let limiter = LogLimiter::new(Duration::from_secs(10));
+        let mut rebuilt = self.store.loss().subscribe();
         loop {
             if self.held.is_closed_and_empty() {
                 break;
@@ -379,7 +380,12 @@ impl Applier {
                 warn!(held, "Shutting down with heartbeats not applied.");
                 break;
             }
-            tokio::time::sleep(backoff.next_delay()).await;
+            // Heartbeats of a bucket Redis lost wait for its rebuild (src/rebuild.rs), which
+            // ends the wait at once.
+            tokio::select! {
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+                r = rebuilt.changed() => if r.is_ok() { backoff.reset() },
+            }
         }
         debug!("Heartbeat applier stopped.");
     }
@@ -595,7 +601,10 @@ impl Expirer {
                     let ms = (earliest - now).min(SAFETY_EVERY.as_millis() as u64);
                     Instant::now() + Duration::from_millis(ms)
                 };
-                let planned = wake.min(next_safety);
+                // A wake-up already due (e.g. a deadline left overdue while held heartbeats
+                // pinned the cutoff) is planned for now, not for when it became due: it is
+                // no sign of a stall.
+                let planned = wake.min(next_safety).max(Instant::now());
                 // Due deadlines come before notifications: during a mass expiry Redis
                 // notifies at its own (slow) pace, and must not hold the sweep back.
                 let woke = tokio::select! {

@@ -12,6 +12,8 @@
 //! | `P:{b}:online`, `P:{b}:offline` | zset (lex) | the state index: counts (ZCARD) and paging (ZRANGE BYLEX) |
 //! | `P:{b}:outbox` | zset member → lease ms | committed transitions not yet acknowledged by the broker |
 //! | `P:{b}:offsince` | zset id → since ms | offline devices by the `since` of their offline status (forgetting) |
+//! | `P:{b}:epoch` | string | present exactly when the bucket's state is in Redis (imported or started empty); gone with a loss |
+//! | `P:{b}:importing` | set | tokens of the rebuilds importing into the bucket |
 //!
 //! Every transition is decided by one Lua script on one bucket (src/lua/*.lua), so exactly one
 //! caller, whichever replica it is, commits it, with the next `seq`.
@@ -25,6 +27,8 @@ use redis::aio::{
 };
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, RedisError, RedisFuture, ServerErrorKind, Value};
+
+use tokio::sync::{watch, Notify};
 
 use crate::clock::Clock;
 use crate::device::{DeviceId, DeviceRecord, Millis, State, StatusEvent};
@@ -70,6 +74,9 @@ pub enum StoreError {
     Redis(#[from] RedisError),
     #[error("unexpected reply from redis: {0}")]
     Protocol(String),
+    /// The bucket's epoch key is gone: Redis lost its data; it waits for the rebuild.
+    #[error("redis lost the data of bucket {0}; waiting for the rebuild")]
+    Lost(Bucket),
 }
 
 /// A bucket, i.e. a Redis Cluster slot's worth of devices.
@@ -131,6 +138,16 @@ impl Keys {
         self.key(b, "offsince")
     }
 
+    /// Present exactly when the bucket's state is in Redis (see src/lua/import.lua).
+    pub fn epoch(&self, b: Bucket) -> String {
+        self.key(b, "epoch")
+    }
+
+    /// The tokens of the imports under way into a bucket.
+    pub fn importers(&self, b: Bucket) -> String {
+        self.key(b, "importing")
+    }
+
     /// Replica floors (see src/lua/clock.lua).
     pub fn floors(&self, b: Bucket) -> String {
         self.key(b, "floor")
@@ -169,6 +186,23 @@ impl Keys {
     fn expire_keys(&self, b: Bucket) -> [String; 7] {
         let [a, b2, c, d, e] = self.bucket_keys(b);
         [a, b2, c, d, e, self.floors(b), self.offline_since(b)]
+    }
+
+    fn heartbeat_keys(&self, b: Bucket) -> [String; 8] {
+        let [a, b2, c, d, e, f, g] = self.expire_keys(b);
+        [a, b2, c, d, e, f, g, self.epoch(b)]
+    }
+
+    fn import_keys(&self, b: Bucket) -> [String; 7] {
+        [
+            self.records(b),
+            self.deadlines(b),
+            self.index(b, State::Online),
+            self.index(b, State::Offline),
+            self.epoch(b),
+            self.importers(b),
+            self.offline_since(b),
+        ]
     }
 }
 
@@ -290,6 +324,65 @@ pub enum Floor<'a> {
     At(&'a str, Millis),
     /// This replica stops: its floor is removed.
     Leave(&'a str),
+}
+
+/// Tells the rebuilder that a script found a bucket's data gone, and the applier that the
+/// rebuild is done (the generation counts finished rebuilds).
+#[derive(Debug)]
+pub struct Loss {
+    lost: Notify,
+    rebuilt: watch::Sender<u64>,
+}
+
+impl Default for Loss {
+    fn default() -> Self {
+        Loss {
+            lost: Notify::new(),
+            rebuilt: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Loss {
+    /// A script found a bucket without its epoch key.
+    pub fn report(&self) {
+        self.lost.notify_one();
+    }
+
+    /// Completes when a loss was reported (also one reported before the call).
+    pub async fn reported(&self) {
+        self.lost.notified().await;
+    }
+
+    /// A rebuild finished: what was held for the lost buckets can be applied now.
+    pub fn rebuilt(&self) {
+        self.rebuilt.send_modify(|g| *g += 1);
+    }
+
+    /// Finished rebuilds, to wait on with `changed()`.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.rebuilt.subscribe()
+    }
+}
+
+/// One script call of an import: a chunk of one bucket's statuses.
+#[derive(Debug)]
+pub struct ImportChunk<'a> {
+    pub bucket: Bucket,
+    pub first: bool,
+    pub last: bool,
+    pub records: &'a [DeviceRecord],
+}
+
+/// What an import call did to its bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Imported {
+    /// Wrote this many devices (the others had a record with the same or a higher seq).
+    Written(Bucket, u64),
+    /// The bucket is present (another replica finished, or it never was lost).
+    Present(Bucket),
+    /// The bucket lost its data again since the first chunk: import it from the start.
+    Again(Bucket),
 }
 
 /// What `notify-keyspace-events` looked like and what was done about it.
@@ -510,6 +603,7 @@ pub struct Store {
     keys: Keys,
     scripts: std::sync::Arc<Scripts>,
     clock: Arc<Clock>,
+    loss: Arc<Loss>,
 }
 
 struct Scripts {
@@ -520,6 +614,7 @@ struct Scripts {
     clock: LuaScript,
     forget: LuaScript,
     offsince: LuaScript,
+    import: LuaScript,
 }
 
 impl Scripts {
@@ -532,10 +627,11 @@ impl Scripts {
             clock: LuaScript::new(include_str!("lua/clock.lua")),
             forget: LuaScript::new(include_str!("lua/forget.lua")),
             offsince: LuaScript::new(include_str!("lua/offsince.lua")),
+            import: LuaScript::new(include_str!("lua/import.lua")),
         })
     }
 
-    fn all(&self) -> [&LuaScript; 7] {
+    fn all(&self) -> [&LuaScript; 8] {
         [
             &self.heartbeat,
             &self.expire,
@@ -544,6 +640,7 @@ impl Scripts {
             &self.clock,
             &self.forget,
             &self.offsince,
+            &self.import,
         ]
     }
 }
@@ -571,6 +668,7 @@ impl Store {
             keys: Keys::new(prefix),
             scripts: Scripts::new(),
             clock: Arc::default(),
+            loss: Arc::default(),
         })
     }
 
@@ -597,6 +695,7 @@ impl Store {
             keys: Keys::new(prefix),
             scripts: Scripts::new(),
             clock: Arc::default(),
+            loss: Arc::default(),
         })
     }
 
@@ -614,6 +713,11 @@ impl Store {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// Lost buckets found by the scripts, and finished rebuilds.
+    pub fn loss(&self) -> &Arc<Loss> {
+        &self.loss
     }
 
     /// The offsets to every bucket's master clock (see [`Clock`]).
@@ -814,9 +918,77 @@ impl Store {
                         .into(),
                     );
                 }
-                self.scripts.heartbeat.cmd(&self.keys.expire_keys(b), args)
+                self.scripts
+                    .heartbeat
+                    .cmd(&self.keys.heartbeat_keys(b), args)
             },
-            members,
+            |b, reply| {
+                if matches!(&reply, Value::SimpleString(s) if s == "LOST") {
+                    self.loss.report();
+                    return Err(StoreError::Lost(b));
+                }
+                members(b, reply)
+            },
+        )
+        .await
+    }
+
+    /// The buckets whose epoch key is missing: Redis lost their data, or never had it.
+    pub async fn lost_buckets(&self) -> Result<Vec<Bucket>, StoreError> {
+        let cmds = (0..BUCKETS)
+            .map(|b| {
+                let mut cmd = redis::cmd("EXISTS");
+                cmd.arg(self.keys.epoch(b));
+                cmd
+            })
+            .collect();
+        let present: Vec<i64> = decode(self.exec(cmds).await.all()?)?;
+        Ok((0..BUCKETS)
+            .zip(present)
+            .filter(|(_, n)| *n == 0)
+            .map(|(b, _)| b)
+            .collect())
+    }
+
+    /// Imports chunks of statuses (at most one per bucket) in one round trip; an online
+    /// device gets `ttl` from now (see src/lua/import.lua). `token` names this import.
+    pub async fn import(
+        &self,
+        chunks: &[ImportChunk<'_>],
+        token: &str,
+        ttl: Duration,
+    ) -> Partial<Imported> {
+        let flag = |b: bool| if b { "1" } else { "0" }.to_owned();
+        self.per_bucket(
+            chunks,
+            |c| c.bucket,
+            |b, group| {
+                let mut args = vec![
+                    self.keys.ttl_prefix(b),
+                    (ttl.as_millis() as u64).to_string(),
+                    token.to_owned(),
+                ];
+                let chunk = group.first();
+                args.push(flag(chunk.is_some_and(|c| c.first)));
+                args.push(flag(chunk.is_some_and(|c| c.last)));
+                for r in chunk.map_or(&[][..], |c| c.records) {
+                    args.push(r.device.to_string());
+                    args.push(r.state.flag().to_owned());
+                    args.push(r.seq.to_string());
+                    args.push(r.since.to_string());
+                    args.push(r.last_seen.to_string());
+                    args.push(r.detected_at.to_string());
+                }
+                self.scripts.import.cmd(&self.keys.import_keys(b), args)
+            },
+            |b, reply| match reply {
+                Value::Int(n) => Ok(vec![Imported::Written(b, n.max(0) as u64)]),
+                Value::SimpleString(s) if s == "DONE" => Ok(vec![Imported::Present(b)]),
+                Value::SimpleString(s) if s == "AGAIN" => Ok(vec![Imported::Again(b)]),
+                other => Err(StoreError::Protocol(format!(
+                    "unexpected reply from the import script: {other:?}"
+                ))),
+            },
         )
         .await
     }

@@ -1,7 +1,8 @@
 -- Applies a batch of heartbeats of one bucket; returns the outbox members of the
 -- transitions it committed, in order.
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
---       6 floors hash (see expire.lua), 7 offline-since zset (forget.lua)
+--       6 floors hash (see expire.lua), 7 offline-since zset (forget.lua), 8 epoch key
+--       (present exactly when the bucket's state is in Redis)
 -- ARGV: 1 TTL key prefix, 2 outbox lease (ms), 3 floor lease (ms), then per device 7 values:
 --   id, first arrival, latest arrival, latest deadline, lapse from, lapse to (0 0: none),
 --   timing ('1': queued while the monitor was away, counts as on time; '0': live)
@@ -10,6 +11,9 @@
 -- since the deadline, then online); a gap inside the held heartbeats is one such period.
 -- Such a period is only known once no replica can hold an earlier heartbeat that covers it
 -- (the deadline is before every live floor); until then the heartbeat counts as on time.
+-- Without the epoch key Redis lost the bucket's data (or it was never imported): nothing
+-- is written, so that no seq starts over; the caller holds the heartbeats until the rebuild.
+if redis.call('EXISTS', KEYS[8]) == 0 then return redis.status_reply('LOST') end
 local recs, deadlines, online, offline, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ttl_prefix, lease = ARGV[1], tonumber(ARGV[2])
 local now = redis_now()

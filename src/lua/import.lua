@@ -1,0 +1,50 @@
+-- Imports device statuses (the broker's retained messages) into one bucket whose data Redis
+-- lost, in chunks; the last chunk marks the bucket as present (its epoch key). A device is
+-- written only if it has no record or a lower seq: several replicas may import at once, and
+-- the higher seq wins. An online device gets one TTL from now to heartbeat again.
+-- A chunk after the first goes on only if this import's token is still registered: if Redis
+-- lost the bucket again meanwhile, the earlier chunks are gone and the import starts over.
+-- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 epoch key,
+--       6 importers set (tokens of the imports under way), 7 offline-since zset (forget.lua)
+-- ARGV: 1 TTL key prefix, 2 TTL (ms), 3 token, 4 '1' first chunk, 5 '1' last chunk,
+--       then per device 6 values: id, state ('1'/'0'), seq, since, last_seen, detected_at
+-- Returns DONE (the bucket is present: nothing to import), AGAIN (start over), or the
+-- number of devices written.
+local recs, deadlines, online, offline, epoch, importers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+if redis.call('EXISTS', epoch) == 1 then return redis.status_reply('DONE') end
+local ttl_prefix, ttl, token = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+if ARGV[4] == '1' then
+  redis.call('SADD', importers, token)
+  redis.call('PEXPIRE', importers, 600000)
+elseif redis.call('SISMEMBER', importers, token) == 0 then
+  return redis.status_reply('AGAIN')
+end
+local now = redis_now()
+local deadline = int(now + ttl)
+local written = 0
+for i = 6, #ARGV, 6 do
+  local id, state, seq = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local _, cur = parse(redis.call('HGET', recs, id))
+  if not cur or tonumber(cur) < seq then
+    redis.call('HSET', recs, id, table.concat({state, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]}, '|'))
+    if state == '1' then
+      redis.call('ZADD', deadlines, deadline, id)
+      redis.call('SET', ttl_prefix .. id, '1', 'PXAT', deadline)
+      redis.call('ZREM', offline, id)
+      redis.call('ZADD', online, 0, id)
+      redis.call('ZREM', KEYS[7], id) -- forget index
+    else
+      redis.call('ZREM', deadlines, id)
+      redis.call('UNLINK', ttl_prefix .. id)
+      redis.call('ZREM', online, id)
+      redis.call('ZADD', offline, 0, id)
+      redis.call('ZADD', KEYS[7], ARGV[i + 3], id) -- forget index
+    end
+    written = written + 1
+  end
+end
+if ARGV[5] == '1' then
+  redis.call('SET', epoch, token .. '|' .. int(now))
+  redis.call('DEL', importers)
+end
+return written

@@ -1,0 +1,340 @@
+//! Redis is not the only copy: the broker keeps every device's latest status, retained.
+//!
+//! Each bucket has an epoch key (`P:{b}:epoch`) that exists exactly when the bucket's state
+//! is in Redis. A Redis that lost its data (a restart without persistence, FLUSHALL, a
+//! failover to an empty replica) lost the epoch keys with it; a monitor that first meets an
+//! empty Redis finds none. `heartbeat.lua` refuses to write into a bucket without one (the
+//! applier holds those heartbeats, so no seq starts over), and the [`Rebuilder`] notices the
+//! loss (that refusal, or its own check every second and at start), reads the retained
+//! statuses with a client of its own and imports them (`import.lua`): each device gets back
+//! its state, seq and times, online devices one TTL from the rebuild to heartbeat again.
+//! The epoch key is set by the import's last chunk of each bucket.
+//!
+//! Several replicas may rebuild at once: the import writes a device only over a lower seq
+//! (or none), and a bucket whose epoch is back is left alone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::MqttConfig;
+use crate::device::{DeviceId, DeviceRecord, StatusEvent, TopicTemplate};
+use crate::metrics::Metrics;
+use crate::mqtt::{self, ConnectOptions, Event};
+use crate::store::{bucket_of, Bucket, ImportChunk, Imported, Store, StoreError, BUCKETS};
+use crate::telemetry::{Backoff, LogLimiter};
+
+/// How often every bucket's epoch key is checked (one pipelined EXISTS per bucket).
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait for that check.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// After our own marker came back, how long no further status may arrive before the
+/// retained statuses count as read.
+const QUIET: Duration = Duration::from_millis(200);
+/// A collection that receives nothing for this long is given up (and tried again).
+const STALLED: Duration = Duration::from_secs(10);
+/// Devices per import script call.
+const CHUNK: usize = 1_000;
+/// How often one import may start over because the bucket was lost again meanwhile.
+const MAX_AGAIN: usize = 3;
+
+/// Watches for a Redis that lost its data and rebuilds the state from the broker.
+pub struct Rebuilder {
+    pub store: Store,
+    pub mqtt: MqttConfig,
+    /// What an online device gets from the rebuild to heartbeat again.
+    pub ttl: Duration,
+    pub metrics: Metrics,
+    /// Asks the expirer to sweep every bucket (it learns the new deadlines).
+    pub reconcile: Arc<Notify>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RebuildError {
+    #[error("reading the retained statuses: {0}")]
+    Mqtt(String),
+    #[error(transparent)]
+    Redis(#[from] StoreError),
+    #[error("bucket {0} kept losing its data during the import")]
+    Unstable(Bucket),
+    #[error("shutting down")]
+    Cancelled,
+}
+
+impl Rebuilder {
+    pub async fn run(self, token: CancellationToken) {
+        let mut tick = tokio::time::interval(CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backoff = Backoff::new(Duration::from_secs(5));
+        let limiter = LogLimiter::new(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                () = token.cancelled() => break,
+                _ = tick.tick() => {}
+                () = self.store.loss().reported() => {}
+            }
+            let lost = match tokio::time::timeout(CHECK_TIMEOUT, self.store.lost_buckets()).await {
+                Ok(Ok(lost)) => lost,
+                // Redis away: nothing can be told (nor written) until it is back.
+                _ => continue,
+            };
+            if lost.is_empty() {
+                continue;
+            }
+            match self.rebuild(&lost, &token).await {
+                Ok(()) => backoff.reset(),
+                Err(RebuildError::Cancelled) => break,
+                Err(e) => {
+                    if let Some(n) = limiter.check() {
+                        warn!(error = %e, suppressed = n, "Cannot rebuild the state from the retained statuses; retrying.");
+                    }
+                    tokio::select! {
+                        () = token.cancelled() => break,
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        }
+        debug!("Rebuilder stopped.");
+    }
+
+    /// Imports the retained statuses of the devices of the `lost` buckets, and sets their
+    /// epoch keys.
+    async fn rebuild(
+        &self,
+        lost: &[Bucket],
+        token: &CancellationToken,
+    ) -> Result<(), RebuildError> {
+        let started = Instant::now();
+        info!(
+            buckets = lost.len(),
+            "Redis has no state for some buckets (lost, or a first start); rebuilding from the retained statuses."
+        );
+        let snapshot = collect(&self.mqtt, token).await?;
+        let mut by_bucket: Vec<Vec<DeviceRecord>> = (0..BUCKETS).map(|_| Vec::new()).collect();
+        for ev in snapshot.statuses.values() {
+            let b = bucket_of(ev.device.as_str());
+            if lost.contains(&b) {
+                by_bucket[usize::from(b)].push(DeviceRecord {
+                    device: ev.device.clone(),
+                    state: ev.state,
+                    seq: ev.seq,
+                    since: ev.since,
+                    last_seen: ev.last_seen,
+                    detected_at: ev.detected_at,
+                });
+            }
+        }
+        let import = format!("{:016x}", fastrand::u64(..));
+        // Per lost bucket: the next chunk to import, and how often it started over.
+        let mut next: HashMap<Bucket, (usize, usize)> = lost.iter().map(|&b| (b, (0, 0))).collect();
+        let mut written = 0u64;
+        while !next.is_empty() {
+            if token.is_cancelled() {
+                return Err(RebuildError::Cancelled);
+            }
+            let chunks: Vec<ImportChunk<'_>> = next
+                .iter()
+                .map(|(&b, &(i, _))| {
+                    let all = &by_bucket[usize::from(b)];
+                    let n = all.len().div_ceil(CHUNK).max(1);
+                    let start = (i * CHUNK).min(all.len());
+                    let end = (start + CHUNK).min(all.len());
+                    ImportChunk {
+                        bucket: b,
+                        first: i == 0,
+                        last: i + 1 >= n,
+                        records: &all[start..end],
+                    }
+                })
+                .collect();
+            let last: HashMap<Bucket, bool> = chunks.iter().map(|c| (c.bucket, c.last)).collect();
+            let done = self.store.import(&chunks, &import, self.ttl).await;
+            for outcome in done.done {
+                match outcome {
+                    Imported::Written(b, n) => {
+                        written += n;
+                        if last.get(&b).copied().unwrap_or(true) {
+                            next.remove(&b);
+                        } else if let Some(e) = next.get_mut(&b) {
+                            e.0 += 1;
+                        }
+                    }
+                    Imported::Present(b) => {
+                        next.remove(&b);
+                    }
+                    Imported::Again(b) => {
+                        if let Some(e) = next.get_mut(&b) {
+                            if e.1 >= MAX_AGAIN {
+                                return Err(RebuildError::Unstable(b));
+                            }
+                            *e = (0, e.1 + 1);
+                        }
+                    }
+                }
+            }
+            if let Some(e) = done.error {
+                return Err(e.into());
+            }
+        }
+        self.metrics.state_rebuilt();
+        self.store.loss().rebuilt();
+        self.reconcile.notify_one();
+        info!(
+            imported = written,
+            statuses = snapshot.statuses.len(),
+            invalid = snapshot.invalid,
+            cleared = snapshot.cleared,
+            buckets = lost.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "Rebuilt the state from the retained statuses."
+        );
+        Ok(())
+    }
+}
+
+/// The retained statuses read from the broker: the highest seq per device.
+#[derive(Debug, Default)]
+struct Snapshot {
+    statuses: HashMap<DeviceId, StatusEvent>,
+    /// Messages on the status topic that are not a status (skipped).
+    invalid: u64,
+    /// Empty retained messages (a cleared status; skipped).
+    cleared: u64,
+}
+
+impl Snapshot {
+    fn add(&mut self, template: &TopicTemplate, topic: &[u8], payload: &[u8]) {
+        if payload.is_empty() {
+            self.cleared += 1;
+            return;
+        }
+        let device = std::str::from_utf8(topic)
+            .ok()
+            .and_then(|t| template.extract(t))
+            .and_then(|raw| DeviceId::parse(raw).ok());
+        let status = StatusEvent::from_json(payload);
+        let Some(ev) = status.filter(|ev| device.as_ref() == Some(&ev.device)) else {
+            self.invalid += 1;
+            return;
+        };
+        match self.statuses.get(&ev.device) {
+            Some(held) if held.seq >= ev.seq => {}
+            _ => {
+                self.statuses.insert(ev.device.clone(), ev);
+            }
+        }
+    }
+}
+
+/// Reads every retained status with a short-lived client of our own (clean session).
+///
+/// The broker sends a subscription's retained messages right after its SUBACK, before
+/// anything it receives from us later; so once a marker we publish after the SUBACK (to a
+/// topic of our own, same QoS) comes back, they have all arrived. Statuses published
+/// meanwhile are taken too (the highest seq per device is kept).
+async fn collect(cfg: &MqttConfig, token: &CancellationToken) -> Result<Snapshot, RebuildError> {
+    let client_id = format!("{}-rebuild-{:08x}", cfg.client_id, fastrand::u32(..));
+    let marker_topic = format!("presenced/rebuild/{client_id}");
+    let marker = Bytes::from(format!("{:016x}", fastrand::u64(..)));
+    let filters = [cfg.status_topic.filter(), marker_topic.clone()];
+    let (client, mut eventloop) = mqtt::client(ConnectOptions {
+        cfg,
+        client_id,
+        persistent: false,
+        will: None,
+        inflight: 100,
+        keep_alive: Duration::from_secs(15),
+    });
+    let mut snapshot = Snapshot::default();
+    let mut marker_back = false;
+    let mut last_message = Instant::now();
+    let result = loop {
+        let quiet = last_message + QUIET;
+        tokio::select! {
+            () = token.cancelled() => break Err(RebuildError::Cancelled),
+            () = tokio::time::sleep_until(quiet), if marker_back => break Ok(()),
+            () = tokio::time::sleep_until(last_message + STALLED) => {
+                break Err(RebuildError::Mqtt("no progress reading the retained statuses".into()));
+            }
+            ev = eventloop.poll() => match ev {
+                Ok(Event::ConnAck { .. }) => {
+                    last_message = Instant::now();
+                    if let Err(e) = client.try_subscribe_many(&filters) {
+                        break Err(RebuildError::Mqtt(e));
+                    }
+                }
+                Ok(Event::SubAck { granted }) => {
+                    last_message = Instant::now();
+                    if !granted.iter().all(|g| *g) || granted.len() != filters.len() {
+                        break Err(RebuildError::Mqtt(format!(
+                            "the broker refused the subscription to {filters:?}"
+                        )));
+                    }
+                    if let Err(e) = client.try_publish(&marker_topic, false, marker.clone()) {
+                        break Err(RebuildError::Mqtt(e));
+                    }
+                }
+                Ok(Event::Publish { topic, payload, .. }) => {
+                    last_message = Instant::now();
+                    if topic.as_ref() == marker_topic.as_bytes() {
+                        marker_back |= payload == marker;
+                    } else {
+                        snapshot.add(&cfg.status_topic, &topic, &payload);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => break Err(RebuildError::Mqtt(e.to_string())),
+            },
+        }
+    };
+    // Leave cleanly (bounded): a clean session leaves nothing behind on the broker.
+    if client.try_disconnect().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Ok(ev) = eventloop.poll().await {
+                if matches!(ev, Event::Disconnected) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    result.map(|()| snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::State;
+
+    #[test]
+    fn snapshot_keeps_the_highest_seq_and_skips_what_is_not_a_status() {
+        let t = TopicTemplate::parse("devices/{device}/status").unwrap();
+        let ev = |seq: u64, state: State| StatusEvent {
+            device: DeviceId::parse("d1").unwrap(),
+            state,
+            seq,
+            since: 1_000 * seq,
+            last_seen: 900,
+            detected_at: 1_000 * seq + 5,
+        };
+        let mut s = Snapshot::default();
+        s.add(&t, b"devices/d1/status", &ev(3, State::Online).to_json());
+        s.add(&t, b"devices/d1/status", &ev(2, State::Offline).to_json());
+        s.add(&t, b"devices/d1/status", b"");
+        s.add(&t, b"devices/d1/status", b"not json");
+        // A status whose device is not its topic's.
+        s.add(&t, b"devices/d2/status", &ev(9, State::Online).to_json());
+        s.add(&t, b"elsewhere/d1", &ev(9, State::Online).to_json());
+        assert_eq!((s.invalid, s.cleared), (3, 1));
+        assert_eq!(s.statuses.len(), 1);
+        let kept = s.statuses.values().next().unwrap();
+        assert_eq!((kept.seq, kept.state), (3, State::Online));
+    }
+}
