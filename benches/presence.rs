@@ -643,6 +643,7 @@ fn histogram_quantile(scrape: &str, q: f64) -> String {
 async fn seed(redis: &RedisServer, n: usize, ttl_ms: u64) {
     let client = redis::Client::open(redis.url()).unwrap();
     let store = Store::connect(&client, "presence").await.unwrap();
+    store.start_empty().await.unwrap();
     let ids: Vec<usize> = (0..n).collect();
     for chunk in ids.chunks(5_000) {
         let now = now_ms();

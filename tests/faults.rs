@@ -332,6 +332,7 @@ async fn committed_transitions_of_a_dead_replica_are_published() {
 
     let client = redis::Client::open(redis.url()).unwrap();
     let dead = Store::connect(&client, "presence").await.unwrap();
+    dead.start_empty().await.unwrap();
     let beats = |prefix: &str| -> Vec<Beat> {
         (0..20)
             .map(|i| {

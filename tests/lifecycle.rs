@@ -553,6 +553,7 @@ async fn online_but_overdue(
     let redis = RedisServer::start();
     let client = redis::Client::open(redis.url()).unwrap();
     let store = Store::connect(&client, "presence").await.unwrap();
+    store.start_empty().await.unwrap();
     let id = DeviceId::parse(name).unwrap();
     // Online with a short TTL; then its deadline passes (nothing in this test sweeps).
     let mut on = store
