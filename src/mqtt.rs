@@ -524,9 +524,14 @@ impl EventLoop {
                     _ => Lost::Other(e.to_string()),
                 });
                 Ok(match polled? {
-                    E::Incoming(I::ConnAck(c)) => Event::ConnAck {
-                        session_present: c.session_present,
-                    },
+                    E::Incoming(I::ConnAck(c)) => {
+                        if !c.session_present {
+                            drop_stale_acks(&mut l.state.events);
+                        }
+                        Event::ConnAck {
+                            session_present: c.session_present,
+                        }
+                    }
                     E::Incoming(I::Publish(p)) => Event::Publish {
                         topic: Bytes::from(p.topic.into_bytes()),
                         payload: p.payload,
@@ -552,6 +557,25 @@ impl EventLoop {
             }
         }
     }
+}
+
+/// Events of the lost connection that name publishes of the lost session.
+///
+/// rumqttc 0.25's v3.1.1 event loop keeps the events buffered when a connection failed
+/// (an `Outgoing::Publish` whose write failed, the PUBACKs read before the error) and
+/// yields them *after* the next ConnAck (v5 yields them before it). When that ConnAck says
+/// the session is gone, the client dropped those publishes and the [`Tracker`] queues them
+/// all again: a stale `Outgoing::Publish(pkid)` would then give the first re-queued
+/// publish that pkid, and every following one its predecessor's, so PUBACKs would be
+/// credited to the wrong statuses (and a status never acknowledged recorded as such).
+fn drop_stale_acks(events: &mut VecDeque<rumqttc::Event>) {
+    use rumqttc::{Event as E, Incoming as I};
+    events.retain(|e| {
+        !matches!(
+            e,
+            E::Outgoing(LoopOutgoing::Publish(_)) | E::Incoming(I::PubAck(_))
+        )
+    });
 }
 
 // === Tracker ===
@@ -1029,5 +1053,88 @@ mod tests {
         let all: Vec<String> = t.take_all().into_iter().map(|o| o.topic).collect();
         assert_eq!(all, vec!["t1", "t3"]);
         assert_eq!(t.len(), 0);
+    }
+
+    /// A v3.1.1 connection lost while `b` was being written, then a ConnAck without
+    /// session: rumqttc still holds `b`'s `Outgoing::Publish` (and a PUBACK read before
+    /// the error) and yields them after the ConnAck. Dropped, every re-queued publish gets
+    /// its own PUBACK; kept, `a` would be credited with pkid 2's PUBACK and `b` with `a`'s.
+    #[test]
+    fn tracker_after_a_lost_session_ignores_the_old_connections_events() {
+        use rumqttc::{Event as E, Incoming as I, PubAck, Publish};
+        let mut t = Tracker::default();
+        t.queue(out(1));
+        t.queue(out(2));
+        t.sent(1);
+        let mut buffered: VecDeque<E> = VecDeque::from([
+            E::Outgoing(LoopOutgoing::Publish(2)),
+            E::Incoming(I::PubAck(PubAck::new(1))),
+            E::Incoming(I::Publish(Publish::new(
+                "devices/x/heartbeat",
+                QoS::AtLeastOnce,
+                "",
+            ))),
+        ]);
+        // ConnAck, no session: everything is queued again (fresh presence first).
+        let again = t.take_all();
+        t.queue(out(0));
+        for o in again {
+            t.queue(o);
+        }
+        drop_stale_acks(&mut buffered);
+        assert!(
+            matches!(buffered.as_slices().0, [E::Incoming(I::Publish(_))]),
+            "{buffered:?}"
+        );
+        t.sent(5);
+        t.sent(6);
+        t.sent(7);
+        assert_eq!(t.acked(6).map(|o| o.topic), Some("t1".into()));
+        assert_eq!(t.acked(7).map(|o| o.topic), Some("t2".into()));
+        assert_eq!(t.acked(5).map(|o| o.topic), Some("t0".into()));
+        assert_eq!(t.len(), 0);
+    }
+
+    /// The adapter applies it: after a ConnAck without session the v3.1.1 loop's buffered
+    /// `Outgoing::Publish`/PUBACK events are gone (a heartbeat stays); with a session they
+    /// still name publishes in flight and are kept.
+    #[tokio::test]
+    async fn v311_connack_without_session_drops_buffered_publish_events() {
+        use rumqttc::{Event as E, Incoming as I, PubAck, Publish};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for session_present in [false, true] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let broker = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 256];
+                let _ = s.read(&mut buf).await.unwrap(); // CONNECT
+                s.write_all(&[0x20, 0x02, u8::from(session_present), 0x00])
+                    .await
+                    .unwrap();
+                s
+            });
+            let opts = rumqttc::MqttOptions::new("t", "127.0.0.1", port);
+            let mut l = rumqttc::EventLoop::new(opts, 10);
+            l.state.events.extend([
+                E::Outgoing(LoopOutgoing::Publish(2)),
+                E::Incoming(I::PubAck(PubAck::new(1))),
+                E::Incoming(I::Publish(Publish::new(
+                    "devices/x/heartbeat",
+                    QoS::AtLeastOnce,
+                    "",
+                ))),
+            ]);
+            let mut l = EventLoop::V4(Box::new(l));
+            let ev = l.poll().await.unwrap();
+            assert!(matches!(ev, Event::ConnAck { session_present: p } if p == session_present));
+            let next = l.poll().await.unwrap();
+            if session_present {
+                assert!(matches!(next, Event::Sent { pkid: 2 }), "{next:?}");
+            } else {
+                assert!(matches!(next, Event::Publish { .. }), "{next:?}");
+            }
+            drop(broker.await.unwrap());
+        }
     }
 }
