@@ -353,8 +353,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             out: out_tx,
             ack_rx,
             republish,
+            instance: cfg.mqtt.client_id.clone(),
         }
-        .run(token.child_token(), workers.helpers())
+        .run(token.child_token())
         .instrument(tracing::info_span!("outbox")),
     );
 

@@ -127,6 +127,9 @@ fn presence_payload(online: bool, instance: &str, since: Millis) -> Bytes {
 }
 
 const BEACONS: &str = "presenced/peers/";
+/// A retained message of ours that tells whether the broker still has its retained
+/// messages: missing after a reconnect without session means it lost them.
+const BROKER_TOPIC: &str = "presenced/broker";
 
 fn beacon_topic(instance: &str) -> String {
     format!("{BEACONS}{instance}")
@@ -693,7 +696,14 @@ impl MqttTask {
             },
         });
         let sync = sync_topic(&instance);
-        let mut filters = vec![self.cfg.heartbeat_filter(), sync.clone()];
+        let mut filters = vec![
+            self.cfg.heartbeat_filter(),
+            sync.clone(),
+            BROKER_TOPIC.to_owned(),
+        ];
+        // After a ConnAck without session: `Some(seen)` until the sync marker is back, `seen`
+        // once the broker's retained marker arrived (it kept its retained messages).
+        let mut broker_check: Option<bool> = None;
         let mut share = self
             .cfg
             .shared_group
@@ -716,9 +726,10 @@ impl MqttTask {
         let mut tracker = Tracker::default();
         let mut resend: VecDeque<Outgoing> = VecDeque::new();
         let mut connected = false;
-        let mut ever_connected = false;
         let mut marker: Option<(Bytes, Instant)> = None;
-        let mut backoff = Backoff::new(Duration::from_secs(30));
+        // Short: with a shared subscription (clean sessions) heartbeats sent while no replica is
+        // connected are dropped by the broker, so reconnecting fast after a broker restart matters.
+        let mut backoff = Backoff::new(Duration::from_secs(2));
         let mut phase = Phase::Running;
         let mut drain_deadline = Instant::now();
         let mut out_open = true;
@@ -831,6 +842,7 @@ impl MqttTask {
                     warn!("Sync marker did not come back; assuming queued heartbeats were delivered.");
                     marker = None;
                     stamp = Stamp::Live;
+                    self.broker_checked(broker_check.take(), &mut resend);
                     let _ = self.ingest.send(Some(now_ms()));
                 }
                 ev = eventloop.poll() => match ev {
@@ -850,12 +862,9 @@ impl MqttTask {
                                     .into_iter()
                                     .filter(|o| matches!(o.kind, Kind::Status { .. })),
                             );
-                            if ever_connected {
-                                warn!("The broker lost our session; republishing every device's status.");
-                            }
-                            self.republish.notify_one();
+                            // Did it lose its retained statuses too? Its retained marker says.
+                            broker_check = Some(false);
                         }
-                        ever_connected = true;
                         if let Some(share) = share.as_mut() {
                             share.joined();
                         }
@@ -882,6 +891,11 @@ impl MqttTask {
                             self.health.set_mqtt(true, false);
                         }
                     }
+                    Ok(Event::Publish { topic, .. }) if topic.as_ref() == BROKER_TOPIC.as_bytes() => {
+                        if let Some(seen) = broker_check.as_mut() {
+                            *seen = true;
+                        }
+                    }
                     Ok(Event::Publish { topic, .. }) if topic.starts_with(BEACONS.as_bytes()) => {
                         if let Some(share) = share.as_mut() {
                             share.beacon(&topic);
@@ -901,6 +915,7 @@ impl MqttTask {
                             if marker.as_ref().is_some_and(|(t, _)| *t == payload) {
                                 marker = None;
                                 stamp = Stamp::Live;
+                                self.broker_checked(broker_check.take(), &mut resend);
                                 let _ = self.ingest.send(Some(now_ms()));
                                 debug!("Queued heartbeats delivered.");
                             }
@@ -974,6 +989,23 @@ impl MqttTask {
         let _ = self.ingest.send(None);
         self.held.close();
         info!("MQTT task stopped.");
+    }
+
+    /// The check after a ConnAck without session is over: without the broker's retained
+    /// marker, the broker lost its retained messages (or never had ours): every device's status
+    /// is republished, once for all replicas (a job in Redis), and the marker set again.
+    fn broker_checked(&self, check: Option<bool>, resend: &mut VecDeque<Outgoing>) {
+        if check != Some(false) {
+            return;
+        }
+        warn!("The broker has none of our retained messages; republishing every device's status.");
+        self.republish.notify_one();
+        resend.push_back(Outgoing {
+            topic: BROKER_TOPIC.to_owned(),
+            payload: Bytes::from(format!("{:016x}", fastrand::u64(..))),
+            retain: true,
+            kind: Kind::Presence,
+        });
     }
 
     /// One message on the heartbeat subscription: validated, counted, held for Redis.

@@ -50,8 +50,12 @@ const MISSED_GRACE_MS: Millis = 2_000;
 const MIN_SWEEP_GAP: Duration = Duration::from_millis(2);
 /// How often the outbox is checked for expired leases.
 const CLAIM_EVERY: Duration = Duration::from_secs(2);
-/// Statuses republished per second after the broker lost its state.
-const REPUBLISH_RATE: u64 = 5_000;
+/// Republishing after the broker lost its retained statuses: a page of about
+/// `REPUBLISH_PAGE` devices per bucket every `REPUBLISH_TICK` (about 5,000 statuses/s per
+/// replica that works on the job), and a look for jobs every `REPUBLISH_IDLE` otherwise.
+const REPUBLISH_PAGE: usize = 8;
+const REPUBLISH_TICK: Duration = Duration::from_millis(100);
+const REPUBLISH_IDLE: Duration = Duration::from_secs(1);
 
 // === impl Held ===
 
@@ -891,7 +895,10 @@ pub struct Outbox {
     pub store: Store,
     pub out: mpsc::Sender<StatusOut>,
     pub ack_rx: mpsc::Receiver<Ack>,
+    /// Woken when the broker lost its retained statuses: a republish job begins.
     pub republish: Arc<Notify>,
+    /// Our name on the republish jobs we hold.
+    pub instance: String,
 }
 
 /// Most acknowledgements kept while Redis is away; beyond, they are dropped and the outbox
@@ -902,14 +909,15 @@ impl Outbox {
     /// Runs until the MQTT task is gone (the ack channel closes), so that acknowledgements
     /// arriving while it drains at shutdown are still recorded; claiming and republishing
     /// stop as soon as `token` is cancelled.
-    pub async fn run(mut self, token: CancellationToken, tracker: tokio_util::task::TaskTracker) {
+    pub async fn run(mut self, token: CancellationToken) {
         let limiter = LogLimiter::new(Duration::from_secs(10));
         let mut pending: Vec<Ack> = Vec::new();
         let mut claim = tokio::time::interval(CLAIM_EVERY);
         // At start, whatever a previous run committed and did not see acknowledged is ours:
         // every entry leased before this process could have leased any.
         let mut first_claim = Some(OUTBOX_LEASE);
-        let mut republisher: Option<CancellationToken> = None;
+        let mut next_page = Instant::now();
+        let mut begin_job = false;
         loop {
             tokio::select! {
                 biased;
@@ -952,13 +960,11 @@ impl Outbox {
                     }
                 }
                 () = self.republish.notified(), if !token.is_cancelled() => {
-                    if let Some(t) = republisher.take() {
-                        t.cancel();
-                    }
-                    let t = token.child_token();
-                    republisher = Some(t.clone());
-                    let (store, out) = (self.store.clone(), self.out.clone());
-                    tracker.spawn(republish_all(store, out, t));
+                    begin_job = true;
+                    next_page = Instant::now();
+                }
+                () = tokio::time::sleep_until(next_page), if !token.is_cancelled() => {
+                    next_page = Instant::now() + self.republish_step(&mut begin_job, &limiter).await;
                 }
                 () = token.cancelled(), if !token.is_cancelled() => {}
             }
@@ -967,6 +973,45 @@ impl Outbox {
             self.flush_acks(&mut pending, &limiter).await;
         }
         debug!("Outbox stopped.");
+    }
+
+    /// Begins a republish job if one is owed, then hands out one page of every bucket's job
+    /// (any replica's). Returns how long to wait before the next page.
+    async fn republish_step(&self, begin_job: &mut bool, limiter: &LogLimiter) -> Duration {
+        if *begin_job {
+            match self.store.start_republish().await {
+                Ok(began) => {
+                    *begin_job = false;
+                    if began {
+                        info!("Republishing every device's status (a job in Redis, shared by the replicas).");
+                    }
+                }
+                Err(e) => {
+                    if let Some(n) = limiter.check() {
+                        warn!(error = %e, suppressed = n, "Cannot begin republishing statuses; retrying.");
+                    }
+                    return REPUBLISH_IDLE;
+                }
+            }
+        }
+        // As for claims: our own backlog first.
+        if self.out.capacity() * 2 < self.out.max_capacity() {
+            return REPUBLISH_TICK;
+        }
+        let page = self
+            .store
+            .republish_page(&self.instance, REPUBLISH_PAGE)
+            .await;
+        let n = page.done.len();
+        publish(&self.out, page.done, false).await;
+        if let (Some(e), Some(n)) = (page.error, limiter.check()) {
+            warn!(error = %e, suppressed = n, "Cannot read the republish jobs.");
+        }
+        if n > 0 {
+            REPUBLISH_TICK
+        } else {
+            REPUBLISH_IDLE
+        }
     }
 
     async fn flush_acks(&self, pending: &mut Vec<Ack>, limiter: &LogLimiter) {
@@ -992,49 +1037,6 @@ impl Outbox {
                 }
             }
         }
-    }
-}
-
-/// Publishes every device's current status, paced, e.g. after the broker lost its
-/// retained messages. A status overtaken meanwhile is corrected by the ack check.
-async fn republish_all(store: Store, out: mpsc::Sender<StatusOut>, token: CancellationToken) {
-    let started = Instant::now();
-    let mut sent: u64 = 0;
-    let mut backoff = Backoff::new(Duration::from_secs(5));
-    for b in 0..BUCKETS {
-        let mut cursor = 0;
-        loop {
-            if token.is_cancelled() {
-                return;
-            }
-            let (next, records) = match store.scan_records(b, cursor).await {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(error = %e, "Republishing statuses: cannot read Redis; retrying.");
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
-                }
-            };
-            sent += records.len() as u64;
-            publish(&out, records, false).await;
-            // Pace: never ahead of REPUBLISH_RATE per second on average.
-            let due = started + Duration::from_millis(sent * 1000 / REPUBLISH_RATE);
-            tokio::select! {
-                () = token.cancelled() => return,
-                () = tokio::time::sleep_until(due) => {}
-            }
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
-    }
-    if sent > 0 {
-        info!(
-            statuses = sent,
-            took_ms = started.elapsed().as_millis() as u64,
-            "Republished every device's status."
-        );
     }
 }
 

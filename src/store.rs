@@ -148,6 +148,11 @@ impl Keys {
         self.key(b, "importing")
     }
 
+    /// The republish job of a bucket (see src/lua/republish.lua).
+    pub fn republish_job(&self, b: Bucket) -> String {
+        self.key(b, "republish")
+    }
+
     /// Replica floors (see src/lua/clock.lua).
     pub fn floors(&self, b: Bucket) -> String {
         self.key(b, "floor")
@@ -615,6 +620,7 @@ struct Scripts {
     forget: LuaScript,
     offsince: LuaScript,
     import: LuaScript,
+    republish: LuaScript,
 }
 
 impl Scripts {
@@ -628,10 +634,11 @@ impl Scripts {
             forget: LuaScript::new(include_str!("lua/forget.lua")),
             offsince: LuaScript::new(include_str!("lua/offsince.lua")),
             import: LuaScript::new(include_str!("lua/import.lua")),
+            republish: LuaScript::new(include_str!("lua/republish.lua")),
         })
     }
 
-    fn all(&self) -> [&LuaScript; 8] {
+    fn all(&self) -> [&LuaScript; 9] {
         [
             &self.heartbeat,
             &self.expire,
@@ -641,6 +648,7 @@ impl Scripts {
             &self.forget,
             &self.offsince,
             &self.import,
+            &self.republish,
         ]
     }
 }
@@ -949,6 +957,51 @@ impl Store {
             .await
             .into_result()
             .map(|_| ())
+    }
+
+    /// Begins republishing every device's status (see src/lua/republish.lua), unless a job
+    /// began in the last 10 s; returns whether this call began it (in any bucket).
+    pub async fn start_republish(&self) -> Result<bool, StoreError> {
+        let buckets: Vec<Bucket> = (0..BUCKETS).collect();
+        let began = self
+            .per_bucket(
+                &buckets,
+                |b| *b,
+                |b, _| self.republish_cmd(b, "start", "", 0),
+                |_, reply| Ok(vec![matches!(reply, Value::Int(1))]),
+            )
+            .await
+            .into_result()?;
+        Ok(began.into_iter().any(|b| b))
+    }
+
+    /// One page (about `count` devices) of every bucket's republish job that no other
+    /// replica holds; the statuses are staged in the outbox and returned.
+    pub async fn republish_page(&self, owner: &str, count: usize) -> Partial<Committed> {
+        let buckets: Vec<Bucket> = (0..BUCKETS).collect();
+        self.per_bucket(
+            &buckets,
+            |b| *b,
+            |b, _| self.republish_cmd(b, "page", owner, count),
+            members,
+        )
+        .await
+    }
+
+    fn republish_cmd(&self, b: Bucket, mode: &str, owner: &str, count: usize) -> Cmd {
+        let keys = [
+            self.keys.records(b),
+            self.keys.outbox(b),
+            self.keys.republish_job(b),
+        ];
+        let args = vec![
+            mode.to_owned(),
+            owner.to_owned(),
+            count.max(1).to_string(),
+            lease_ms().to_string(),
+            lease_ms().to_string(),
+        ];
+        self.scripts.republish.cmd(&keys, args)
     }
 
     /// The buckets whose epoch key is missing: Redis lost their data, or never had it.

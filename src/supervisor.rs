@@ -59,6 +59,7 @@ impl Supervisor {
         &self.token
     }
 
+    #[cfg(test)]
     pub(crate) fn helpers(&self) -> TaskTracker {
         self.helpers.clone()
     }

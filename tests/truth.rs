@@ -370,3 +370,59 @@ fn simulate(mqtt: &Mosquitto, args: &[&str]) -> Proc {
         .unwrap();
     Proc(child)
 }
+
+/// The broker restarts without persistence (its retained statuses are gone) under two
+/// replicas sharing heartbeats: every device's status is republished once in all (a job in
+/// Redis, not once per replica), and when the replica working on it is killed midway the
+/// other one finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_lost_its_state_is_republished_once_and_resumed_after_a_crash() {
+    let redis = RedisServer::start();
+    let mut mqtt = Mosquitto::start();
+    let shared = ["--mqtt-shared-group", "truth", "--presence-ttl", "300s"];
+    let (mut a, a_http, _) = spawn_replica(&redis, &mqtt, &shared);
+    let (_b, b_http, _) = spawn_replica(&redis, &mqtt, &shared);
+    wait_ready(a_http).await;
+    wait_ready(b_http).await;
+    let devices = Devices::connect(&mqtt).await;
+    let n = 20_000;
+    for id in ids("r", n) {
+        devices.heartbeat(&id, b"").await;
+    }
+    eventually("every device online", || async move {
+        let m = scrape(b_http).await;
+        (metric(&m, r#"presenced_devices{state="online"}"#)? == n as f64).then_some(())
+    })
+    .await;
+    // Our own subscriber resubscribes after the restart: it sees the republished statuses.
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    statuses
+        .wait_for("retained statuses", |s| s.len() >= n)
+        .await;
+    let before = statuses.all().len();
+    mqtt.restart();
+    statuses
+        .wait_for("a quarter republished", |s| s.len() >= before + n / 4)
+        .await;
+    kill(&a.0, "-KILL");
+    let _ = a.0.wait();
+    let mqtt_ref = &mqtt;
+    eventually("every status retained again", || async move {
+        let late = Collector::start(mqtt_ref, "devices/+/status").await;
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let devices: std::collections::HashSet<String> = late
+            .all()
+            .iter()
+            .filter(|m| m.retain)
+            .filter_map(|m| m.json["device"].as_str().map(str::to_owned))
+            .collect();
+        (devices.len() >= n).then_some(())
+    })
+    .await;
+    let republished = statuses.all().len() - before;
+    assert!(
+        republished < n * 3 / 2,
+        "{republished} statuses republished for {n} devices: more than once in all"
+    );
+    check_invariants(&mqtt, b_http, &statuses).await;
+}
