@@ -398,6 +398,8 @@ struct Status {
     seq: u64,
     online: bool,
     since: u64,
+    /// When the recorder received it.
+    at: u64,
 }
 
 struct Recorder {
@@ -418,7 +420,7 @@ fn parse_ms(v: &serde_json::Value) -> Option<u64> {
     Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64)
 }
 
-fn parse_status(payload: &[u8], index: &HashMap<String, usize>) -> Result<Status, String> {
+fn parse_status(payload: &[u8], index: &HashMap<String, usize>, at: u64) -> Result<Status, String> {
     let bad = || String::from_utf8_lossy(payload).into_owned();
     let v: serde_json::Value = serde_json::from_slice(payload).map_err(|_| bad())?;
     let dev = *v["device"]
@@ -435,6 +437,7 @@ fn parse_status(payload: &[u8], index: &HashMap<String, usize>) -> Result<Status
         seq: v["seq"].as_u64().ok_or_else(bad)?,
         online,
         since: parse_ms(&v["since"]).ok_or_else(bad)?,
+        at,
     })
 }
 
@@ -468,7 +471,7 @@ async fn recorder(
                     }
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
-                    match parse_status(&p.payload, &index) {
+                    match parse_status(&p.payload, &index, now_ms()) {
                         Ok(st) => lock(&s).push(st),
                         Err(text) => lock(&m).push(text),
                     }
@@ -991,7 +994,14 @@ fn judge(devs: &[Dev], seen: &[Status], fin: &Final, ttl: u64, tol: u64, f: &mut
                 problems.push(format!("retained {} but expected {}", state(r.1), state(e)));
             }
         }
-        if let (Some(r), Some(&(q, _, _))) = (retained, list.last()) {
+        // Only what had arrived before the fresh subscriber asked: later transitions are
+        // not in its snapshot.
+        let before = by_dev[d.idx]
+            .iter()
+            .filter(|s| s.at + 500 < fin.at)
+            .map(|s| s.seq)
+            .max();
+        if let (Some(r), Some(q)) = (retained, before) {
             if r.0 < q {
                 problems.push(format!("retained seq {} older than seq {q} seen", r.0));
             }
