@@ -1412,7 +1412,7 @@ fn report(c: &Ctx<'_>, faults: &[FaultLog], devs: &[Dev], seen: &[Status], f: &F
     let _ = writeln!(s, "## Findings\n\n| category | count |\n|---|---|");
     let _ = writeln!(
         s,
-        "| false offlines | {} (premature {}, heartbeat inside {}, keeper {}) |",
+        "| false offlines | {} (premature {}, heartbeat inside {}, keeper {}; one offline may be in several) |",
         f.false_offlines.len(),
         f.premature.len(),
         f.stale.len(),
