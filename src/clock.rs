@@ -8,21 +8,27 @@
 //! offset on the way to Redis and back, so every time written or compared in Redis is the
 //! master's.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use crate::device::{now_ms, Millis};
 use crate::store::{Bucket, BUCKETS};
+
+/// A measurement whose round trip took longer than this is not trusted (its error is up to
+/// half of it: a master failing over, a fork stall) unless the bucket has none yet.
+const MAX_RTT_MS: Millis = 50;
 
 /// Per-bucket offsets `master time - local time`, in ms.
 #[derive(Debug)]
 pub struct Clock {
     offsets: Vec<AtomicI64>,
+    measured: Vec<AtomicBool>,
 }
 
 impl Default for Clock {
     fn default() -> Self {
         Clock {
             offsets: (0..BUCKETS).map(|_| AtomicI64::new(0)).collect(),
+            measured: (0..BUCKETS).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 }
@@ -30,6 +36,10 @@ impl Default for Clock {
 impl Clock {
     /// Records a measurement: `master` was read between `sent` and `received` (local).
     pub(crate) fn observe(&self, b: Bucket, sent: Millis, received: Millis, master: Millis) {
+        let first = !self.measured[usize::from(b)].swap(true, Ordering::Relaxed);
+        if received.saturating_sub(sent) > MAX_RTT_MS && !first {
+            return;
+        }
         let mid = sent.midpoint(received);
         let offset = master as i64 - mid as i64;
         self.offsets[usize::from(b)].store(offset, Ordering::Relaxed);
@@ -68,5 +78,8 @@ mod tests {
         assert_eq!(clock.to_master(3, 100_010), 85_010);
         assert_eq!(clock.to_local(3, 85_010), 100_010);
         assert_eq!(clock.offset(4), 0);
+        // A slow round trip (a stalled master) does not replace a good measurement.
+        clock.observe(3, 200_000, 200_900, 1_000_000);
+        assert_eq!(clock.offset(3), -15_000);
     }
 }

@@ -171,6 +171,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
     // Lazy: nothing waits for Redis here. The listener below retries until it can subscribe.
     let (store, nodes) = open_redis(&cfg.redis)?;
+    // With a shared subscription this replica keeps a floor under its name (see
+    // `presence::Stamper`); the scripts skip our own floor.
+    let store = match &cfg.mqtt.shared_group {
+        Some(_) => store.for_replica(&cfg.mqtt.client_id),
+        None => store,
+    };
 
     // HTTP first, so /healthz answers and /readyz explains while the rest starts (a
     // liveness probe must not kill a monitor that is waiting for Redis).

@@ -131,8 +131,9 @@ const BEACONS: &str = "presenced/peers/";
 /// messages: missing after a reconnect without session means it lost them.
 const BROKER_TOPIC: &str = "presenced/broker";
 
-fn beacon_topic(instance: &str) -> String {
-    format!("{BEACONS}{instance}")
+/// Beacons are per shared group: another deployment on the same broker is not a peer.
+fn beacon_topic(group: &str, instance: &str) -> String {
+    format!("{BEACONS}{group}/{instance}")
 }
 
 /// How often a replica that reaches Redis says so to the others.
@@ -157,9 +158,9 @@ struct Share {
 }
 
 impl Share {
-    fn new(me: &str) -> Share {
+    fn new(group: &str, me: &str) -> Share {
         Share {
-            me: beacon_topic(me),
+            me: beacon_topic(group, me),
             member: true,
             trouble: None,
             peer_ok: None,
@@ -708,12 +709,15 @@ impl MqttTask {
             .cfg
             .shared_group
             .as_ref()
-            .map(|_| Share::new(&instance));
+            .map(|group| Share::new(group, &instance));
         if share.is_some() {
             // The other replicas' presence (a will tells at once that one is gone), and
             // their beacons (which of them reach Redis).
             filters.push(instance_topic("+"));
-            filters.push(beacon_topic("+"));
+            filters.push(beacon_topic(
+                self.cfg.shared_group.as_deref().unwrap_or_default(),
+                "+",
+            ));
         }
         let limiters = Limiters {
             invalid: LogLimiter::new(Duration::from_secs(10)),

@@ -262,6 +262,11 @@ impl Held {
         self.notify.notify_one();
     }
 
+    /// Closed, and everything it held is in Redis (none taken and still being applied).
+    fn is_drained(&self) -> bool {
+        self.lock().closed && self.watermark().is_none()
+    }
+
     fn is_closed_and_empty(&self) -> bool {
         let inner = self.lock();
         inner.closed && inner.map.is_empty()
@@ -336,6 +341,14 @@ impl Recent {
 
     /// The kept heartbeats of the failed buckets (they leave the window: they are held).
     fn take(&mut self, failed: &[Bucket]) -> Vec<Beat> {
+        let now = Instant::now();
+        while let Some((at, b)) = self.batches.front() {
+            if now.duration_since(*at) <= REPLICATION_WINDOW {
+                break;
+            }
+            self.len -= b.len();
+            self.batches.pop_front();
+        }
         let mut out = Vec::new();
         for (_, batch) in &mut self.batches {
             let before = batch.len();
@@ -423,8 +436,20 @@ impl Applier {
                 retry.extend(self.recent.take(&applied.failed));
             }
             if let Some(e) = applied.error {
+                // Go on with the other chunks while some buckets work (a cluster master is
+                // failing over, a bucket is being rebuilt); stop when nothing does.
+                let mut touched: Vec<Bucket> = chunk
+                    .iter()
+                    .map(|b| crate::store::bucket_of(b.device.as_str()))
+                    .collect();
+                touched.sort_unstable();
+                touched.dedup();
+                let stop = applied.failed.len() >= touched.len();
                 failed = Some(e);
-                break;
+                if stop {
+                    break;
+                }
+                continue;
             }
             self.health.set_redis_commands(true);
         }
@@ -502,6 +527,10 @@ enum Source {
     /// The periodic pass: what it finds long overdue was missed.
     SafetyNet,
 }
+
+/// A deadline this much before our own cutoff that another replica's floor still holds back
+/// means that replica is behind (cut off, failing over), not just between two renewals.
+const BLOCKED_SLACK_MS: Millis = 1_000;
 
 /// Whether a sweep of every bucket decided everything overdue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -600,7 +629,7 @@ impl Expirer {
                     (last_sweep + MIN_SWEEP_GAP).max(self.floor_wait)
                 } else if earliest <= now {
                     // Due, but a heartbeat older than it is still being applied.
-                    Instant::now() + Duration::from_millis(5)
+                    Instant::now() + Duration::from_millis(20)
                 } else {
                     let ms = (earliest - now).min(SAFETY_EVERY.as_millis() as u64);
                     Instant::now() + Duration::from_millis(ms)
@@ -748,9 +777,10 @@ impl Expirer {
                     again.push(s.bucket);
                 }
                 if s.next_deadline
-                    .is_some_and(|d| d > s.cutoff && d <= cutoff.before)
+                    .is_some_and(|d| d > s.cutoff && d + BLOCKED_SLACK_MS <= cutoff.before)
                 {
-                    // Overdue, but another replica's floor says it may hold a heartbeat.
+                    // Overdue for a while, but another replica's floor says it may hold a
+                    // heartbeat (a floor a little behind, as they normally are, is not that).
                     progress = Progress::Blocked;
                 }
                 self.due
@@ -798,6 +828,10 @@ const CLOCK_EVERY: Duration = Duration::from_secs(1);
 pub const FLOOR_EVERY: Duration = Duration::from_millis(100);
 /// Longest wait for one clock / floor round trip.
 const STAMP_TIMEOUT: Duration = Duration::from_secs(1);
+/// After a stall, how long our floor waits at most for the heartbeats that were unread.
+const STALL_FREEZE: Duration = Duration::from_secs(10);
+/// At a stop, how long our floor waits at most for our held heartbeats to be applied.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// Keeps the offsets to the Redis clocks fresh ([`crate::clock`]) and, for a replica that
 /// shares heartbeats with others (a shared subscription), its *floor* in every bucket: a
@@ -841,11 +875,21 @@ impl Stamper {
         };
         let limiter = LogLimiter::new(Duration::from_secs(10));
         let mut floor = now_ms();
-        let mut stalled_at: Millis = 0;
+        // An unresolved stall: heartbeats may wait unread in our socket.
+        let mut stall: Option<(Millis, Instant)> = None;
         let mut planned = Instant::now();
+        let mut stopping: Option<Instant> = None;
         loop {
+            if stopping.is_some_and(|at| self.held.is_drained() || at.elapsed() > STOP_WAIT) {
+                break;
+            }
             tokio::select! {
-                () = token.cancelled() => break,
+                () = token.cancelled(), if stopping.is_none() => {
+                    // Our floor stays until what we hold is applied: the MQTT task still
+                    // drains and the applier applies after it.
+                    stopping = Some(Instant::now());
+                    continue;
+                }
                 Some(who) = self.gone.recv() => {
                     if self.floor_of.as_ref().is_some_and(|me| *me != who) {
                         debug!(replica = %who, "A replica is gone; dropping its floor.");
@@ -858,14 +902,21 @@ impl Stamper {
             }
             if Instant::now() > planned + STALL {
                 // Stalled: heartbeats may be unread in the socket. Keep renewing the old floor
-                // until the MQTT task has read them (a fresh sync marker).
-                stalled_at = now_ms();
+                // until the MQTT task has read them (a fresh sync marker), for a while.
+                stall = Some((now_ms(), Instant::now()));
                 self.resync.notify_one();
             }
             planned = Instant::now() + every;
-            let open = (*self.ingest.borrow())
-                .is_some_and(|t| t >= stalled_at && self.held.watermark().is_none_or(|w| w > t));
-            if open {
+            if let Some((at, since)) = stall {
+                let read = (*self.ingest.borrow())
+                    .is_some_and(|t| t >= at && self.held.watermark().is_none_or(|w| w > t));
+                if read || since.elapsed() > STALL_FREEZE {
+                    stall = None;
+                }
+            }
+            // Disconnected from the broker, nothing is queued for us (clean sessions): the
+            // floor follows what we hold.
+            if stall.is_none() {
                 floor = floor.max(self.held.cutoff(now_ms()));
             }
             let r =

@@ -609,6 +609,8 @@ pub struct Store {
     scripts: std::sync::Arc<Scripts>,
     clock: Arc<Clock>,
     loss: Arc<Loss>,
+    /// Our name in the replica floors ('' without a shared subscription).
+    replica: Arc<str>,
 }
 
 struct Scripts {
@@ -677,6 +679,7 @@ impl Store {
             scripts: Scripts::new(),
             clock: Arc::default(),
             loss: Arc::default(),
+            replica: Arc::from(""),
         })
     }
 
@@ -704,6 +707,7 @@ impl Store {
             scripts: Scripts::new(),
             clock: Arc::default(),
             loss: Arc::default(),
+            replica: Arc::from(""),
         })
     }
 
@@ -726,6 +730,12 @@ impl Store {
     /// Lost buckets found by the scripts, and finished rebuilds.
     pub fn loss(&self) -> &Arc<Loss> {
         &self.loss
+    }
+
+    /// The same store, naming this replica in the floors it writes and skips.
+    pub fn for_replica(mut self, name: &str) -> Store {
+        self.replica = Arc::from(name);
+        self
     }
 
     /// The offsets to every bucket's master clock (see [`Clock`]).
@@ -905,6 +915,7 @@ impl Store {
                     self.keys.ttl_prefix(b),
                     lease_ms().to_string(),
                     floor_lease_ms.to_string(),
+                    self.replica.to_string(),
                 ];
                 let t = |local: Millis| self.clock.to_master(b, local).to_string();
                 for beat in beats {
@@ -1175,6 +1186,7 @@ impl Store {
             lease_ms().to_string(),
             limit.max(1).to_string(),
             cutoff.floor_lease_ms.to_string(),
+            self.replica.to_string(),
         ]
     }
 

@@ -281,7 +281,9 @@ async fn a_replica_with_a_skewed_clock_changes_no_decision_and_no_time() {
 async fn memory_stays_bounded_while_redis_is_stopped() {
     let redis = RedisServer::start();
     let mqtt = Mosquitto::start();
-    let (app, app_http, _) = spawn_replica(&redis, &mqtt, &["--presence-ttl", "120s"]);
+    // Redis is stopped for longer than the TTL: only the held heartbeats (and the watermark
+    // that keeps expiries below them) keep the fleet online.
+    let (app, app_http, _) = spawn_replica(&redis, &mqtt, &["--presence-ttl", "30s"]);
     wait_ready(app_http).await;
     let mut sim = simulate(&mqtt, &["--devices", "20000", "--interval", "1s"]);
     eventually("20,000 online", || async move {
@@ -320,6 +322,10 @@ async fn memory_stays_bounded_while_redis_is_stopped() {
     assert_eq!(
         metric(&m, r#"presenced_devices{state="offline"}"#),
         Some(0.0)
+    );
+    assert_eq!(
+        metric(&m, r#"presenced_devices{state="online"}"#),
+        Some(20_000.0)
     );
 }
 

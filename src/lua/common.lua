@@ -10,15 +10,18 @@ local function parse(rec)
   return string.match(rec, '^([01])|(%d+)|(%d+)|(%d+)|(%d+)$')
 end
 local function int(n) return string.format('%d', n) end
--- The lowest floor among the replicas that renewed theirs within `lease` ms (nil: none):
--- every heartbeat received before it, by any replica, is applied. Floors of replicas gone
--- for long (stopped without leaving) are removed.
-local function lowest_floor(key, lease, now)
+-- The lowest floor among the other replicas (not `me`, whose own unapplied heartbeats the
+-- caller accounts for) that renewed theirs within `lease` ms (nil: none): every heartbeat
+-- they received before it is applied. Floors of replicas gone for long (stopped without
+-- leaving) are removed.
+local function lowest_floor(key, lease, now, me)
   local low
   local floors = redis.call('HGETALL', key)
   for i = 1, #floors, 2 do
     local f, at = string.match(floors[i + 1], '^(%d+)|(%d+)$')
-    if f and tonumber(at) + lease > now then
+    if floors[i] == me then
+      -- ours
+    elseif f and tonumber(at) + lease > now then
       if not low or tonumber(f) < low then low = tonumber(f) end
     elseif not f or tonumber(at) + 100 * lease < now then
       redis.call('HDEL', key, floors[i])

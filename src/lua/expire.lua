@@ -7,18 +7,19 @@
 -- Returns {next deadline or -1, 1 if more may be overdue else 0, the cutoff used, members...}.
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
 --       6 floors hash (replica -> "floor|written at"), 7 offline-since zset (forget.lua)
--- ARGV: 1 TTL key prefix, 2 cutoff, 3 outbox lease (ms), 4 limit, 5 floor lease (ms), then ids
+-- ARGV: 1 TTL key prefix, 2 cutoff, 3 outbox lease (ms), 4 limit, 5 floor lease (ms),
+--       6 the caller's name in the floors, then ids
 local recs, deadlines, online, offline, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ttl_prefix, cutoff = ARGV[1], tonumber(ARGV[2])
 local lease, limit, floor_lease = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = redis_now()
 if now < cutoff then cutoff = now end
-local floor = lowest_floor(KEYS[6], floor_lease, now)
+local floor = lowest_floor(KEYS[6], floor_lease, now, ARGV[6])
 if floor and floor - 1 < cutoff then cutoff = floor - 1 end
 local ids, dls, more = {}, {}, 0
-if #ARGV > 5 then
+if #ARGV > 6 then
   local seen = {}
-  for i = 6, #ARGV do
+  for i = 7, #ARGV do
     -- No deadline: not online (another replica already decided). Later deadline: a
     -- heartbeat extended it. An id named twice is decided once.
     local dl = tonumber(redis.call('ZSCORE', deadlines, ARGV[i]))

@@ -13,24 +13,22 @@
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
 --       6 floors hash, 7 offline-since zset (id -> since of its offline status)
 -- ARGV: 1 TTL key prefix, 2 cutoff, 3 outbox lease (ms), 4 limit, 5 floor lease (ms),
---       6 forget after (ms)
+--       6 the caller's name in the floors, 7 forget after (ms)
 local recs, offline, outbox, offsince = KEYS[1], KEYS[4], KEYS[5], KEYS[7]
 local cutoff = tonumber(ARGV[2])
 local lease, limit, floor_lease = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local after = tonumber(ARGV[6])
+local after = tonumber(ARGV[7])
 local now = redis_now()
 if now < cutoff then cutoff = now end
-local floors = redis.call('HGETALL', KEYS[6])
-for i = 1, #floors, 2 do
-  local f, at = string.match(floors[i + 1], '^(%d+)|(%d+)$')
-  if f and tonumber(at) + floor_lease > now and tonumber(f) - 1 < cutoff then
-    cutoff = tonumber(f) - 1
-  end
-end
+local floor = lowest_floor(KEYS[6], floor_lease, now, ARGV[6])
+if floor and floor - 1 < cutoff then cutoff = floor - 1 end
 local due = redis.call('ZRANGEBYSCORE', offsince, '-inf', cutoff - after, 'LIMIT', 0, limit)
 if #due == 0 then return {0} end
 local more = 0
 if #due >= limit then more = 1 end
+-- Reading the whole outbox must stay cheap: while it is long (a mass expiry, a broker
+-- outage) forgetting waits; it is never urgent.
+if redis.call('ZCARD', outbox) > 2000 then return {0} end
 -- Devices with a status not acknowledged yet.
 local pending = {}
 for _, m in ipairs(redis.call('ZRANGE', outbox, 0, -1)) do

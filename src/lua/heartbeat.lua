@@ -3,7 +3,8 @@
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
 --       6 floors hash (see expire.lua), 7 offline-since zset (forget.lua), 8 epoch key
 --       (present exactly when the bucket's state is in Redis)
--- ARGV: 1 TTL key prefix, 2 outbox lease (ms), 3 floor lease (ms), then per device 7 values:
+-- ARGV: 1 TTL key prefix, 2 outbox lease (ms), 3 floor lease (ms), 4 the caller's name in the
+--       floors, then per device 7 values:
 --   id, first arrival, latest arrival, latest deadline, lapse from, lapse to (0 0: none),
 --   timing ('1': queued while the monitor was away, counts as on time; '0': live)
 -- Rules: the latest heartbeat wins (its deadline replaces the earlier one, by arrival, across
@@ -17,7 +18,7 @@ if redis.call('EXISTS', KEYS[8]) == 0 then return redis.status_reply('LOST') end
 local recs, deadlines, online, offline, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ttl_prefix, lease = ARGV[1], tonumber(ARGV[2])
 local now = redis_now()
-local floor = lowest_floor(KEYS[6], tonumber(ARGV[3]), now)
+local floor = lowest_floor(KEYS[6], tonumber(ARGV[3]), now, ARGV[4])
 local function settled(t) return not floor or t < floor end
 local out = {}
 local function stage(id, nseq, state, since, seen)
@@ -25,13 +26,14 @@ local function stage(id, nseq, state, since, seen)
   redis.call('ZADD', outbox, now + lease, member)
   out[#out + 1] = member
 end
-for i = 4, #ARGV, 7 do
+for i = 5, #ARGV, 7 do
   local id, first, arrival = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local deadline, lapse_from, lapse_to = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
   local on_time = ARGV[i + 6] == '1'
   -- Arrivals are the caller's clock shifted to ours (within half a round trip): never later
   -- than now, so that no published time runs ahead of the decision.
   if first > now then first = now end
+  if lapse_to > now then lapse_to = now end
   if arrival > now then deadline, arrival = deadline - (arrival - now), now end
   local state, seq, since, last, det = parse(redis.call('HGET', recs, id))
   local online_since = first
@@ -41,7 +43,7 @@ for i = 4, #ARGV, 7 do
     if dl and not on_time and first > dl and settled(dl) then
       off_at = dl
     end
-    if lapse_to > 0 then
+    if lapse_to > 0 and not off_at then
       local from = lapse_from
       if dl and dl > from then from = dl end
       if from < lapse_to and settled(from) then
