@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::device::{now_ms, Millis};
 use crate::metrics::Metrics;
 use crate::mqtt::StatusOut;
-use crate::presence::Held;
+use crate::presence::{CommitOrder, Held};
 use crate::store::{Bucket, Cutoff, Store, StoreError, BUCKETS};
 use crate::telemetry::LogLimiter;
 
@@ -37,6 +37,8 @@ pub struct Forgetter {
     pub held: Arc<Held>,
     pub metrics: Metrics,
     pub out: mpsc::Sender<StatusOut>,
+    /// A clear and the device's new seq 1 are queued in the order they were committed.
+    pub order: CommitOrder,
     /// The MQTT task's sync barrier (see `presence::Expirer`): nothing is forgotten while
     /// heartbeats may still be on their way.
     pub ingest: watch::Receiver<Option<Millis>>,
@@ -115,6 +117,7 @@ impl Forgetter {
                 before: self.held.cutoff(now_ms()),
                 floor_lease_ms: self.floor_lease.as_millis() as u64,
             };
+            let turn = self.order.turn().await;
             let forgot = self
                 .store
                 .forget(&buckets, cutoff, self.after, FORGET_LIMIT)
@@ -149,6 +152,7 @@ impl Forgetter {
                     }
                 }
             }
+            drop(turn);
             if let Some(e) = forgot.error {
                 return Err(e);
             }

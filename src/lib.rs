@@ -56,7 +56,7 @@ use crate::expiry::{Listener, Nodes, NotificationsOff, Refused};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::mqtt::MqttTask;
-use crate::presence::{Applier, DueTable, Expirer, Held, Outbox, Stamper, HELD_CAP};
+use crate::presence::{Applier, CommitOrder, DueTable, Expirer, Held, Outbox, Stamper, HELD_CAP};
 use crate::redis_version::{CheckError, RedisVersion, Unsupported};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{Stopped, Supervisor, TaskPanicked};
@@ -235,6 +235,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
     let held = Arc::new(Held::new(HELD_CAP));
     let due = Arc::new(DueTable::default());
+    let order = CommitOrder::default();
     let (out_tx, out_rx) = mpsc::channel(STATUS_QUEUE);
     let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE);
     let (ingest_tx, ingest_rx) = watch::channel(None);
@@ -298,6 +299,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             metrics: metrics.clone(),
             health: health.clone(),
             out: out_tx.clone(),
+            order: order.clone(),
             due: due.clone(),
             recent: Default::default(),
             floor_lease: FLOOR_LEASE.max(cfg.presence.ttl / 2),
@@ -325,6 +327,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             metrics: metrics.clone(),
             health: health.clone(),
             out: out_tx.clone(),
+            order: order.clone(),
             due,
             expired_rx,
             reconcile,
@@ -344,6 +347,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 held: held.clone(),
                 metrics: metrics.clone(),
                 out: out_tx.clone(),
+                order: order.clone(),
                 ingest: ingest_rx.clone(),
                 after,
                 floor_lease: FLOOR_LEASE.max(cfg.presence.ttl / 2),

@@ -605,8 +605,9 @@ impl Tracker {
     }
 
     fn sent(&mut self, pkid: u16) {
-        // A pkid already in flight is the client retransmitting it after a reconnect.
-        if self.in_flight.contains_key(&pkid) {
+        // Pkid 0: a QoS 0 publish (a beacon), never queued here. A pkid already in flight is
+        // the client retransmitting it after a reconnect.
+        if pkid == 0 || self.in_flight.contains_key(&pkid) {
             return;
         }
         if let Some(entry) = self.queued.pop_front() {
@@ -1088,6 +1089,25 @@ mod tests {
         t.queue(out(3));
         let all: Vec<String> = t.take_all().into_iter().map(|o| o.topic).collect();
         assert_eq!(all, vec!["t1", "t3"]);
+        assert_eq!(t.len(), 0);
+    }
+
+    /// rumqttc reports a QoS 0 publish (a beacon) as `Outgoing::Publish(0)`, in request
+    /// order. With the in-flight window full, a beacon waits in the request channel while
+    /// statuses are queued behind it; taken as a status's pkid, it would credit every later
+    /// PUBACK to the status queued after the one acknowledged.
+    #[test]
+    fn tracker_ignores_qos0_publishes() {
+        let mut t = Tracker::default();
+        t.queue(out(1));
+        t.sent(0); // the beacon, requested before `t1`
+        t.sent(4);
+        t.queue(out(2));
+        t.sent(0);
+        t.sent(5);
+        assert_eq!(t.acked(4).map(|o| o.topic), Some("t1".into()));
+        assert_eq!(t.acked(5).map(|o| o.topic), Some("t2".into()));
+        assert_eq!(t.acked(0).map(|o| o.topic), None);
         assert_eq!(t.len(), 0);
     }
 

@@ -273,6 +273,21 @@ impl Held {
     }
 }
 
+/// One committer of transitions at a time in this process, from its Redis call until what it
+/// committed is in the status queue: the queue then holds a device's seqs in the order Redis
+/// committed them. Without it an expiry batch (seq n, offline) could be queued after the
+/// heartbeat that the applier committed right after it (seq n + 1, online), and a subscriber
+/// that keeps the highest seq would never see n. Republished statuses (acknowledgements,
+/// claims, a lost session) need no turn: they repeat a seq already queued.
+#[derive(Clone, Default)]
+pub struct CommitOrder(Arc<tokio::sync::Mutex<()>>);
+
+impl CommitOrder {
+    pub async fn turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.0.lock().await
+    }
+}
+
 /// Hands committed transitions to the publisher; awaits room (backpressure).
 async fn publish(out: &mpsc::Sender<StatusOut>, committed: Vec<Committed>, lag: bool) {
     for c in committed {
@@ -305,6 +320,7 @@ pub struct Applier {
     pub metrics: Metrics,
     pub health: Arc<Health>,
     pub out: mpsc::Sender<StatusOut>,
+    pub order: CommitOrder,
     pub due: Arc<DueTable>,
     pub recent: Recent,
     /// As for the [`Expirer`]: a late heartbeat respects the other replicas' floors.
@@ -414,6 +430,7 @@ impl Applier {
         let mut failed = None;
         let mut chunks = batch.chunks(APPLY_BATCH);
         for chunk in chunks.by_ref() {
+            let turn = self.order.turn().await;
             let applied = self
                 .store
                 .apply_heartbeats(chunk, self.floor_lease.as_millis() as u64)
@@ -422,6 +439,7 @@ impl Applier {
             // cluster, one master may be failing over while the others work).
             count(&self.metrics, &applied.done);
             publish(&self.out, applied.done, true).await;
+            drop(turn);
             for beat in chunk {
                 let b = crate::store::bucket_of(beat.device.as_str());
                 if applied.failed.contains(&b) {
@@ -557,6 +575,7 @@ pub struct Expirer {
     pub metrics: Metrics,
     pub health: Arc<Health>,
     pub out: mpsc::Sender<StatusOut>,
+    pub order: CommitOrder,
     pub due: Arc<DueTable>,
     pub expired_rx: mpsc::Receiver<DeviceId>,
     pub reconcile: Arc<Notify>,
@@ -714,6 +733,7 @@ impl Expirer {
                 Err(_) => break,
             }
         }
+        let _turn = self.order.turn().await;
         let expired = self.store.expire_devices(&ids, self.cutoff(now_ms())).await;
         self.decided(Source::Notification, expired.done).await;
         expired.error.map_or(Ok(()), Err)
@@ -731,6 +751,7 @@ impl Expirer {
             return Ok(());
         }
         let buckets: Vec<Bucket> = seen.iter().map(|(b, _)| *b).collect();
+        let _turn = self.order.turn().await;
         let swept = self.store.sweep(&buckets, cutoff, SWEEP_LIMIT).await;
         let mut all = Vec::new();
         for s in swept.done {
@@ -769,6 +790,7 @@ impl Expirer {
                 cutoff.before = cutoff.before.saturating_sub(MISSED_GRACE_MS);
             }
             let seen: Vec<Millis> = (0..BUCKETS).map(|b| self.due.get(b)).collect();
+            let turn = self.order.turn().await;
             let swept = self.store.sweep(&buckets, cutoff, SWEEP_LIMIT).await;
             let mut again = Vec::new();
             let mut all = Vec::new();
@@ -789,6 +811,7 @@ impl Expirer {
             }
             total += all.len();
             self.decided(source, all).await;
+            drop(turn);
             if let Some(e) = swept.error {
                 // The buckets that failed are swept again by the reconciliation this error
                 // asks for.
