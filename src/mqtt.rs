@@ -645,7 +645,7 @@ pub struct MqttTask {
     pub clock: Arc<Clock>,
     /// Replicas whose presence says offline (see `presence::Stamper`).
     pub gone: mpsc::Sender<String>,
-    /// Whether this replica reaches Redis (see [`Share`]).
+    /// Whether this replica reaches Redis (see `Share`).
     pub redis_ok: watch::Receiver<bool>,
     pub out_rx: mpsc::Receiver<StatusOut>,
     pub ack_tx: mpsc::Sender<Ack>,

@@ -334,7 +334,7 @@ const REPLICATION_WINDOW: Duration = Duration::from_secs(2);
 /// Most heartbeats kept for that (the oldest go first).
 const RECENT_CAP: usize = 200_000;
 
-/// Heartbeats applied within the last [`REPLICATION_WINDOW`], per batch.
+/// Heartbeats applied within the last `REPLICATION_WINDOW` (2 s), per batch.
 #[derive(Default)]
 pub struct Recent {
     batches: std::collections::VecDeque<(Instant, Vec<Beat>)>,
@@ -873,7 +873,7 @@ pub struct Stamper {
     /// Replicas whose presence went offline (their will, or a clean stop): their floors
     /// go at once instead of at the end of their lease.
     pub gone: mpsc::Receiver<String>,
-    /// Whether Redis answers (every bucket, within [`STAMP_TIMEOUT`]).
+    /// Whether Redis answers (every bucket, within `STAMP_TIMEOUT`).
     pub redis_ok: watch::Sender<bool>,
 }
 
