@@ -989,7 +989,7 @@ impl Outbox {
         let mut claim = tokio::time::interval(CLAIM_EVERY);
         // At start, whatever a previous run committed and did not see acknowledged is ours:
         // every entry leased before this process could have leased any.
-        let mut first_claim = Some(OUTBOX_LEASE);
+        let mut first_claim = Some(now_ms() + OUTBOX_LEASE.as_millis() as u64);
         let mut next_page = Instant::now();
         let mut begin_job = false;
         loop {
@@ -1017,7 +1017,7 @@ impl Outbox {
                     if self.out.capacity() * 2 < self.out.max_capacity() {
                         continue;
                     }
-                    let claimed = self.store.claim_outbox(first_claim.unwrap_or(Duration::ZERO), SWEEP_LIMIT).await;
+                    let claimed = self.store.claim_outbox(first_claim, SWEEP_LIMIT).await;
                     if !claimed.done.is_empty() {
                         info!(n = claimed.done.len(), "Publishing transitions whose publisher did not confirm them.");
                     }

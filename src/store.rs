@@ -1255,14 +1255,16 @@ impl Store {
 
     /// Claims outbox entries whose lease ends at or before `until` (normally `now`: their
     /// publisher died or is stuck), at most `limit` per bucket.
-    pub async fn claim_outbox(&self, ahead: Duration, limit: usize) -> Partial<Committed> {
+    /// `until`: also claim leases ending up to this local time (at a start: everything leased
+    /// before this process could lease anything); `None`: those ended by now.
+    pub async fn claim_outbox(&self, until: Option<Millis>, limit: usize) -> Partial<Committed> {
         let buckets: Vec<Bucket> = (0..BUCKETS).collect();
-        let ahead = (ahead.as_millis() as u64).to_string();
         self.per_bucket(
             &buckets,
             |b| *b,
             |b, _| {
-                let args = vec![lease_ms().to_string(), limit.to_string(), ahead.clone()];
+                let until = until.map_or(String::new(), |t| self.clock.to_master(b, t).to_string());
+                let args = vec![lease_ms().to_string(), limit.to_string(), until];
                 self.scripts.claim.cmd(&[self.keys.outbox(b)], args)
             },
             members,

@@ -530,7 +530,7 @@ async fn ack_of_an_overtaken_status_republishes_the_current_one() {
         .unwrap()
         .is_empty());
     let left = store
-        .claim_outbox(Duration::from_secs(3600), 100)
+        .claim_outbox(Some(presenced::device::now_ms() + 3_600_000), 100)
         .await
         .into_result()
         .unwrap();
