@@ -156,6 +156,32 @@ async fn delay_forwards_each_chunk_late_and_in_order() {
     );
 }
 
+#[tokio::test]
+async fn throttle_caps_the_bytes_per_second_and_keeps_them_intact() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis_addr(&redis));
+    let mut s = connect(&proxy).await;
+    proxy.set(Mode::Throttle(100_000));
+    let big = "t".repeat(100_000);
+    let set = format!("*3\r\n$3\r\nSET\r\n$1\r\nk\r\n${}\r\n{big}\r\n", big.len());
+    let start = Instant::now();
+    s.write_all(set.as_bytes()).await.unwrap();
+    let mut buf = [0; 16];
+    let n = timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("the reply within 10 s")
+        .unwrap();
+    assert_eq!(&buf[..n], b"+OK\r\n");
+    // 100 kB at 100 kB/s cannot cross in less than a second, however fast the machine.
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(950), "SET took {took:?}");
+    proxy.set(Mode::Pass);
+    let len = "*2\r\n$6\r\nSTRLEN\r\n$1\r\nk\r\n";
+    s.write_all(len.as_bytes()).await.unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b":100000\r\n", "every byte crossed");
+}
+
 #[test]
 fn faketime_skews_a_childs_wall_clock() {
     let out = std::process::Command::new("date")

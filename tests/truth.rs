@@ -432,3 +432,142 @@ async fn a_broker_that_lost_its_state_is_republished_once_and_resumed_after_a_cr
     );
     check_invariants(&mqtt, b_http, &statuses).await;
 }
+
+/// Queued heartbeats behind the sync marker's timeout: the monitor is down longer than the
+/// TTL while 200,000 heartbeats queue for its session, then 1,000 devices each send one (in
+/// time). On restart the backlog crosses a slow link (at least 16 s, several times the
+/// marker's 5 s wait): the gate stays closed while it drains, so none of the 1,000 goes
+/// offline, and the one device that really went silent is reported once the backlog is in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_draining_longer_than_the_sync_wait_expires_nobody_behind_it() {
+    const FILLER: u64 = 200_000;
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", mqtt.port).parse().unwrap());
+    let url = format!("mqtt://{}", proxy.addr());
+    let cfg = config(
+        &redis,
+        &mqtt,
+        &[("mqtt.url", &url), ("presence.ttl", "20s")],
+    );
+    let app = TestApp::spawn(cfg.clone()).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    let late = ids("late", 1_000);
+    for id in &late {
+        devices.heartbeat(id, b"").await;
+    }
+    devices.heartbeat("filler", b"").await;
+    devices.heartbeat("silent", br#"{"ttl_s": 1}"#).await;
+    statuses.wait_for("all online", |s| s.len() == 1_002).await;
+    let (_, first) = get_json(app.http(), &format!("/devices/{}", late[0])).await;
+    let deadline = ms(&first["last_seen"]) + 20_000;
+    app.stop().await.unwrap();
+
+    // While the monitor is down: the backlog, then one heartbeat from each late device, in
+    // time (before its deadline), but behind the backlog in the monitor's queue.
+    let pub_ok = tokio::task::spawn_blocking({
+        let port = mqtt.port.to_string();
+        move || {
+            std::process::Command::new("mosquitto_pub")
+                .args(["-p", &port, "-q", "1", "-M", "1000", "-i", "filler-pub"])
+                .args(["-t", "devices/filler/heartbeat", "-m", "{}"])
+                .args(["--repeat", &FILLER.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(pub_ok, "mosquitto_pub failed");
+    assert!(
+        now_ms() + 3_000 < deadline,
+        "publishing the backlog took too long for this test to say anything"
+    );
+    for id in &late {
+        devices.heartbeat(id, b"").await;
+    }
+    // Down past the deadline: in Redis the late devices are overdue when the monitor starts.
+    tokio::time::sleep(Duration::from_millis(deadline + 500 - now_ms())).await;
+
+    // About 32 bytes a heartbeat at 400 kB/s: 6.4 MB take at least 16 s to cross.
+    proxy.set(Mode::Throttle(400_000));
+    let restarted = tokio::time::Instant::now();
+    let app = TestApp::spawn_unready(cfg).await;
+    let addr = app.http();
+    while_progressing("the backlog read", || async move {
+        // Not listening yet at first: the HTTP server starts after the connections.
+        let m = get(addr, "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        let n = metric(&m, "presenced_heartbeats_total").unwrap_or(0.0) as u64;
+        (n, n >= FILLER + 1_000)
+    })
+    .await;
+    let drained = restarted.elapsed();
+    assert!(
+        drained > Duration::from_secs(12),
+        "the backlog crossed in {drained:?}"
+    );
+    proxy.set(Mode::Pass);
+    statuses
+        .wait_for("the silent device offline", |s| {
+            s.iter()
+                .any(|m| m.json["device"] == "silent" && m.json["state"] == "offline")
+        })
+        .await;
+    let falsely = statuses.count(|m| m.json["state"] == "offline" && m.json["device"] != "silent");
+    assert_eq!(falsely, 0, "devices behind the backlog went offline");
+    let finals = check_invariants(&mqtt, addr, &statuses).await;
+    assert!(late.iter().all(|id| finals[id] == "online"));
+    app.stop().await.unwrap();
+}
+
+/// A mass expiry of 50,000 at one instant: the sweep waits on the status queue for most of
+/// it, which must not look like a process pause (no "stalled" in the log), and every offline
+/// is found by the deadline sweep or the notifications, none counted as missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mass_expiry_is_neither_a_stall_nor_missed() {
+    const N: usize = 50_000;
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("replica.log");
+    let args = ["--presence-ttl", "600s", "--presence-max-ttl", "1h"];
+    let (_replica, addr, _) = spawn_replica_logging_to(&redis, &mqtt, &args, &log);
+    wait_ready(addr).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let devices = Devices::connect(&mqtt).await;
+    let fleet = ids("mass", N);
+    for id in &fleet {
+        devices.heartbeat(id, b"").await;
+    }
+    while_progressing("the fleet online", || async {
+        let n = statuses.count(|m| m.json["state"] == "online");
+        (n as u64, n >= N)
+    })
+    .await;
+    // A second heartbeat each, asking for the TTL that ends at one instant for all: the
+    // latest heartbeat's deadline replaces the 600 s one.
+    let t0 = now_ms() + 10_000;
+    for id in &fleet {
+        let ttl_s = t0.saturating_sub(now_ms()) as f64 / 1000.0;
+        devices
+            .heartbeat(id, format!("{{\"ttl_s\": {ttl_s}}}").as_bytes())
+            .await;
+    }
+    while_progressing("the fleet offline", || async {
+        let n = statuses.count(|m| m.json["state"] == "offline");
+        (n as u64, n >= N)
+    })
+    .await;
+    let m = scrape(addr).await;
+    assert_eq!(metric(&m, "presenced_missed_expirations_total"), Some(0.0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let stalls: Vec<&str> = text.lines().filter(|l| l.contains("stalled")).collect();
+    assert!(stalls.is_empty(), "{stalls:?}");
+    let finals = check_invariants(&mqtt, addr, &statuses).await;
+    assert!(finals.values().all(|s| s == "offline"));
+}

@@ -47,6 +47,34 @@ where
     }
 }
 
+/// Polls `check` (how far along, and whether done) until done; panics with `what` only
+/// after [`patience`] passed with no progress: for work whose length is the machine's
+/// speed (a backlog, a mass expiry), not a promise of the product.
+pub async fn while_progressing<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (u64, bool)>,
+{
+    let mut best = 0;
+    let mut moved = Instant::now();
+    loop {
+        let (now, done) = check().await;
+        if done {
+            return;
+        }
+        if now > best {
+            best = now;
+            moved = Instant::now();
+        } else if moved.elapsed() > patience() {
+            panic!(
+                "no progress for {:?} (at {best}) waiting for: {what}",
+                patience()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub fn free_port() -> u16 {
     // Racy (another process may take it before the server binds), as redis-rs's harness
     // admits; servers below retry on a new port if the bind fails.
@@ -827,6 +855,7 @@ pub async fn check_invariants(
         .into_iter()
         .map(|s| (s.json["device"].as_str().unwrap().to_owned(), s.json))
         .collect();
+    let records = all_records(api).await;
     let mut finals = std::collections::BTreeMap::new();
     for (device, msgs) in &by_device {
         let h = history(msgs);
@@ -841,13 +870,33 @@ pub async fn check_invariants(
             Some(&last),
             "{device}: retained differs from the last status"
         );
-        let (code, rec) = get_json(api, &format!("/devices/{device}")).await;
-        assert_eq!(code, 200, "{device}");
+        let rec = records
+            .get(device)
+            .unwrap_or_else(|| panic!("{device}: not listed by the API"));
         assert_eq!(rec["seq"], last["seq"], "{device}: API seq");
         assert_eq!(rec["state"], last["state"], "{device}: API state");
         finals.insert(device.clone(), last["state"].as_str().unwrap().to_owned());
     }
     finals
+}
+
+/// Every device record the API lists, following `next_cursor` (one request per 1,000
+/// devices, not one per device: the invariant check runs over fleets of 50,000).
+pub async fn all_records(api: SocketAddr) -> std::collections::BTreeMap<String, Value> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut path = "/devices?limit=1000".to_owned();
+    loop {
+        let (code, page) = get_json(api, &path).await;
+        assert_eq!(code, 200, "{path}: {page}");
+        for rec in page["devices"].as_array().unwrap() {
+            let id = rec["device"].as_str().unwrap().to_owned();
+            assert!(out.insert(id, rec.clone()).is_none(), "listed twice: {rec}");
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("/devices?limit=1000&cursor={c}"),
+            None => return out,
+        }
+    }
 }
 
 /// A child process that is killed (and reaped) when dropped, so a failing test leaves no
@@ -905,8 +954,34 @@ pub fn spawn_replica_with_env(
     extra: &[&str],
     env: &[(String, String)],
 ) -> (Proc, SocketAddr, String) {
-    let http = free_port();
     let id = format!("presenced-replica-{:08x}", fastrand::u32(..));
+    let log = replica_log(&id);
+    spawn_replica_as(&id, redis_args, mqtt, extra, env, log)
+}
+
+/// [`spawn_replica`] with its log (stderr, `RUST_LOG=warn` unless
+/// `PRESENCED_TEST_RUST_LOG` says otherwise) written to `log`, for a test that reads it.
+pub fn spawn_replica_logging_to(
+    redis: &RedisServer,
+    mqtt: &Mosquitto,
+    extra: &[&str],
+    log: &Path,
+) -> (Proc, SocketAddr, String) {
+    let id = format!("presenced-replica-{:08x}", fastrand::u32(..));
+    let file = std::fs::File::create(log).unwrap();
+    let redis_args = ["--redis-url".into(), redis.url()];
+    spawn_replica_as(&id, &redis_args, mqtt, extra, &[], Stdio::from(file))
+}
+
+fn spawn_replica_as(
+    id: &str,
+    redis_args: &[String],
+    mqtt: &Mosquitto,
+    extra: &[&str],
+    env: &[(String, String)],
+    log: Stdio,
+) -> (Proc, SocketAddr, String) {
+    let http = free_port();
     let child = Command::new(presenced_bin())
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -920,7 +995,7 @@ pub fn spawn_replica_with_env(
         .args(["--http-listen", &format!("127.0.0.1:{http}")])
         .args([
             "--mqtt-client-id",
-            &id,
+            id,
             "--presence-ttl",
             "1s",
             "--presence-min-ttl",
@@ -929,11 +1004,11 @@ pub fn spawn_replica_with_env(
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(replica_log(&id))
+        .stderr(log)
         .spawn()
         .unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
-    (Proc(child), addr, id)
+    (Proc(child), addr, id.to_owned())
 }
 
 /// Where a replica's log goes: `$PRESENCED_TEST_LOG_DIR/<client id>.log` if set (for

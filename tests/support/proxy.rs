@@ -35,6 +35,9 @@ pub enum Mode {
     Blackhole,
     /// Forward each chunk after this delay, in order.
     Delay(Duration),
+    /// Forward in order at most this many bytes per second each way, like a slow link: a
+    /// backlog takes a known least time to cross, however fast the machine is.
+    Throttle(u32),
 }
 
 type Reply = std::sync::mpsc::Sender<std::io::Result<()>>;
@@ -195,6 +198,8 @@ async fn pipe(
     let read = {
         let (mode, broken) = (mode.clone(), broken.clone());
         async move {
+            // When the throttled link is free again.
+            let mut free = Instant::now();
             loop {
                 let mut buf = vec![0; CHUNK];
                 let n = match from.read(&mut buf).await {
@@ -203,6 +208,12 @@ async fn pipe(
                 };
                 let at = match *mode.borrow() {
                     Mode::Delay(d) => Instant::now() + d,
+                    Mode::Throttle(bytes_per_s) => {
+                        let cost =
+                            Duration::from_secs_f64(n as f64 / f64::from(bytes_per_s.max(1)));
+                        free = free.max(Instant::now()) + cost;
+                        free
+                    }
                     Mode::Blackhole => {
                         broken.store(true, Ordering::SeqCst);
                         continue;
