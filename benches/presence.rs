@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use presenced::device::{now_ms, DeviceId};
-use presenced::store::{Beat, Store, BUCKETS};
+use presenced::beat::Beat;
+use presenced::bucket::BUCKETS;
+use presenced::store::Store;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use support::*;
 

@@ -20,9 +20,11 @@ use tracing::{debug, info, warn};
 
 use crate::device::{now_ms, Millis};
 use crate::metrics::Metrics;
-use crate::mqtt::StatusOut;
-use crate::presence::{CommitOrder, Held};
-use crate::store::{Bucket, Cutoff, Store, StoreError, BUCKETS};
+use crate::status::{Lag, Receipt, StatusOut};
+use crate::held::Held;
+use crate::presence::CommitOrder;
+use crate::bucket::{Bucket, BUCKETS};
+use crate::store::{Cutoff, Store, StoreError};
 use crate::telemetry::LogLimiter;
 
 /// How often every bucket is swept for devices to forget: a device is forgotten within about
@@ -142,9 +144,11 @@ impl Forgetter {
                     debug!(device = %c.event.device, "Forgot a device.");
                     let status = StatusOut {
                         event: c.event,
-                        bucket: c.bucket,
-                        member: c.member,
-                        lag: false,
+                        receipt: Receipt {
+                            bucket: c.bucket,
+                            member: c.member,
+                        },
+                        lag: Lag::Skip,
                     };
                     if self.out.send(status).await.is_err() {
                         // The MQTT task is gone (shutdown): the outbox still holds the clears.

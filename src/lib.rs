@@ -23,6 +23,8 @@
 //!
 //! [`run`] wires them together and owns the shutdown order.
 
+pub mod beat;
+pub mod bucket;
 pub mod clock;
 pub mod cluster;
 pub mod config;
@@ -30,6 +32,7 @@ pub mod device;
 pub mod expiry;
 pub mod forget;
 pub mod health;
+pub mod held;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
@@ -38,6 +41,7 @@ pub mod rebuild;
 pub mod redis_version;
 pub mod shutdown;
 pub mod simulate;
+pub mod status;
 pub mod store;
 mod supervisor;
 pub mod telemetry;
@@ -56,7 +60,8 @@ use crate::expiry::{Listener, Nodes, NotificationsOff, Refused};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::mqtt::MqttTask;
-use crate::presence::{Applier, CommitOrder, DueTable, Expirer, Held, Outbox, Stamper, HELD_CAP};
+use crate::held::{Held, HELD_CAP};
+use crate::presence::{Applier, CommitOrder, DueTable, Expirer, Outbox, Stamper};
 use crate::redis_version::{CheckError, RedisVersion, Unsupported};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{Stopped, Supervisor, TaskPanicked};

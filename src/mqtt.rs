@@ -28,12 +28,13 @@ use tracing::{debug, error, info, warn};
 use crate::clock::Clock;
 use crate::config::{MqttConfig, PresenceConfig, Protocol, MQTT_MAX_PACKET};
 use crate::device::{
-    format_time, heartbeat_ttl, now_ms, DeviceId, Millis, State, StatusEvent, TopicTemplate,
+    format_time, heartbeat_ttl, now_ms, DeviceId, Millis, State, TopicTemplate,
 };
 use crate::health::Health;
 use crate::metrics::{Metrics, Rejected};
-use crate::presence::{Held, Stamp};
-use crate::store::{Ack, Bucket};
+use crate::beat::Stamp;
+use crate::held::Held;
+use crate::status::{Delivered, Lag, StatusOut};
 use crate::telemetry::{Backoff, LogLimiter};
 
 /// Statuses in flight (queued in the client or awaiting PUBACK) at most.
@@ -61,24 +62,11 @@ pub struct Outgoing {
 pub enum Kind {
     /// A device status; `lag_from` is the TTL deadline of an offline transition, for the
     /// lag histogram.
-    Status { ack: Ack, lag_from: Option<Millis> },
+    Status { ack: Delivered, lag_from: Option<Millis> },
     /// The monitor's own presence.
     Presence,
     /// The sync marker (see [`MqttTask`]).
     Marker,
-}
-
-/// A committed transition (or a current status) to publish. Compact on purpose: the status
-/// queue may hold a mass expiry's worth of them; topic and payload are built only when it
-/// is sent.
-#[derive(Clone, Debug)]
-pub struct StatusOut {
-    pub event: StatusEvent,
-    pub bucket: Bucket,
-    /// The outbox member, removed when the broker acknowledges.
-    pub member: String,
-    /// Observe the notification lag at PUBACK (offline transitions only).
-    pub lag: bool,
 }
 
 impl StatusOut {
@@ -86,7 +74,7 @@ impl StatusOut {
         // A forgotten device's clear is an empty retained message, and no transition.
         let clear = self.event.is_clear();
         let lag_from =
-            (self.lag && !clear && self.event.state == State::Offline).then_some(self.event.since);
+            (self.lag == Lag::Observe && !clear && self.event.state == State::Offline).then_some(self.event.since);
         Outgoing {
             topic: template.render(&self.event.device),
             payload: if clear {
@@ -96,11 +84,10 @@ impl StatusOut {
             },
             retain: true,
             kind: Kind::Status {
-                ack: Ack {
-                    bucket: self.bucket,
+                ack: Delivered {
+                    receipt: self.receipt,
                     device: self.event.device,
                     seq: self.event.seq,
-                    member: self.member,
                 },
                 lag_from,
             },
@@ -648,7 +635,7 @@ pub struct MqttTask {
     /// Whether this replica reaches Redis (see `Share`).
     pub redis_ok: watch::Receiver<bool>,
     pub out_rx: mpsc::Receiver<StatusOut>,
-    pub ack_tx: mpsc::Sender<Ack>,
+    pub ack_tx: mpsc::Sender<Delivered>,
     /// Woken when the broker lost our session: every device's status is published again.
     pub republish: Arc<Notify>,
     /// `Some(t)`: connected, and every heartbeat queued for us before `t` has been received.
@@ -944,7 +931,7 @@ impl MqttTask {
                         if let Kind::Status { ack, lag_from } = out.kind {
                             if let Some(deadline) = lag_from {
                                 // Both on the bucket master's clock.
-                                let acked_at = self.clock.now(ack.bucket);
+                                let acked_at = self.clock.now(ack.receipt.bucket);
                                 self.metrics
                                     .observe_lag(acked_at.saturating_sub(deadline) as f64 / 1000.0);
                             }

@@ -14,9 +14,8 @@
 //!
 //! Nothing here holds device state in memory beyond the held heartbeats: Redis holds it.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify};
@@ -27,15 +26,15 @@ use tracing::{debug, info, warn};
 use crate::device::{now_ms, DeviceId, Millis};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::mqtt::StatusOut;
+use crate::beat::Beat;
+use crate::bucket::{bucket_of, Bucket, BUCKETS};
+use crate::held::Held;
+use crate::status::{Delivered, Lag, Receipt, StatusOut};
 use crate::store::{
-    Ack, Beat, Bucket, Committed, Cutoff, Floor, Store, Timing, BUCKETS, OUTBOX_LEASE,
+    Committed, Cutoff, Floor, Store, OUTBOX_LEASE,
 };
 use crate::telemetry::{Backoff, LogLimiter};
 
-/// Most devices held for Redis at once (coalesced: one entry per device). Beyond it new
-/// devices' heartbeats are dropped (and logged); known ones still refresh their entry.
-pub const HELD_CAP: usize = 1_000_000;
 /// Most heartbeats applied in one pipelined round trip.
 const APPLY_BATCH: usize = 5_000;
 /// Most devices one sweep of one bucket marks offline; a bucket with more is swept again.
@@ -57,222 +56,6 @@ const REPUBLISH_PAGE: usize = 8;
 const REPUBLISH_TICK: Duration = Duration::from_millis(100);
 const REPUBLISH_IDLE: Duration = Duration::from_secs(1);
 
-// === impl Held ===
-
-/// How a received heartbeat is stamped (see [`Held::insert`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stamp {
-    /// A live message: it reached the broker as it reached us.
-    Live,
-    /// Queued by the broker while the broker itself was down (it refused our connections):
-    /// it reached the broker when the broker came back, at this time at the earliest.
-    BrokerReturned(Millis),
-    /// Queued for us while we were away from a broker that kept running (stopped, cut off,
-    /// stalled): it reached the broker in time.
-    OnTime,
-}
-
-/// Heartbeats received and not yet applied, shared by the MQTT task (insert) and the
-/// [`Applier`] (take). A `std` mutex: nothing awaits while holding it.
-pub struct Held {
-    inner: Mutex<HeldInner>,
-    notify: Notify,
-    cap: usize,
-}
-
-/// What is held of one device: its heartbeats coalesced into one entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Entry {
-    first: Millis,
-    arrival: Millis,
-    deadline: Millis,
-    lapse: Option<(Millis, Millis)>,
-    timing: Timing,
-}
-
-impl Entry {
-    /// Two entries of one device as one: the latest heartbeat's deadline wins, the earliest
-    /// arrival is kept (for the late rule and the watermark), and a silence between them
-    /// longer than the earlier one's deadline is kept as a lapse. On equal arrivals `other`
-    /// counts as the later one.
-    fn merge(self, other: Entry) -> Entry {
-        let (a, b) = if self.arrival <= other.arrival {
-            (self, other)
-        } else {
-            (other, self)
-        };
-        let known = a.timing == Timing::Known && b.timing == Timing::Known;
-        let gap = (known && b.first > a.deadline).then_some((a.deadline, b.first));
-        Entry {
-            first: a.first.min(b.first),
-            arrival: b.arrival,
-            deadline: b.deadline,
-            lapse: a.lapse.or(b.lapse).or(gap),
-            timing: if a.first <= b.first {
-                a.timing
-            } else {
-                b.timing
-            },
-        }
-    }
-}
-
-#[derive(Default)]
-struct HeldInner {
-    map: HashMap<DeviceId, Entry>,
-    /// Oldest arrival among `map`.
-    oldest: Option<Millis>,
-    /// Oldest arrival of the batch the applier is working on.
-    oldest_in_flight: Option<Millis>,
-    closed: bool,
-}
-
-/// Which of two entries is the later one when their arrivals are equal.
-#[derive(Clone, Copy)]
-enum Tie {
-    /// The one being held now (a heartbeat that just arrived).
-    Incoming,
-    /// The one already held (it arrived while the incoming batch was being applied).
-    Held,
-}
-
-impl HeldInner {
-    fn hold(&mut self, device: DeviceId, entry: Entry, tie: Tie) {
-        let merged = match (self.map.get(&device), tie) {
-            (Some(held), Tie::Incoming) => held.merge(entry),
-            (Some(held), Tie::Held) => entry.merge(*held),
-            (None, _) => entry,
-        };
-        self.map.insert(device, merged);
-        self.oldest = Some(self.oldest.map_or(entry.first, |o| o.min(entry.first)));
-    }
-}
-
-impl Held {
-    pub fn new(cap: usize) -> Held {
-        Held {
-            inner: Mutex::new(HeldInner::default()),
-            notify: Notify::new(),
-            cap,
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HeldInner> {
-        // A panic while holding this lock cannot leave the map inconsistent (every update is
-        // a single insert), so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Holds a heartbeat that arrives now. `false` if it was dropped (at capacity).
-    ///
-    /// The arrival time is taken under the lock, so the watermark can never pass a
-    /// heartbeat that is on its way in. At most one entry per device is held, however long
-    /// Redis is away.
-    pub fn insert(&self, device: DeviceId, ttl: Duration, stamp: Stamp) -> bool {
-        let mut inner = self.lock();
-        let now = now_ms();
-        let (arrival, timing) = match stamp {
-            Stamp::Live => (now, Timing::Known),
-            Stamp::BrokerReturned(at) => (at.min(now), Timing::Known),
-            Stamp::OnTime => (now, Timing::OnTime),
-        };
-        if inner.map.len() >= self.cap && !inner.map.contains_key(&device) {
-            return false;
-        }
-        let entry = Entry {
-            first: arrival,
-            arrival,
-            deadline: arrival + ttl.as_millis() as u64,
-            lapse: None,
-            timing,
-        };
-        inner.hold(device, entry, Tie::Incoming);
-        drop(inner);
-        self.notify.notify_one();
-        true
-    }
-
-    /// Takes every held heartbeat; they count towards the watermark until [`Held::applied`]
-    /// (or [`Held::restore`]).
-    fn take(&self) -> Vec<Beat> {
-        let mut inner = self.lock();
-        let map = std::mem::take(&mut inner.map);
-        if let Some(oldest) = inner.oldest.take() {
-            inner.oldest_in_flight = Some(inner.oldest_in_flight.map_or(oldest, |o| o.min(oldest)));
-        }
-        map.into_iter()
-            .map(|(device, e)| Beat {
-                device,
-                first: e.first,
-                arrival: e.arrival,
-                deadline: e.deadline,
-                lapse: e.lapse,
-                timing: e.timing,
-            })
-            .collect()
-    }
-
-    /// The batch taken last is in Redis.
-    fn applied(&self) {
-        self.lock().oldest_in_flight = None;
-    }
-
-    /// The batch taken last could not be applied (in part): hold it again, merged with
-    /// what arrived meanwhile, so a device never has more than one entry.
-    fn restore(&self, beats: Vec<Beat>) {
-        let mut inner = self.lock();
-        for beat in beats {
-            let entry = Entry {
-                first: beat.first,
-                arrival: beat.arrival,
-                deadline: beat.deadline,
-                lapse: beat.lapse,
-                timing: beat.timing,
-            };
-            inner.hold(beat.device, entry, Tie::Held);
-        }
-        inner.oldest_in_flight = None;
-    }
-
-    /// How many devices are held.
-    fn len(&self) -> usize {
-        self.lock().map.len()
-    }
-
-    /// Every heartbeat that arrived before this time has been applied; `None`: all have.
-    pub fn watermark(&self) -> Option<Millis> {
-        let inner = self.lock();
-        match (inner.oldest, inner.oldest_in_flight) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    /// The latest deadline an expiry may be decided for now: before any unapplied heartbeat.
-    pub fn cutoff(&self, now: Millis) -> Millis {
-        match self.watermark() {
-            Some(w) => now.min(w.saturating_sub(1)),
-            None => now,
-        }
-    }
-
-    /// No more heartbeats will come (the MQTT task stopped).
-    pub fn close(&self) {
-        self.lock().closed = true;
-        self.notify.notify_one();
-    }
-
-    /// Closed, and everything it held is in Redis (none taken and still being applied).
-    fn is_drained(&self) -> bool {
-        self.lock().closed && self.watermark().is_none()
-    }
-
-    fn is_closed_and_empty(&self) -> bool {
-        let inner = self.lock();
-        inner.closed && inner.map.is_empty()
-    }
-}
-
 /// One committer of transitions at a time in this process, from its Redis call until what it
 /// committed is in the status queue: the queue then holds a device's seqs in the order Redis
 /// committed them. Without it an expiry batch (seq n, offline) could be queued after the
@@ -289,12 +72,14 @@ impl CommitOrder {
 }
 
 /// Hands committed transitions to the publisher; awaits room (backpressure).
-async fn publish(out: &mpsc::Sender<StatusOut>, committed: Vec<Committed>, lag: bool) {
+async fn publish(out: &mpsc::Sender<StatusOut>, committed: Vec<Committed>, lag: Lag) {
     for c in committed {
         let status = StatusOut {
             event: c.event,
-            bucket: c.bucket,
-            member: c.member,
+            receipt: Receipt {
+                bucket: c.bucket,
+                member: c.member,
+            },
             lag,
         };
         if out.send(status).await.is_err() {
@@ -369,7 +154,7 @@ impl Recent {
         for (_, batch) in &mut self.batches {
             let before = batch.len();
             batch.retain(|beat| {
-                let lost = failed.contains(&crate::store::bucket_of(beat.device.as_str()));
+                let lost = failed.contains(&bucket_of(beat.device.as_str()));
                 if lost {
                     out.push(beat.clone());
                 }
@@ -394,7 +179,7 @@ impl Applier {
             }
             let batch = self.held.take();
             if batch.is_empty() {
-                self.held.notify.notified().await;
+                self.held.arrived().await;
                 continue;
             }
             let Err(e) = self.apply(batch).await else {
@@ -409,7 +194,7 @@ impl Applier {
             if let Some(n) = limiter.check() {
                 warn!(error = %e, held, suppressed = n, "Cannot apply heartbeats to Redis; holding them.");
             }
-            if token.is_cancelled() && self.held.lock().closed {
+            if token.is_cancelled() && self.held.is_closed() {
                 warn!(held, "Shutting down with heartbeats not applied.");
                 break;
             }
@@ -438,10 +223,10 @@ impl Applier {
             // Whatever was committed is published, even if other buckets failed (in a
             // cluster, one master may be failing over while the others work).
             count(&self.metrics, &applied.done);
-            publish(&self.out, applied.done, true).await;
+            publish(&self.out, applied.done, Lag::Observe).await;
             drop(turn);
             for beat in chunk {
-                let b = crate::store::bucket_of(beat.device.as_str());
+                let b = bucket_of(beat.device.as_str());
                 if applied.failed.contains(&b) {
                     retry.push(beat.clone());
                 } else {
@@ -458,7 +243,7 @@ impl Applier {
                 // failing over, a bucket is being rebuilt); stop when nothing does.
                 let mut touched: Vec<Bucket> = chunk
                     .iter()
-                    .map(|b| crate::store::bucket_of(b.device.as_str()))
+                    .map(|b| bucket_of(b.device.as_str()))
                     .collect();
                 touched.sort_unstable();
                 touched.dedup();
@@ -839,7 +624,7 @@ impl Expirer {
         }
         debug!(?source, n = committed.len(), "Offline transitions decided.");
         count(&self.metrics, &committed);
-        publish(&self.out, committed, true).await;
+        publish(&self.out, committed, Lag::Observe).await;
     }
 }
 
@@ -968,7 +753,7 @@ impl Stamper {
 pub struct Outbox {
     pub store: Store,
     pub out: mpsc::Sender<StatusOut>,
-    pub ack_rx: mpsc::Receiver<Ack>,
+    pub ack_rx: mpsc::Receiver<Delivered>,
     /// Woken when the broker lost its retained statuses: a republish job begins.
     pub republish: Arc<Notify>,
     /// Our name on the republish jobs we hold.
@@ -985,7 +770,7 @@ impl Outbox {
     /// stop as soon as `token` is cancelled.
     pub async fn run(mut self, token: CancellationToken) {
         let limiter = LogLimiter::new(Duration::from_secs(10));
-        let mut pending: Vec<Ack> = Vec::new();
+        let mut pending: Vec<Delivered> = Vec::new();
         let mut claim = tokio::time::interval(CLAIM_EVERY);
         // At start, whatever a previous run committed and did not see acknowledged is ours:
         // every entry leased before this process could have leased any.
@@ -1021,7 +806,7 @@ impl Outbox {
                     if !claimed.done.is_empty() {
                         info!(n = claimed.done.len(), "Publishing transitions whose publisher did not confirm them.");
                     }
-                    publish(&self.out, claimed.done, true).await;
+                    publish(&self.out, claimed.done, Lag::Observe).await;
                     match claimed.error {
                         // The first claim takes over a previous run's entries: it is done
                         // only when every bucket answered.
@@ -1077,7 +862,7 @@ impl Outbox {
             .republish_page(&self.instance, REPUBLISH_PAGE)
             .await;
         let n = page.done.len();
-        publish(&self.out, page.done, false).await;
+        publish(&self.out, page.done, Lag::Skip).await;
         if let (Some(e), Some(n)) = (page.error, limiter.check()) {
             warn!(error = %e, suppressed = n, "Cannot read the republish jobs.");
         }
@@ -1088,7 +873,7 @@ impl Outbox {
         }
     }
 
-    async fn flush_acks(&self, pending: &mut Vec<Ack>, limiter: &LogLimiter) {
+    async fn flush_acks(&self, pending: &mut Vec<Delivered>, limiter: &LogLimiter) {
         let acked = self.store.ack(pending).await;
         if !acked.done.is_empty() {
             debug!(
@@ -1096,12 +881,12 @@ impl Outbox {
                 "Republishing statuses overtaken in flight."
             );
         }
-        publish(&self.out, acked.done, false).await;
+        publish(&self.out, acked.done, Lag::Skip).await;
         match acked.error {
             None => pending.clear(),
             Some(e) => {
                 // Keep the acknowledgements of the buckets that failed.
-                pending.retain(|a| acked.failed.contains(&a.bucket));
+                pending.retain(|a| acked.failed.contains(&a.receipt.bucket));
                 if let Some(n) = limiter.check() {
                     warn!(error = %e, held = pending.len(), suppressed = n, "Cannot record acknowledgements in Redis; keeping them.");
                 }
@@ -1117,97 +902,6 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn id(s: &str) -> DeviceId {
-        DeviceId::parse(s).unwrap()
-    }
-
-    #[test]
-    fn held_coalesces_and_tracks_the_watermark() {
-        let held = Held::new(2);
-        assert_eq!(held.watermark(), None);
-        assert_eq!(held.cutoff(1_000), 1_000);
-        assert!(held.insert(id("a"), Duration::from_secs(10), Stamp::Live));
-        let w = held.watermark().unwrap();
-        assert!(held.insert(id("a"), Duration::from_secs(1), Stamp::Live));
-        assert!(held.insert(id("b"), Duration::from_secs(1), Stamp::Live));
-        // Capacity counts devices, not heartbeats.
-        assert!(!held.insert(id("c"), Duration::from_secs(1), Stamp::Live));
-        assert!(held.insert(id("a"), Duration::from_secs(1), Stamp::Live));
-        assert_eq!(held.watermark(), Some(w));
-        assert_eq!(held.cutoff(w + 100), w - 1);
-
-        let batch = held.take();
-        assert_eq!(batch.len(), 2);
-        let a = batch.iter().find(|b| b.device == id("a")).unwrap();
-        // The latest heartbeat's deadline wins, even when it is the sooner one.
-        assert_eq!(a.deadline, a.arrival + 1_000, "{a:?}");
-        assert_eq!(a.first, w);
-        // Taken but not applied: still holds the watermark back.
-        assert_eq!(held.watermark(), Some(w));
-        held.applied();
-        assert_eq!(held.watermark(), None);
-    }
-
-    fn entry(first: Millis, arrival: Millis, ttl: Millis, timing: Timing) -> Entry {
-        Entry {
-            first,
-            arrival,
-            deadline: arrival + ttl,
-            lapse: None,
-            timing,
-        }
-    }
-
-    #[test]
-    fn merging_keeps_the_latest_deadline_and_any_silence() {
-        let a = entry(100, 100, 30, Timing::Known);
-        let b = entry(120, 120, 5, Timing::Known);
-        // In either order: the later arrival's (shorter) deadline wins, the first stays.
-        for m in [a.merge(b), b.merge(a)] {
-            assert_eq!(
-                (m.first, m.arrival, m.deadline, m.lapse),
-                (100, 120, 125, None)
-            );
-        }
-        // A heartbeat after the earlier one's deadline: the silence between them is kept.
-        let late = entry(200, 200, 30, Timing::Known);
-        let m = a.merge(late);
-        assert_eq!(m.lapse, Some((130, 200)));
-        assert_eq!((m.first, m.deadline), (100, 230));
-        // Queued heartbeats (on time whatever their arrival) never make a silence.
-        let queued = entry(200, 200, 30, Timing::OnTime);
-        assert_eq!(
-            entry(100, 100, 30, Timing::OnTime).merge(queued).lapse,
-            None
-        );
-    }
-
-    #[test]
-    fn a_failed_batch_is_held_again_as_one_entry_per_device() {
-        let held = Held::new(10);
-        for _ in 0..3 {
-            assert!(held.insert(id("a"), Duration::from_secs(5), Stamp::Live));
-        }
-        let batch = held.take();
-        assert!(held.insert(id("a"), Duration::from_secs(7), Stamp::Live));
-        held.restore(batch);
-        assert_eq!(held.len(), 1);
-        let again = held.take();
-        assert_eq!(again.len(), 1);
-        assert_eq!(again[0].deadline, again[0].arrival + 7_000);
-    }
-
-    #[test]
-    fn heartbeats_queued_while_the_broker_was_down_arrive_when_it_came_back() {
-        let held = Held::new(10);
-        let back = now_ms() - 5_000;
-        assert!(held.insert(id("a"), Duration::from_secs(1), Stamp::BrokerReturned(back)));
-        let beat = &held.take()[0];
-        assert_eq!((beat.first, beat.timing), (back, Timing::Known));
-        assert!(held.insert(id("b"), Duration::from_secs(1), Stamp::OnTime));
-        assert_eq!(held.take()[0].timing, Timing::OnTime);
-    }
 
     #[test]
     fn due_table_keeps_the_lower_deadline_on_a_race() {

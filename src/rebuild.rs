@@ -27,7 +27,8 @@ use crate::config::MqttConfig;
 use crate::device::{DeviceId, DeviceRecord, StatusEvent, TopicTemplate};
 use crate::metrics::Metrics;
 use crate::mqtt::{self, ConnectOptions, Event};
-use crate::store::{bucket_of, Bucket, ImportChunk, Imported, Store, StoreError, BUCKETS};
+use crate::bucket::{bucket_of, Bucket, BUCKETS};
+use crate::store::{ImportChunk, Imported, Store, StoreError};
 use crate::telemetry::{Backoff, LogLimiter};
 
 /// How often every bucket's epoch key is checked (one pipelined EXISTS per bucket).

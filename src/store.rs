@@ -30,12 +30,12 @@ use redis::{Cmd, ErrorKind, RedisError, RedisFuture, ServerErrorKind, Value};
 
 use tokio::sync::{watch, Notify};
 
+use crate::beat::{Beat, Timing};
+use crate::bucket::{bucket_of, Bucket, BUCKETS};
 use crate::clock::Clock;
+use crate::status::Delivered;
 use crate::device::{DeviceId, DeviceRecord, Millis, State, StatusEvent};
 
-/// Number of buckets the fleet is split into. Part of the key layout: changing it needs a
-/// migration. 64 keeps every bucket (and cluster slot) below ~2% of the fleet.
-pub const BUCKETS: u16 = 64;
 
 /// Most ids one `/devices` page examines (see [`Store::list`]).
 pub const LIST_BUDGET: usize = 10_000;
@@ -77,19 +77,6 @@ pub enum StoreError {
     /// The bucket's epoch key is gone: Redis lost its data; it waits for the rebuild.
     #[error("redis lost the data of bucket {0}; waiting for the rebuild")]
     Lost(Bucket),
-}
-
-/// A bucket, i.e. a Redis Cluster slot's worth of devices.
-pub type Bucket = u16;
-
-/// The bucket of a device id (FNV-1a, stable across versions and processes).
-pub fn bucket_of(id: &str) -> Bucket {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in id.as_bytes() {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    (h % u32::from(BUCKETS)) as Bucket
 }
 
 /// Key names; the one place the layout is spelled.
@@ -240,14 +227,6 @@ pub struct Committed {
     pub event: StatusEvent,
 }
 
-/// The broker acknowledged a status.
-#[derive(Clone, Debug)]
-pub struct Ack {
-    pub bucket: Bucket,
-    pub member: String,
-    pub device: DeviceId,
-    pub seq: u64,
-}
 
 /// What a sweep of one bucket found.
 #[derive(Debug)]
@@ -269,46 +248,6 @@ pub struct Forgot {
     pub more: bool,
     /// One clear (seq 0, see [`StatusEvent::is_clear`]) per device forgotten.
     pub cleared: Vec<Committed>,
-}
-
-/// What is known of when a heartbeat reached the broker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Timing {
-    /// Its arrival at the monitor (a live message), or the moment the broker came back
-    /// (queued while the broker was down): a late arrival ends an offline period.
-    Known,
-    /// Queued for the monitor while it was away (stopped, cut off, stalled) from a broker
-    /// that kept running: it reached the broker in time, whatever its arrival says.
-    OnTime,
-}
-
-/// The held heartbeats of one device, to apply (local wall-clock times).
-#[derive(Clone, Debug)]
-pub struct Beat {
-    pub device: DeviceId,
-    /// The earliest held heartbeat's arrival.
-    pub first: Millis,
-    /// The latest heartbeat's arrival and the deadline it set (the latest heartbeat wins).
-    pub arrival: Millis,
-    pub deadline: Millis,
-    /// A silence inside the held heartbeats: the deadline that passed, and the arrival
-    /// that ended it.
-    pub lapse: Option<(Millis, Millis)>,
-    pub timing: Timing,
-}
-
-impl Beat {
-    /// One live heartbeat.
-    pub fn live(device: DeviceId, arrival: Millis, ttl_ms: u64) -> Beat {
-        Beat {
-            device,
-            first: arrival,
-            arrival,
-            deadline: arrival + ttl_ms,
-            lapse: None,
-            timing: Timing::Known,
-        }
-    }
 }
 
 /// The latest deadline an expiry may be decided for (a local time; Redis takes the lowest
@@ -1192,14 +1131,14 @@ impl Store {
 
     /// Records acknowledgements; returns statuses that must be published again because the
     /// device moved on while an older status was in flight (see src/lua/ack.lua).
-    pub async fn ack(&self, acks: &[Ack]) -> Partial<Committed> {
+    pub async fn ack(&self, acks: &[Delivered]) -> Partial<Committed> {
         self.per_bucket(
             acks,
-            |ack| ack.bucket,
+            |ack| ack.receipt.bucket,
             |b, acks| {
                 let mut args = vec![lease_ms().to_string()];
                 for ack in acks {
-                    args.push(ack.member.clone());
+                    args.push(ack.receipt.member.clone());
                     args.push(ack.device.to_string());
                     args.push(ack.seq.to_string());
                 }
@@ -1643,18 +1582,6 @@ fn parse_swept(b: Bucket, reply: Value) -> Result<Swept, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn buckets_are_stable_and_spread() {
-        assert_eq!(bucket_of("sensor-17"), bucket_of("sensor-17"));
-        let mut counts = vec![0usize; usize::from(BUCKETS)];
-        for i in 0..64_000 {
-            counts[usize::from(bucket_of(&format!("sim-{i:06}")))] += 1;
-        }
-        let max = counts.iter().max().copied().unwrap_or(0);
-        let min = counts.iter().min().copied().unwrap_or(0);
-        assert!(max < 1300 && min > 700, "uneven buckets: {min}..{max}");
-    }
 
     #[test]
     fn ttl_keys_round_trip() {

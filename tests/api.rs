@@ -355,7 +355,7 @@ async fn filtered_paging_lists_every_match_once() {
     let mut conn = redis.conn().await;
     for id in &online {
         let index = keys.index(
-            presenced::store::bucket_of(id),
+            presenced::bucket::bucket_of(id),
             presenced::device::State::Offline,
         );
         let _: i64 = redis::cmd("ZADD")
@@ -381,7 +381,7 @@ async fn filtered_paging_lists_every_match_once() {
     for i in 0..presenced::store::LIST_BUDGET + 100 {
         let id = format!("b-{i:05}");
         let index = keys.index(
-            presenced::store::bucket_of(&id),
+            presenced::bucket::bucket_of(&id),
             presenced::device::State::Offline,
         );
         pipe.cmd("ZADD").arg(index).arg(0).arg(id).ignore();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use presenced::cluster::key_slot;
-use presenced::store::{bucket_of, BUCKETS};
+use presenced::bucket::{bucket_of, BUCKETS};
 use support::*;
 
 const SHARED: [&str; 2] = ["--mqtt-shared-group", "presenced"];

@@ -323,7 +323,8 @@ async fn frozen_monitor_publishes_no_false_offline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_transitions_of_a_dead_replica_are_published() {
     use presenced::device::{now_ms, DeviceId};
-    use presenced::store::{Beat, Store};
+    use presenced::beat::Beat;
+    use presenced::store::Store;
 
     let redis = RedisServer::start();
     let mqtt = Mosquitto::start();

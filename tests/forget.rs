@@ -213,7 +213,7 @@ async fn devices_offline_before_the_index_existed_are_forgotten_too() {
     let redis = RedisServer::start();
     let mqtt = Mosquitto::start();
     let now = presenced::device::now_ms();
-    let b = presenced::store::bucket_of("old-1");
+    let b = presenced::bucket::bucket_of("old-1");
     let mut conn = redis.conn().await;
     let record = format!("0|2|{}|{}|{}", now - 10_000, now - 11_000, now - 9_990);
     let _: () = redis::cmd("HSET")

@@ -497,7 +497,7 @@ async fn mqtt_v311_online_offline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_of_an_overtaken_status_republishes_the_current_one() {
     use presenced::device::{now_ms, State};
-    use presenced::store::Ack;
+    use presenced::status::{Delivered, Receipt};
     let (_redis, store, id, online) = online_but_overdue("overtaken").await;
     let now = now_ms();
     let offline = store
@@ -506,9 +506,11 @@ async fn ack_of_an_overtaken_status_republishes_the_current_one() {
         .into_result()
         .unwrap()
         .remove(0);
-    let ack = |c: &presenced::store::Committed| Ack {
-        bucket: c.bucket,
-        member: c.member.clone(),
+    let ack = |c: &presenced::store::Committed| Delivered {
+        receipt: Receipt {
+            bucket: c.bucket,
+            member: c.member.clone(),
+        },
         device: c.event.device.clone(),
         seq: c.event.seq,
     };
@@ -549,7 +551,8 @@ async fn online_but_overdue(
     presenced::store::Committed,
 ) {
     use presenced::device::{now_ms, DeviceId};
-    use presenced::store::{Beat, Store};
+    use presenced::beat::Beat;
+    use presenced::store::Store;
     let redis = RedisServer::start();
     let client = redis::Client::open(redis.url()).unwrap();
     let store = Store::connect(&client, "presence").await.unwrap();

@@ -42,7 +42,7 @@ async fn redis_records(redis: &RedisServer, ids: &[String]) -> BTreeMap<String, 
     let mut conn = redis.conn().await;
     let mut out = BTreeMap::new();
     for id in ids {
-        let b = presenced::store::bucket_of(id);
+        let b = presenced::bucket::bucket_of(id);
         let raw: Option<String> = redis::cmd("HGET")
             .arg(format!("presence:{{{b}}}:rec"))
             .arg(id)
