@@ -12,11 +12,13 @@ use support::*;
 /// 30 devices online, 12 of which went silent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_api_and_metrics_match_the_fleet() {
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "60s")])).await;
-    let statuses = Collector::start(&mqtt, "devices/+/status").await;
-    let devices = Devices::connect(&mqtt).await;
+    let Fleet {
+        redis: _redis,
+        mqtt: _mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[("presence.ttl", "60s")]).await;
     for i in 0..30 {
         let ttl: &[u8] = if i < 12 { br#"{"ttl_s": 1}"# } else { b"" };
         devices.heartbeat(&format!("dev-{i:02}"), ttl).await;
@@ -328,11 +330,13 @@ async fn list_all(addr: std::net::SocketAddr, query: &str, limit: usize) -> Vec<
 /// the filter must not end the listing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filtered_paging_lists_every_match_once() {
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "60s")])).await;
-    let statuses = Collector::start(&mqtt, "devices/+/status").await;
-    let devices = Devices::connect(&mqtt).await;
+    let Fleet {
+        redis,
+        mqtt: _mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[("presence.ttl", "60s")]).await;
     let online: Vec<String> = (0..40).map(|i| format!("a-{i:03}")).collect();
     let offline: Vec<String> = (0..5).map(|i| format!("z-{i:03}")).collect();
     for id in &online {
@@ -411,9 +415,13 @@ async fn half_sent_requests_neither_block_nor_linger() {
     let limit = rlimit::increase_nofile_limit(needed).unwrap();
     assert!(limit >= needed, "open file limit {limit} < {needed}");
 
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(&redis, &mqtt, &[])).await;
+    let Fleet {
+        redis: _redis,
+        mqtt: _mqtt,
+        app,
+        statuses: _statuses,
+        devices: _devices,
+    } = Fleet::start(&[]).await;
     let addr = app.http();
     let mut conns = Vec::with_capacity(HALF_SENT);
     for _ in 0..HALF_SENT {
@@ -477,9 +485,13 @@ async fn get_with(addr: std::net::SocketAddr, path: &str, headers: &str) -> (u16
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_token_guards_everything_but_the_probes() {
     const TOKEN: &str = "tok-3f9a.Z_~+/=";
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(&redis, &mqtt, &[("http.auth_token", TOKEN)])).await;
+    let Fleet {
+        redis: _redis,
+        mqtt,
+        app,
+        statuses: _statuses,
+        devices: _devices,
+    } = Fleet::start(&[("http.auth_token", TOKEN)]).await;
     let addr = app.http();
     let devices = Devices::connect(&mqtt).await;
     devices.heartbeat("guarded", b"").await;

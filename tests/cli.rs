@@ -661,9 +661,13 @@ async fn check_config_reports_every_masters_version() {
 /// exactly that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulator_drives_the_monitor() {
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(&redis, &mqtt, &[])).await;
+    let Fleet {
+        redis: _redis,
+        mqtt,
+        app,
+        statuses: _statuses,
+        devices: _devices,
+    } = Fleet::start(&[]).await;
     let mut sim = Proc(
         presenced()
             .args(["simulate", "--devices", "40", "--interval", "300ms"])

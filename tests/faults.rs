@@ -322,14 +322,17 @@ async fn frozen_monitor_publishes_no_false_offline() {
 /// lease runs out, and a replica that starts publishes what was left at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_transitions_of_a_dead_replica_are_published() {
-    use presenced::device::{now_ms, DeviceId};
     use presenced::beat::Beat;
+    use presenced::device::{now_ms, DeviceId};
     use presenced::store::Store;
 
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "60s")])).await;
-    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let Fleet {
+        redis,
+        mqtt,
+        app,
+        statuses,
+        devices: _devices,
+    } = Fleet::start(&[("presence.ttl", "60s")]).await;
 
     let client = redis::Client::open(redis.url()).unwrap();
     let dead = Store::connect(&client, "presence").await.unwrap();

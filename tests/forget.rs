@@ -38,9 +38,13 @@ async fn total(redis: &RedisServer, name: &str, card: &str) -> i64 {
 /// forgotten device's next heartbeat starts it again at seq 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_offline_for_longer_than_forget_after_are_forgotten() {
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.forget_after", "2s")])).await;
+    let Fleet {
+        redis,
+        mqtt,
+        app,
+        statuses: _statuses,
+        devices: _devices,
+    } = Fleet::start(&[("presence.forget_after", "2s")]).await;
     let api = app.http();
     let statuses = Collector::start(&mqtt, "devices/+/status").await;
     let kept_statuses = Collector::start(&mqtt, "devices/kept/status").await;

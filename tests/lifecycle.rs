@@ -11,11 +11,13 @@ use support::*;
 /// and a late subscriber sees the last status retained.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_offline_online_with_exact_payloads() {
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(&redis, &mqtt, &[])).await;
-    let statuses = Collector::start(&mqtt, "devices/+/status").await;
-    let devices = Devices::connect(&mqtt).await;
+    let Fleet {
+        redis: _redis,
+        mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[]).await;
 
     let sent = presenced::device::now_ms();
     devices.heartbeat("sensor-17", b"").await;
@@ -97,19 +99,17 @@ async fn online_offline_online_with_exact_payloads() {
 /// A heartbeat may ask for its own TTL (`ttl_s`), clamped to the configured bounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_override_is_applied_and_clamped() {
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(
-        &redis,
-        &mqtt,
-        &[
-            ("presence.min_ttl", "700ms"),
-            ("presence.max_ttl", "2500ms"),
-        ],
-    ))
+    let Fleet {
+        redis: _redis,
+        mqtt: _mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[
+        ("presence.min_ttl", "700ms"),
+        ("presence.max_ttl", "2500ms"),
+    ])
     .await;
-    let statuses = Collector::start(&mqtt, "devices/+/status").await;
-    let devices = Devices::connect(&mqtt).await;
 
     devices.heartbeat("asks-2s", br#"{"ttl_s": 2}"#).await;
     devices.heartbeat("asks-tiny", br#"{"ttl_s": 0.01}"#).await;
@@ -139,16 +139,13 @@ async fn ttl_override_is_applied_and_clamped() {
 /// heartbeats, even when the oversized one is redelivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_heartbeats_are_counted_and_skipped() {
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(
-        &redis,
-        &mqtt,
-        &[("mqtt.max_packet_size", "1KiB"), ("presence.ttl", "30s")],
-    ))
-    .await;
-    let statuses = Collector::start(&mqtt, "devices/+/status").await;
-    let devices = Devices::connect(&mqtt).await;
+    let Fleet {
+        redis,
+        mqtt: _mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[("mqtt.max_packet_size", "1KiB"), ("presence.ttl", "30s")]).await;
 
     let long = "x".repeat(129);
     devices.heartbeat(&long, b"").await;
@@ -233,9 +230,13 @@ async fn bad_heartbeats_are_counted_and_skipped() {
 /// a clean shutdown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitor_presence_online_then_offline_on_shutdown() {
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(&redis, &mqtt, &[])).await;
+    let Fleet {
+        redis: _redis,
+        mqtt,
+        app,
+        statuses: _statuses,
+        devices: _devices,
+    } = Fleet::start(&[]).await;
     let instance = app.instance().to_owned();
     let topic = format!("presenced/instances/{instance}");
     let seen = Collector::start(&mqtt, &topic).await;
@@ -261,15 +262,13 @@ async fn monitor_presence_online_then_offline_on_shutdown() {
 /// offline within 2 s of their deadline, however lazily Redis expires their keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_devices_among_many_are_reported_on_time() {
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(
-        &redis,
-        &mqtt,
-        &[("presence.ttl", "600s"), ("presence.max_ttl", "1h")],
-    ))
-    .await;
-    let devices = Devices::connect(&mqtt).await;
+    let Fleet {
+        redis: _redis,
+        mqtt,
+        app,
+        statuses: _statuses,
+        devices,
+    } = Fleet::start(&[("presence.ttl", "600s"), ("presence.max_ttl", "1h")]).await;
     for i in 0..20_000 {
         devices.heartbeat(&format!("steady-{i:05}"), b"").await;
     }
@@ -467,11 +466,13 @@ async fn duplicate_expiry_events_in_one_batch_commit_once() {
 /// The same path over MQTT 3.1.1 (persistent session via clean session off).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_v311_online_offline() {
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(&redis, &mqtt, &[("mqtt.protocol", "v3.1.1")])).await;
-    let statuses = Collector::start(&mqtt, "devices/+/status").await;
-    let devices = Devices::connect(&mqtt).await;
+    let Fleet {
+        redis: _redis,
+        mqtt: _mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[("mqtt.protocol", "v3.1.1")]).await;
     devices.heartbeat("old-protocol", b"").await;
     statuses
         .wait_for("online then offline", |s| s.len() == 2)
@@ -550,8 +551,8 @@ async fn online_but_overdue(
     presenced::device::DeviceId,
     presenced::store::Committed,
 ) {
-    use presenced::device::{now_ms, DeviceId};
     use presenced::beat::Beat;
+    use presenced::device::{now_ms, DeviceId};
     use presenced::store::Store;
     let redis = RedisServer::start();
     let client = redis::Client::open(redis.url()).unwrap();

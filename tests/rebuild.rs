@@ -159,10 +159,13 @@ async fn flushall_is_rebuilt_from_retained_statuses() {
 /// over: an offline device comes back with the next seq, an online one publishes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_between_loss_and_rebuild_keeps_the_seq() {
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", TTL)])).await;
-    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let Fleet {
+        redis,
+        mqtt,
+        app,
+        statuses,
+        devices: _devices,
+    } = Fleet::start(&[("presence.ttl", TTL)]).await;
     let devices = Arc::new(Devices::connect(&mqtt).await);
     let gone = ids("gone", 5);
     let live = ids("live", 5);

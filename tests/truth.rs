@@ -19,11 +19,13 @@ use support::*;
 /// one, shorter or longer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_latest_heartbeat_wins_even_when_its_deadline_is_sooner() {
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let app = TestApp::spawn(config(&redis, &mqtt, &[("presence.ttl", "1s")])).await;
-    let statuses = Collector::start(&mqtt, "devices/+/status").await;
-    let devices = Devices::connect(&mqtt).await;
+    let Fleet {
+        redis: _redis,
+        mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[("presence.ttl", "1s")]).await;
     devices.heartbeat("shrink", br#"{"ttl_s": 5}"#).await;
     statuses.wait_for("online", |s| s.len() == 1).await;
     devices.heartbeat("shrink", b"").await;

@@ -1,0 +1,205 @@
+//! MQTT clients of the tests: a status collector, a heartbeat publisher.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+
+/// One message seen by a [`Collector`].
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub topic: String,
+    pub json: Value,
+    pub retain: bool,
+    pub at: Instant,
+    pub at_ms: u64,
+}
+
+/// Subscribes (QoS 1) and records every message; ready once the SubAck arrived.
+pub struct Collector {
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Collector {
+    pub async fn start(mqtt: &Mosquitto, filter: &str) -> Collector {
+        let mut opts = MqttOptions::new(
+            format!("collector-{:08x}", fastrand::u32(..)),
+            "127.0.0.1",
+            mqtt.port,
+        );
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut el) = AsyncClient::new(opts, 100);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let s = seen.clone();
+        let c = client.clone();
+        let filter = filter.to_owned();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match el.poll().await {
+                    // Subscribe on every connection: a restarted broker forgot us.
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                        let _ = c.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        if let Some(tx) = ready.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        // Stamped before anything else, so lock contention with readers
+                        // does not show up as latency.
+                        let (at, at_ms) = (Instant::now(), presenced::device::now_ms());
+                        let json = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        let seen = Seen {
+                            topic: p.topic.clone(),
+                            json,
+                            retain: p.retain,
+                            at,
+                            at_ms,
+                        };
+                        s.lock().unwrap().push(seen);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("collector SubAck")
+            .unwrap();
+        Collector { seen, client, task }
+    }
+
+    /// How many messages seen so far satisfy `pred` (without copying them).
+    pub fn count(&self, pred: impl Fn(&Seen) -> bool) -> usize {
+        self.seen.lock().unwrap().iter().filter(|s| pred(s)).count()
+    }
+
+    pub fn all(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Status messages of one device, in arrival order.
+    pub fn device(&self, id: &str) -> Vec<Value> {
+        self.all()
+            .into_iter()
+            .filter(|s| s.json["device"] == id)
+            .map(|s| s.json)
+            .collect()
+    }
+
+    /// Waits until `pred` holds over everything seen so far.
+    pub async fn wait_for(&self, what: &str, pred: impl Fn(&[Seen]) -> bool) {
+        eventually(what, || async { pred(&self.all()).then_some(()) }).await;
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A device-side MQTT client that publishes heartbeats (QoS 1).
+pub struct Devices {
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Devices {
+    pub async fn connect(mqtt: &Mosquitto) -> Devices {
+        let mut opts = MqttOptions::new(
+            format!("devices-{:08x}", fastrand::u32(..)),
+            "127.0.0.1",
+            mqtt.port,
+        );
+        opts.set_max_packet_size(4 << 20, 4 << 20).set_inflight(200);
+        let (client, mut el) = AsyncClient::new(opts, 1000);
+        let task = tokio::spawn(async move {
+            loop {
+                if el.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        Devices { client, task }
+    }
+
+    pub async fn heartbeat(&self, id: &str, payload: &[u8]) {
+        self.client
+            .publish(
+                format!("devices/{id}/heartbeat"),
+                QoS::AtLeastOnce,
+                false,
+                payload.to_vec(),
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn publish_retained(&self, topic: &str, payload: &[u8]) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload.to_vec())
+            .await
+            .unwrap();
+    }
+
+    pub async fn publish(&self, topic: &str, payload: &[u8]) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Devices {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Keeps `ids` heartbeating every `every` until the returned token is cancelled.
+pub fn keep_beating(devices: Arc<Devices>, ids: Vec<String>, every: Duration) -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        loop {
+            for id in &ids {
+                devices.heartbeat(id, b"").await;
+            }
+            tokio::select! {
+                () = t.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    });
+    token
+}
+
+/// Waits until every device in `ids` shows two statuses, then checks they are exactly seq 1
+/// online and seq 2 offline (after dedupe).
+pub async fn wait_online_then_offline(statuses: &Collector, ids: &[String]) {
+    eventually("every device online then offline", || async {
+        ids.iter()
+            .all(|id| history(&statuses.device(id)).len() == 2)
+            .then_some(())
+    })
+    .await;
+    for id in ids {
+        assert_eq!(
+            history(&statuses.device(id)),
+            vec![(1, "online".into()), (2, "offline".into())],
+            "{id}"
+        );
+    }
+}
