@@ -178,29 +178,28 @@ fn error(status: StatusCode, message: &str) -> Response<Body> {
     json(status, &serde_json::json!({ "error": message }))
 }
 
-/// Percent-decodes a path segment or query value; `None` if malformed or not UTF-8.
+/// Percent-decodes a path segment or query value (`+` is a space, as in a form);
+/// `None` if malformed (a `%` not followed by two hex digits) or not UTF-8: a device id or
+/// a token arrives exactly as sent, or not at all. (`form_urlencoded::parse` would pass a
+/// malformed escape through and replace invalid UTF-8 with U+FFFD, hence the strict decoder.)
 fn decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
+    let b = s.as_bytes();
+    let well_formed = b
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c == b'%')
+        .all(|(i, _)| {
+            b.get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+        });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(|d| d.into_owned())
 }
 
 /// The cursor is the last id of the previous page, hex-encoded (opaque to clients).

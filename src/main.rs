@@ -176,7 +176,7 @@ fn main() -> ExitCode {
                     .map(|_| ())
                     .map_err(|e| Failure::Runtime(e.to_string()))
             }
-            "check-config" => match presenced::check(&cfg).await {
+            "check-config" => match presenced::check::report(&cfg).await {
                 Ok(lines) => {
                     for l in lines {
                         println!("{l}");

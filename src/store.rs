@@ -33,9 +33,8 @@ use tokio::sync::{watch, Notify};
 use crate::beat::{Beat, Timing};
 use crate::bucket::{bucket_of, Bucket, BUCKETS};
 use crate::clock::Clock;
-use crate::status::Delivered;
 use crate::device::{DeviceId, DeviceRecord, Millis, State, StatusEvent};
-
+use crate::status::Delivered;
 
 /// Most ids one `/devices` page examines (see [`Store::list`]).
 pub const LIST_BUDGET: usize = 10_000;
@@ -226,7 +225,6 @@ pub struct Committed {
     pub member: String,
     pub event: StatusEvent,
 }
-
 
 /// What a sweep of one bucket found.
 #[derive(Debug)]
