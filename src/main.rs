@@ -13,12 +13,37 @@ use presenced::simulate::SimOptions;
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
+/// Any error, with its chain of sources.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// How a command failed, which decides the exit code.
 enum Failure {
-    /// Bad arguments: exit 2.
-    Usage(String),
+    /// Bad arguments or configuration: exit 2.
+    Usage(BoxError),
     /// Anything at run time: exit 1.
-    Runtime(String),
+    Runtime(BoxError),
+}
+
+impl Failure {
+    fn runtime(e: impl Into<BoxError>) -> Failure {
+        Failure::Runtime(e.into())
+    }
+}
+
+/// The error and its sources on one line, `: `-separated. A source whose text the line
+/// already holds is skipped: many errors quote their source in their own message.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line
 }
 
 fn cli() -> Command {
@@ -133,7 +158,7 @@ fn main() -> ExitCode {
     let loaded = match Config::load(&sources(sub)) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("presenced: {e}");
+            eprintln!("presenced: {}", chain(&e));
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -145,7 +170,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("presenced: cannot start the runtime: {e}");
+            eprintln!("presenced: cannot start the runtime: {}", chain(&e));
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
@@ -169,12 +194,12 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|| "sim".into()),
                 };
                 if let Err(e) = opts.validate() {
-                    return Err(Failure::Usage(e.to_string()));
+                    return Err(Failure::Usage(e.into()));
                 }
                 presenced::simulate::run(&cfg.mqtt, opts, presenced::shutdown::signal())
                     .await
                     .map(|_| ())
-                    .map_err(|e| Failure::Runtime(e.to_string()))
+                    .map_err(Failure::runtime)
             }
             "check-config" => match presenced::check::report(&cfg).await {
                 Ok(lines) => {
@@ -183,14 +208,14 @@ fn main() -> ExitCode {
                     }
                     Ok(())
                 }
-                Err(e) => Err(Failure::Runtime(e.to_string())),
+                Err(e) => Err(Failure::runtime(e)),
             },
             _ => {
                 tracing::info!(config = ?cfg, "Effective configuration.");
                 presenced::metrics::register_process_collector();
                 presenced::run(cfg, presenced::shutdown::signal())
                     .await
-                    .map_err(|e| Failure::Runtime(e.to_string()))
+                    .map_err(Failure::runtime)
             }
         }
     });
@@ -199,11 +224,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(e)) => {
-            eprintln!("presenced: {e}");
+            eprintln!("presenced: {}", chain(e.as_ref()));
             ExitCode::from(EXIT_USAGE)
         }
         Err(Failure::Runtime(e)) => {
-            eprintln!("presenced: {e}");
+            eprintln!("presenced: {}", chain(e.as_ref()));
             ExitCode::from(EXIT_RUNTIME)
         }
     }

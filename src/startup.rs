@@ -31,15 +31,22 @@ pub enum StartError {
     Redis(#[from] StoreError),
 }
 
-/// What every task is built from.
-pub(crate) struct Base {
+/// What every task is given a clone of.
+#[derive(Clone)]
+pub(crate) struct Common {
     pub(crate) cfg: Arc<Config>,
     pub(crate) metrics: Metrics,
     pub(crate) health: Arc<Health>,
-    /// The command store, for this replica's floor when replicas share a group.
+    /// The command store, under this replica's floor name when replicas share a group.
     pub(crate) store: Store,
+}
+
+/// What the tasks are built from.
+pub(crate) struct Base {
+    pub(crate) common: Common,
     /// The Redis nodes whose keyspace notifications the listener follows.
     pub(crate) nodes: Nodes,
+    /// The HTTP socket, bound.
     pub(crate) listener: TcpListener,
 }
 
@@ -71,11 +78,14 @@ impl Base {
             Some(_) => store.for_replica(&cfg.mqtt.client_id),
             None => store,
         };
-        Ok(Base {
+        let common = Common {
             cfg,
             metrics,
             health,
             store,
+        };
+        Ok(Base {
+            common,
             nodes,
             listener,
         })

@@ -13,22 +13,17 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::Config;
 use crate::device::{self, DeviceId, Millis};
-use crate::expiry::{Listener, Refused};
+use crate::expiry::{Listener, Nodes, Refused};
 use crate::forget;
 use crate::held::{Held, HELD_CAP};
 use crate::http;
-use crate::metrics::Metrics;
 use crate::mqtt::MqttTask;
 use crate::presence::{Applier, CommitOrder, DueTable, Expirer, Outbox, Stamper};
 use crate::rebuild;
-use crate::startup::{watch_redis, Base};
+use crate::startup::{watch_redis, Base, Common};
 use crate::status::{Delivered, StatusOut};
-use crate::store::Store;
 use crate::supervisor::Supervisor;
-
-use crate::health::Health;
 
 /// How long a replica's floor stands without renewal before the others take it for gone
 /// (at least; half the TTL when that is longer). Above the broker's keep-alive timeout for a
@@ -46,15 +41,6 @@ const ACK_QUEUE: usize = 16_384;
 const GONE_QUEUE: usize = 64;
 /// Capacity of the channel of expired-key events (overflow: dropped, see `expiry`).
 const EXPIRED_QUEUE: usize = 16_384;
-
-/// What every task is given a clone of.
-#[derive(Clone)]
-pub(crate) struct Common {
-    pub(crate) cfg: Arc<Config>,
-    pub(crate) metrics: Metrics,
-    pub(crate) health: Arc<Health>,
-    pub(crate) store: Store,
-}
 
 impl Common {
     /// How long a floor stands (see [`FLOOR_LEASE`]).
@@ -74,39 +60,30 @@ pub(crate) struct RedisSide {
 /// Spawns the HTTP server first, so `/healthz` answers and `/readyz` explains while the
 /// rest starts (a liveness probe must not kill a monitor that is waiting for Redis). Returns
 /// what the other tasks share.
-pub(crate) fn spawn_http(base: Base, web: &mut Supervisor) -> (Common, crate::expiry::Nodes) {
+pub(crate) fn spawn_http(base: Base, web: &mut Supervisor) -> (Common, Nodes) {
     let Base {
-        cfg,
-        metrics,
-        health,
-        store,
+        common,
         nodes,
         listener,
     } = base;
     let api = http::Api {
-        store: store.clone(),
-        metrics: metrics.clone(),
-        health: health.clone(),
-        auth: cfg.http.auth.clone(),
+        store: common.store.clone(),
+        metrics: common.metrics.clone(),
+        health: common.health.clone(),
+        auth: common.cfg.http.auth.clone(),
     };
     let http_token = web.token().child_token();
     web.spawn(
         "http",
         http::serve(listener, api, http_token).instrument(tracing::info_span!("http")),
     );
-    let common = Common {
-        cfg,
-        metrics,
-        health,
-        store,
-    };
     (common, nodes)
 }
 
 /// Spawns the keyspace listener (one per Redis node) and the command-connection watch.
 pub(crate) fn spawn_redis_side(
     common: &Common,
-    nodes: crate::expiry::Nodes,
+    nodes: Nodes,
     workers: &mut Supervisor,
 ) -> RedisSide {
     let Common {

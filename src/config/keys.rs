@@ -134,11 +134,14 @@ pub const REDIS_URL: Key = key!(
     "Redis URL; rediss:// for TLS; user/password in the URL."
 );
 
-pub const REDIS_CLUSTER_NODES: Key = key!("redis",
-        "cluster_nodes",
-        Str,
-        None,
-        "Comma-separated Redis Cluster seed URLs (any nodes; auth in the URL; db 0 only); if set, Cluster mode and redis.url is ignored.");
+pub const REDIS_CLUSTER_NODES: Key = key!(
+    "redis",
+    "cluster_nodes",
+    Str,
+    None,
+    "Comma-separated Redis Cluster seed URLs (any nodes; auth in the URL; db 0 only
+); if set, Cluster mode and redis.url is ignored."
+);
 
 pub const REDIS_KEY_PREFIX: Key = key!(
     "redis",
@@ -190,11 +193,13 @@ pub const HTTP_LISTEN: Key = key!(
     "Address of the metrics, health and device API."
 );
 
-pub const HTTP_AUTH_TOKEN: Key = key!("http",
-        "auth_token",
-        Str,
-        None,
-        "Bearer token every route but /, /healthz and /readyz requires (prefer http.auth_token_file or the environment).");
+pub const HTTP_AUTH_TOKEN: Key = key!(
+    "http",
+    "auth_token",
+    Str,
+    None,
+    "Bearer token every route but /, /healthz and /readyz requires (prefer http.auth_token_file or the environment)."
+);
 
 pub const HTTP_AUTH_TOKEN_FILE: Key = key!(
     "http",
