@@ -24,9 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use presenced::device::{now_ms, DeviceId};
 use presenced::beat::Beat;
 use presenced::bucket::BUCKETS;
-use presenced::device::{now_ms, DeviceId};
 use presenced::store::Store;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use support::*;

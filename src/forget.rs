@@ -18,12 +18,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::bucket::{Bucket, BUCKETS};
 use crate::device::{now_ms, Millis};
-use crate::held::Held;
 use crate::metrics::Metrics;
-use crate::presence::CommitOrder;
 use crate::status::{Lag, Receipt, StatusOut};
+use crate::held::Held;
+use crate::presence::CommitOrder;
+use crate::bucket::{Bucket, BUCKETS};
 use crate::store::{Cutoff, Store, StoreError};
 use crate::telemetry::LogLimiter;
 

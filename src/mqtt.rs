@@ -25,13 +25,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::beat::Stamp;
 use crate::clock::Clock;
 use crate::config::{MqttConfig, PresenceConfig, Protocol, MQTT_MAX_PACKET};
-use crate::device::{format_time, heartbeat_ttl, now_ms, DeviceId, Millis, State, TopicTemplate};
+use crate::device::{
+    format_time, heartbeat_ttl, now_ms, DeviceId, Millis, State, TopicTemplate,
+};
 use crate::health::Health;
-use crate::held::Held;
 use crate::metrics::{Metrics, Rejected};
+use crate::beat::Stamp;
+use crate::held::Held;
 use crate::status::{Delivered, Lag, StatusOut};
 use crate::telemetry::{Backoff, LogLimiter};
 
@@ -60,10 +62,7 @@ pub struct Outgoing {
 pub enum Kind {
     /// A device status; `lag_from` is the TTL deadline of an offline transition, for the
     /// lag histogram.
-    Status {
-        ack: Delivered,
-        lag_from: Option<Millis>,
-    },
+    Status { ack: Delivered, lag_from: Option<Millis> },
     /// The monitor's own presence.
     Presence,
     /// The sync marker (see [`MqttTask`]).
@@ -74,8 +73,8 @@ impl StatusOut {
     fn into_outgoing(self, template: &TopicTemplate) -> Outgoing {
         // A forgotten device's clear is an empty retained message, and no transition.
         let clear = self.event.is_clear();
-        let lag_from = (self.lag == Lag::Observe && !clear && self.event.state == State::Offline)
-            .then_some(self.event.since);
+        let lag_from =
+            (self.lag == Lag::Observe && !clear && self.event.state == State::Offline).then_some(self.event.since);
         Outgoing {
             topic: template.render(&self.event.device),
             payload: if clear {

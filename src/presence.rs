@@ -23,14 +23,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::beat::Beat;
-use crate::bucket::{bucket_of, Bucket, BUCKETS};
 use crate::device::{now_ms, DeviceId, Millis};
 use crate::health::Health;
-use crate::held::Held;
 use crate::metrics::Metrics;
+use crate::beat::Beat;
+use crate::bucket::{bucket_of, Bucket, BUCKETS};
+use crate::held::Held;
 use crate::status::{Delivered, Lag, Receipt, StatusOut};
-use crate::store::{Committed, Cutoff, Floor, Store, OUTBOX_LEASE};
+use crate::store::{
+    Committed, Cutoff, Floor, Store, OUTBOX_LEASE,
+};
 use crate::telemetry::{Backoff, LogLimiter};
 
 /// Most heartbeats applied in one pipelined round trip.
@@ -239,8 +241,10 @@ impl Applier {
             if let Some(e) = applied.error {
                 // Go on with the other chunks while some buckets work (a cluster master is
                 // failing over, a bucket is being rebuilt); stop when nothing does.
-                let mut touched: Vec<Bucket> =
-                    chunk.iter().map(|b| bucket_of(b.device.as_str())).collect();
+                let mut touched: Vec<Bucket> = chunk
+                    .iter()
+                    .map(|b| bucket_of(b.device.as_str()))
+                    .collect();
                 touched.sort_unstable();
                 touched.dedup();
                 let stop = applied.failed.len() >= touched.len();

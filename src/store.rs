@@ -33,8 +33,9 @@ use tokio::sync::{watch, Notify};
 use crate::beat::{Beat, Timing};
 use crate::bucket::{bucket_of, Bucket, BUCKETS};
 use crate::clock::Clock;
-use crate::device::{DeviceId, DeviceRecord, Millis, State, StatusEvent};
 use crate::status::Delivered;
+use crate::device::{DeviceId, DeviceRecord, Millis, State, StatusEvent};
+
 
 /// Most ids one `/devices` page examines (see [`Store::list`]).
 pub const LIST_BUDGET: usize = 10_000;
@@ -225,6 +226,7 @@ pub struct Committed {
     pub member: String,
     pub event: StatusEvent,
 }
+
 
 /// What a sweep of one bucket found.
 #[derive(Debug)]

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use presenced::bucket::{bucket_of, BUCKETS};
 use presenced::cluster::key_slot;
+use presenced::bucket::{bucket_of, BUCKETS};
 use support::*;
 
 const SHARED: [&str; 2] = ["--mqtt-shared-group", "presenced"];

@@ -322,8 +322,8 @@ async fn frozen_monitor_publishes_no_false_offline() {
 /// lease runs out, and a replica that starts publishes what was left at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_transitions_of_a_dead_replica_are_published() {
-    use presenced::beat::Beat;
     use presenced::device::{now_ms, DeviceId};
+    use presenced::beat::Beat;
     use presenced::store::Store;
 
     let redis = RedisServer::start();

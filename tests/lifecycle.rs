@@ -550,8 +550,8 @@ async fn online_but_overdue(
     presenced::device::DeviceId,
     presenced::store::Committed,
 ) {
-    use presenced::beat::Beat;
     use presenced::device::{now_ms, DeviceId};
+    use presenced::beat::Beat;
     use presenced::store::Store;
     let redis = RedisServer::start();
     let client = redis::Client::open(redis.url()).unwrap();

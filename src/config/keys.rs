@@ -139,8 +139,7 @@ pub const REDIS_CLUSTER_NODES: Key = key!(
     "cluster_nodes",
     Str,
     None,
-    "Comma-separated Redis Cluster seed URLs (any nodes; auth in the URL; db 0 only
-); if set, Cluster mode and redis.url is ignored."
+    "Comma-separated Redis Cluster seed URLs (any nodes; auth in the URL; db 0 only); if set, Cluster mode and redis.url is ignored."
 );
 
 pub const REDIS_KEY_PREFIX: Key = key!(
