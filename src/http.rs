@@ -34,11 +34,11 @@ const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 
 #[derive(Clone)]
-pub struct Api {
-    pub store: Store,
-    pub metrics: Metrics,
-    pub health: Arc<Health>,
-    pub auth: HttpAuth,
+pub(crate) struct Api {
+    pub(crate) store: Store,
+    pub(crate) metrics: Metrics,
+    pub(crate) health: Arc<Health>,
+    pub(crate) auth: HttpAuth,
 }
 
 /// Whether a route needs the bearer token (when one is configured).
@@ -96,15 +96,15 @@ type Body = Full<Bytes>;
 /// Prometheus, probes and dashboards need. When all are taken, new connections wait in the
 /// kernel's accept queue until a slot frees, which [`REQUEST_HEAD_TIMEOUT`] bounds: a client
 /// that holds a connection without sending a request loses it within 10 s.
-pub const MAX_CONNECTIONS: usize = 2048;
+pub(crate) const MAX_CONNECTIONS: usize = 2048;
 
 /// How long a client may take to send a whole request head, on a new connection and
 /// between requests on a kept-alive one. Without it a client that sends half a request
 /// holds its connection (and a slot of [`MAX_CONNECTIONS`]) forever.
-pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves until cancelled, then lets requests in progress finish (up to 1 s).
-pub async fn serve(listener: TcpListener, api: Api, token: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, api: Api, token: CancellationToken) {
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     // hyper panics on a header timeout without a timer.

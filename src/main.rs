@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{value_parser, Arg, ArgMatches, Command};
 use presenced::config::{self, Config, Sources, KEYS};
 use presenced::simulate::SimOptions;
+use presenced::telemetry::LogFormat;
 
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_USAGE: u8 = 2;
@@ -148,8 +149,11 @@ fn main() -> ExitCode {
             };
         }
     };
-    let json = matches.get_one::<String>("log-format").map(String::as_str) == Some("json");
-    presenced::telemetry::init(json);
+    let format = match matches.get_one::<String>("log-format").map(String::as_str) {
+        Some("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    presenced::telemetry::init(format);
 
     let (name, sub) = match matches.subcommand() {
         Some((name, sub)) => (name, sub),

@@ -235,7 +235,7 @@ pub const KEYS: &[Key] = &[
 ];
 
 /// Environment variables that are not config keys but are known (not warned about).
-pub const OTHER_ENV: &[&str] = &["PRESENCED_CONFIG", "PRESENCED_LOG_FORMAT"];
+pub(crate) const OTHER_ENV: &[&str] = &["PRESENCED_CONFIG", "PRESENCED_LOG_FORMAT"];
 
 /// An example config documenting every key with its default, generated from [`KEYS`].
 pub fn example_toml() -> String {

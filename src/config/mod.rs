@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::device::TopicTemplate;
 use values::Values;
 
-pub use keys::{example_toml, Key, Kind, KEYS, OTHER_ENV};
+pub use keys::{example_toml, Key, Kind, KEYS};
 pub use parse::{parse_duration, parse_size};
 
 /// The largest MQTT packet the protocol allows (variable byte integer limit).
