@@ -19,13 +19,13 @@ const LAG_BUCKETS: &[f64] = &[
 
 /// Why a heartbeat was refused (the `reason` label).
 #[derive(Clone, Copy, Debug)]
-pub enum Rejected {
+pub(crate) enum Rejected {
     InvalidId,
     TooLarge,
 }
 
 #[derive(Clone)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     devices: IntGaugeVec,
     heartbeats: IntCounter,
@@ -41,7 +41,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Registers every metric into `registry`.
-    pub fn register(registry: &Registry) -> prometheus::Result<Metrics> {
+    pub(crate) fn register(registry: &Registry) -> prometheus::Result<Metrics> {
         let devices = IntGaugeVec::new(
             Opts::new(
                 "presenced_devices",
@@ -137,11 +137,11 @@ impl Metrics {
         })
     }
 
-    pub fn heartbeat_accepted(&self) {
+    pub(crate) fn heartbeat_accepted(&self) {
         self.heartbeats.inc();
     }
 
-    pub fn heartbeat_rejected(&self, reason: Rejected) {
+    pub(crate) fn heartbeat_rejected(&self, reason: Rejected) {
         let label = match reason {
             Rejected::InvalidId => "invalid_id",
             Rejected::TooLarge => "too_large",
@@ -149,41 +149,41 @@ impl Metrics {
         self.rejected.with_label_values(&[label]).inc();
     }
 
-    pub fn transition_committed(&self, to: State) {
+    pub(crate) fn transition_committed(&self, to: State) {
         self.transitions.with_label_values(&[to.as_str()]).inc();
     }
 
-    pub fn observe_lag(&self, seconds: f64) {
+    pub(crate) fn observe_lag(&self, seconds: f64) {
         self.lag.observe(seconds.max(0.0));
     }
 
-    pub fn missed_expiration(&self, n: u64) {
+    pub(crate) fn missed_expiration(&self, n: u64) {
         self.missed.inc_by(n);
     }
 
-    pub fn devices_forgotten(&self, n: u64) {
+    pub(crate) fn devices_forgotten(&self, n: u64) {
         self.forgotten.inc_by(n);
     }
 
-    pub fn state_rebuilt(&self) {
+    pub(crate) fn state_rebuilt(&self) {
         self.rebuilds.inc();
     }
 
-    pub fn set_fleet(&self, online: i64, offline: i64) {
+    pub(crate) fn set_fleet(&self, online: i64, offline: i64) {
         self.devices.with_label_values(&["online"]).set(online);
         self.devices.with_label_values(&["offline"]).set(offline);
     }
 
-    pub fn set_redis_up(&self, up: bool) {
+    pub(crate) fn set_redis_up(&self, up: bool) {
         self.redis_up.set(i64::from(up));
     }
 
-    pub fn set_mqtt_up(&self, up: bool) {
+    pub(crate) fn set_mqtt_up(&self, up: bool) {
         self.mqtt_up.set(i64::from(up));
     }
 
     /// The Prometheus text exposition of this registry plus the process metrics.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut families = self.registry.gather();
         families.extend(prometheus::gather());
         let mut buf = Vec::new();
