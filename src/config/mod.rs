@@ -20,7 +20,7 @@ use crate::device::TopicTemplate;
 use values::Values;
 
 pub use keys::{example_toml, Key, Kind, KEYS};
-pub use parse::{parse_duration, parse_size};
+pub use parse::{parse_duration, parse_size, BadValue};
 
 /// The largest MQTT packet the protocol allows (variable byte integer limit).
 pub const MQTT_MAX_PACKET: usize = 268_435_455;
@@ -30,15 +30,41 @@ pub const MQTT_MAX_PACKET: usize = 268_435_455;
 /// A configuration error. Its message is one line that names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not TOML (the parser's one-line message, without its snippet).
     #[error("config file {path}: {message}")]
     File { path: PathBuf, message: String },
+    /// A value that does not parse.
+    #[error("{key}: {source}")]
+    Value { key: String, source: BadValue },
+    /// A secret file (`*_file`) that cannot be read.
+    #[error("{key}: cannot read {path}: {source}")]
+    SecretFile {
+        key: String,
+        path: String,
+        source: std::io::Error,
+    },
+    /// A value that parses but breaks a rule of its section (required, out of range,
+    /// conflicting with another key).
     #[error("{key}: {message}")]
     Key { key: String, message: String },
     #[error("{key}: unknown key in the config file")]
     UnknownKey { key: String },
 }
 
-/// An error about the value of `key`.
+/// A value of `key` that does not parse.
+fn bad_value(key: &Key) -> impl Fn(BadValue) -> ConfigError + '_ {
+    move |source| ConfigError::Value {
+        key: key.path(),
+        source,
+    }
+}
+
+/// A value of `key` that breaks a rule.
 fn key_err(key: &Key, message: impl Into<String>) -> ConfigError {
     ConfigError::Key {
         key: key.path(),
@@ -332,10 +358,10 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
-        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
-        assert_eq!(parse_size("10B"), Ok(10));
-        assert_eq!(parse_size("10"), Ok(10));
+        assert_eq!(parse_size("1MiB").ok(), Some(1 << 20));
+        assert_eq!(parse_size("64KiB").ok(), Some(64 << 10));
+        assert_eq!(parse_size("10B").ok(), Some(10));
+        assert_eq!(parse_size("10").ok(), Some(10));
         assert!(parse_size("ten").is_err());
     }
 

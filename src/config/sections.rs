@@ -12,8 +12,8 @@ use super::keys::*;
 use super::parse::{check_token, fmt_dur, parse_broker_url, parse_cluster_nodes};
 use super::values::Values;
 use super::{
-    key_err, ConfigError, HttpAuth, HttpConfig, MqttConfig, PresenceConfig, Protocol, RedisConfig,
-    Secret,
+    bad_value, key_err, ConfigError, HttpAuth, HttpConfig, MqttConfig, PresenceConfig, Protocol,
+    RedisConfig, Secret,
 };
 use crate::device::TopicTemplate;
 
@@ -21,7 +21,7 @@ use crate::device::TopicTemplate;
 const SMALLEST_TTL: Duration = Duration::from_millis(100);
 
 pub(crate) fn mqtt(values: &Values) -> Result<MqttConfig, ConfigError> {
-    let url = parse_broker_url(&values.required(&MQTT_URL)?).map_err(|m| key_err(&MQTT_URL, m))?;
+    let url = parse_broker_url(&values.required(&MQTT_URL)?).map_err(bad_value(&MQTT_URL))?;
     let shared_group = values.text(&MQTT_SHARED_GROUP)?;
     if let Some(group) = &shared_group {
         if group.is_empty() || group.contains(['/', '+', '#']) {
@@ -92,9 +92,7 @@ fn topics(values: &Values) -> Result<(TopicTemplate, TopicTemplate), ConfigError
 pub(crate) fn redis(values: &Values) -> Result<RedisConfig, ConfigError> {
     let cluster_nodes = match values.text(&REDIS_CLUSTER_NODES)? {
         None => None,
-        Some(list) => {
-            Some(parse_cluster_nodes(&list).map_err(|m| key_err(&REDIS_CLUSTER_NODES, m))?)
-        }
+        Some(list) => Some(parse_cluster_nodes(&list).map_err(bad_value(&REDIS_CLUSTER_NODES))?),
     };
     let url = values.required(&REDIS_URL)?;
     if let Err(e) = redis::Client::open(url.as_str()) {
@@ -169,7 +167,7 @@ pub(crate) fn http(values: &Values) -> Result<HttpConfig, ConfigError> {
     let auth = match secret(values, &HTTP_AUTH_TOKEN, &HTTP_AUTH_TOKEN_FILE)? {
         None => HttpAuth::Open,
         Some((token, from)) => {
-            check_token(&token.0).map_err(|m| key_err(from, m))?;
+            check_token(&token.0).map_err(bad_value(from))?;
             HttpAuth::Bearer(token)
         }
     };
@@ -191,8 +189,12 @@ fn secret<'k>(
         )),
         (Some(v), None) => Ok(Some((Secret(v), inline))),
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| key_err(file, format!("cannot read {path}: {e}")))?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
+                    key: file.path(),
+                    path: path.clone(),
+                    source,
+                })?;
             let trimmed = text
                 .strip_suffix('\n')
                 .map(|s| s.strip_suffix('\r').unwrap_or(s))

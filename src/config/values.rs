@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::keys::{Key, Kind, KEYS, OTHER_ENV};
 use super::parse::{fmt_dur, parse_duration, parse_size};
-use super::{key_err, ConfigError, Sources, MQTT_MAX_PACKET};
+use super::{bad_value, key_err, ConfigError, Sources, MQTT_MAX_PACKET};
 
 /// A raw value before typing: TOML gives typed values, env and flags give strings.
 #[derive(Clone, Debug)]
@@ -155,11 +155,12 @@ fn typed(key: &Key, raw: &Raw) -> Result<Value, ConfigError> {
         },
         Kind::Duration => parse_duration(&text)
             .map(Value::Duration)
-            .map_err(|m| key_err(key, m)),
-        Kind::Size => parse_size(&text)
-            .and_then(|n| i64::try_from(n).map_err(|_| "too large".to_owned()))
-            .map_err(|m| key_err(key, m))
-            .and_then(|n| size_value(key, n)),
+            .map_err(bad_value(key)),
+        Kind::Size => {
+            let n = parse_size(&text).map_err(bad_value(key))?;
+            let n = i64::try_from(n).map_err(|_| key_err(key, "too large"))?;
+            size_value(key, n)
+        }
     }
 }
 
@@ -175,14 +176,16 @@ fn size_value(key: &Key, n: i64) -> Result<Value, ConfigError> {
 
 /// Reads the TOML file into `section.key → value`, refusing unknown sections and keys.
 fn read_file(path: &Path) -> Result<Vec<(String, toml::Value)>, ConfigError> {
-    let file_err = |message: String| ConfigError::File {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
         path: path.to_owned(),
-        message,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        source,
+    })?;
     let table: toml::Table = text
         .parse()
-        .map_err(|e: toml::de::Error| file_err(e.message().to_owned()))?;
+        .map_err(|e: toml::de::Error| ConfigError::File {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })?;
     let mut out = Vec::new();
     for (section, value) in table {
         let toml::Value::Table(keys) = value else {
