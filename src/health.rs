@@ -6,6 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::metrics::Metrics;
 
+/// Why the monitor is not ready: one reason per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub(crate) struct NotReady(Vec<&'static str>);
+
 pub(crate) struct Health {
     metrics: Metrics,
     redis_commands: AtomicBool,
@@ -50,8 +55,8 @@ impl Health {
         self.metrics.set_mqtt_up(connected && subscribed);
     }
 
-    /// `Ok` when ready, else the reasons, one per line.
-    pub(crate) fn readiness(&self) -> Result<(), String> {
+    /// `Ok` when ready, else the reasons.
+    pub(crate) fn readiness(&self) -> Result<(), NotReady> {
         let mut reasons = Vec::new();
         if !self.redis_commands.load(Ordering::Relaxed) {
             reasons.push("redis: not connected");
@@ -67,7 +72,7 @@ impl Health {
         if reasons.is_empty() {
             Ok(())
         } else {
-            Err(reasons.join("\n"))
+            Err(NotReady(reasons))
         }
     }
 }

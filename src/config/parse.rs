@@ -35,6 +35,8 @@ pub enum BadValue {
     NodeDatabase { node: usize, db: i64 },
     #[error("the seed list is not usable: {0}")]
     SeedList(#[source] redis::RedisError),
+    #[error(transparent)]
+    Template(#[from] crate::device::BadTemplate),
     #[error("the token must not be empty")]
     EmptyToken,
     #[error("the token must be visible ASCII without spaces or control characters")]

@@ -76,8 +76,9 @@ fn protocol(values: &Values) -> Result<Protocol, ConfigError> {
 /// The heartbeat and status topics, which must differ (the monitor would read its own
 /// statuses as heartbeats).
 fn topics(values: &Values) -> Result<(TopicTemplate, TopicTemplate), ConfigError> {
-    let template =
-        |key: &Key| TopicTemplate::parse(&values.required(key)?).map_err(|m| key_err(key, m));
+    let template = |key: &Key| {
+        TopicTemplate::parse(&values.required(key)?).map_err(|e| bad_value(key)(e.into()))
+    };
     let heartbeat = template(&MQTT_HEARTBEAT_TOPIC)?;
     let status = template(&MQTT_STATUS_TOPIC)?;
     if heartbeat == status {
