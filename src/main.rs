@@ -21,6 +21,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 enum Failure {
     /// Bad arguments or configuration: exit 2.
     Usage(BoxError),
+    /// The async runtime could not start: exit 1.
+    Startup(BoxError),
     /// Anything at run time: exit 1.
     Runtime(BoxError),
 }
@@ -137,6 +139,67 @@ fn sources(m: &ArgMatches) -> Sources {
     }
 }
 
+/// The subcommand's options, as `simulate` takes them.
+fn sim_options(sub: &ArgMatches) -> SimOptions {
+    SimOptions {
+        devices: sub.get_one::<usize>("devices").copied().unwrap_or(0),
+        interval: sub
+            .get_one::<Duration>("interval")
+            .copied()
+            .unwrap_or(Duration::from_secs(10)),
+        offline_fraction: sub
+            .get_one::<f64>("offline-fraction")
+            .copied()
+            .unwrap_or(0.0),
+        duration: sub.get_one::<Duration>("duration").copied(),
+        prefix: sub
+            .get_one::<String>("prefix")
+            .cloned()
+            .unwrap_or_else(|| "sim".into()),
+    }
+}
+
+/// Runs the subcommand `name` (`run` when none was given).
+async fn command(name: &str, sub: &ArgMatches, cfg: Config) -> Result<(), Failure> {
+    match name {
+        "simulate" => {
+            let opts = sim_options(sub);
+            if let Err(e) = opts.validate() {
+                return Err(Failure::Usage(e.into()));
+            }
+            presenced::simulate::run(&cfg.mqtt, opts, presenced::shutdown::signal())
+                .await
+                .map(|_| ())
+                .map_err(Failure::runtime)
+        }
+        "check-config" => {
+            let lines = presenced::check::report(&cfg)
+                .await
+                .map_err(Failure::runtime)?;
+            for l in lines {
+                println!("{l}");
+            }
+            Ok(())
+        }
+        _ => {
+            tracing::info!(config = ?cfg, "Effective configuration.");
+            presenced::metrics::register_process_collector();
+            presenced::run(cfg, presenced::shutdown::signal())
+                .await
+                .map_err(Failure::runtime)
+        }
+    }
+}
+
+/// Loads the configuration (exit 2 if it is bad) and logs its warnings.
+fn config(sub: &ArgMatches) -> Result<Config, Failure> {
+    let loaded = Config::load(&sources(sub)).map_err(|e| Failure::Usage(e.into()))?;
+    for w in &loaded.warnings {
+        tracing::warn!(warning = %w, "Configuration warning.");
+    }
+    Ok(loaded.config)
+}
+
 fn main() -> ExitCode {
     let matches = match cli().try_get_matches() {
         Ok(m) => m,
@@ -159,77 +222,22 @@ fn main() -> ExitCode {
         Some((name, sub)) => (name, sub),
         None => ("run", &matches),
     };
-    let loaded = match Config::load(&sources(sub)) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("presenced: {}", chain(&e));
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    for w in &loaded.warnings {
-        tracing::warn!(warning = %w, "Configuration warning.");
-    }
-    let cfg = loaded.config;
-
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("presenced: cannot start the runtime: {}", chain(&e));
-            return ExitCode::from(EXIT_RUNTIME);
-        }
-    };
-    let result: Result<(), Failure> = runtime.block_on(async {
-        match name {
-            "simulate" => {
-                let opts = SimOptions {
-                    devices: sub.get_one::<usize>("devices").copied().unwrap_or(0),
-                    interval: sub
-                        .get_one::<Duration>("interval")
-                        .copied()
-                        .unwrap_or(Duration::from_secs(10)),
-                    offline_fraction: sub
-                        .get_one::<f64>("offline-fraction")
-                        .copied()
-                        .unwrap_or(0.0),
-                    duration: sub.get_one::<Duration>("duration").copied(),
-                    prefix: sub
-                        .get_one::<String>("prefix")
-                        .cloned()
-                        .unwrap_or_else(|| "sim".into()),
-                };
-                if let Err(e) = opts.validate() {
-                    return Err(Failure::Usage(e.into()));
-                }
-                presenced::simulate::run(&cfg.mqtt, opts, presenced::shutdown::signal())
-                    .await
-                    .map(|_| ())
-                    .map_err(Failure::runtime)
-            }
-            "check-config" => match presenced::check::report(&cfg).await {
-                Ok(lines) => {
-                    for l in lines {
-                        println!("{l}");
-                    }
-                    Ok(())
-                }
-                Err(e) => Err(Failure::runtime(e)),
-            },
-            _ => {
-                tracing::info!(config = ?cfg, "Effective configuration.");
-                presenced::metrics::register_process_collector();
-                presenced::run(cfg, presenced::shutdown::signal())
-                    .await
-                    .map_err(Failure::runtime)
-            }
-        }
+    let result = config(sub).and_then(|cfg| {
+        let runtime = tokio::runtime::Runtime::new().map_err(|e| Failure::Startup(e.into()))?;
+        let result = runtime.block_on(command(name, sub, cfg));
+        // Don't wait for blocking tasks (e.g. a DNS lookup) left behind.
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        result
     });
-    // Don't wait for blocking tasks (e.g. a DNS lookup) left behind.
-    runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(e)) => {
             eprintln!("presenced: {}", chain(e.as_ref()));
             ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Startup(e)) => {
+            eprintln!("presenced: cannot start the runtime: {}", chain(e.as_ref()));
+            ExitCode::from(EXIT_RUNTIME)
         }
         Err(Failure::Runtime(e)) => {
             eprintln!("presenced: {}", chain(e.as_ref()));

@@ -37,11 +37,48 @@ pub(crate) struct Metrics {
     rebuilds: IntCounter,
     redis_up: IntGauge,
     mqtt_up: IntGauge,
+    build_info: IntGaugeVec,
 }
 
 impl Metrics {
-    /// Registers every metric into `registry`.
+    /// Registers every metric into `registry`, every labelled series at 0.
     pub(crate) fn register(registry: &Registry) -> prometheus::Result<Metrics> {
+        let m = Metrics::new(registry)?;
+        for collector in m.collectors() {
+            registry.register(collector)?;
+        }
+        for state in ["online", "offline"] {
+            m.devices.with_label_values(&[state]).set(0);
+            m.transitions.with_label_values(&[state]).reset();
+        }
+        for reason in ["invalid_id", "too_large"] {
+            m.rejected.with_label_values(&[reason]).reset();
+        }
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(m)
+    }
+
+    /// Every metric, for registering.
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.devices.clone()),
+            Box::new(self.heartbeats.clone()),
+            Box::new(self.rejected.clone()),
+            Box::new(self.transitions.clone()),
+            Box::new(self.lag.clone()),
+            Box::new(self.missed.clone()),
+            Box::new(self.forgotten.clone()),
+            Box::new(self.rebuilds.clone()),
+            Box::new(self.redis_up.clone()),
+            Box::new(self.mqtt_up.clone()),
+            Box::new(self.build_info.clone()),
+        ]
+    }
+
+    /// Every metric with its name and help, not registered yet.
+    fn new(registry: &Registry) -> prometheus::Result<Metrics> {
         let devices = IntGaugeVec::new(
             Opts::new(
                 "presenced_devices",
@@ -99,29 +136,6 @@ impl Metrics {
             &["version"],
         )?;
 
-        registry.register(Box::new(devices.clone()))?;
-        registry.register(Box::new(heartbeats.clone()))?;
-        registry.register(Box::new(rejected.clone()))?;
-        registry.register(Box::new(transitions.clone()))?;
-        registry.register(Box::new(lag.clone()))?;
-        registry.register(Box::new(missed.clone()))?;
-        registry.register(Box::new(forgotten.clone()))?;
-        registry.register(Box::new(rebuilds.clone()))?;
-        registry.register(Box::new(redis_up.clone()))?;
-        registry.register(Box::new(mqtt_up.clone()))?;
-        registry.register(Box::new(build_info.clone()))?;
-
-        for state in ["online", "offline"] {
-            devices.with_label_values(&[state]).set(0);
-            transitions.with_label_values(&[state]).reset();
-        }
-        for reason in ["invalid_id", "too_large"] {
-            rejected.with_label_values(&[reason]).reset();
-        }
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-
         Ok(Metrics {
             registry: registry.clone(),
             devices,
@@ -134,6 +148,7 @@ impl Metrics {
             rebuilds,
             redis_up,
             mqtt_up,
+            build_info,
         })
     }
 
