@@ -1,6 +1,8 @@
 //! Connection health shared by the tasks: what `/readyz` answers and what the
 //! `presenced_redis_up` / `presenced_mqtt_up` gauges show. Setting a flag updates its gauge,
 //! so the two never disagree.
+//!
+//! It must not probe anything itself: the tasks that hold the connections report to it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -2,6 +2,8 @@
 //! `/devices?state=&limit=&cursor=`. It only reads: Redis for devices and fleet counts,
 //! [`Health`] for readiness. With `http.auth_token` set, every route but `/`, `/healthz`
 //! and `/readyz` needs that bearer token.
+//!
+//! It must not write to Redis or publish anything.
 
 use std::borrow::Cow;
 use std::convert::Infallible;

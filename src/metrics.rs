@@ -3,6 +3,9 @@
 //!
 //! Label values come from enums, never from a device id: cardinality is fixed by
 //! construction. Every labelled series is created at start, at 0.
+//!
+//! It must not decide what to count: the tasks call it; fleet counts are set by `http` at
+//! scrape time from Redis.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,

@@ -1,5 +1,7 @@
 //! Logging setup and a limiter for warnings that bad input or outages could repeat
-//! thousands of times a second.
+//! thousands of times a second, and the capped backoff the reconnecting tasks share.
+//!
+//! It must not log on its own: callers decide what a message says and whether to log it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
