@@ -386,5 +386,8 @@ mod tests {
         assert_eq!(decode("a%2Fb").as_deref(), Some("a/b"));
         assert_eq!(decode("a%zz"), None);
         assert_eq!(decode("%ff"), None);
+        assert_eq!(decode("a+b%2B%26").as_deref(), Some("a b+&"));
+        assert_eq!(decode("%"), None);
+        assert_eq!(decode("a%2"), None);
     }
 }
