@@ -99,25 +99,42 @@ pub struct TopicTemplate {
     device_level: usize,
 }
 
+/// Why a topic template was refused (the message does not name the config key).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadTemplate {
+    #[error("topic template is empty")]
+    Empty,
+    #[error("{DEVICE_PLACEHOLDER} appears more than once")]
+    DeviceTwice,
+    #[error("{DEVICE_PLACEHOLDER} must be a whole topic level")]
+    DeviceInsideLevel,
+    #[error("wildcards (+, #) are not allowed in a template")]
+    Wildcard,
+    #[error("NUL is not allowed in a topic")]
+    Nul,
+    #[error("must contain {DEVICE_PLACEHOLDER} as one level")]
+    NoDevice,
+}
+
 impl TopicTemplate {
-    /// Parses a template. The error says what is wrong, without naming the config key.
-    pub fn parse(template: &str) -> Result<Self, String> {
+    /// Parses a template.
+    pub fn parse(template: &str) -> Result<Self, BadTemplate> {
         if template.is_empty() {
-            return Err("topic template is empty".into());
+            return Err(BadTemplate::Empty);
         }
         let levels: Vec<String> = template.split('/').map(str::to_owned).collect();
         let mut device_level = None;
         for (i, level) in levels.iter().enumerate() {
             if level == DEVICE_PLACEHOLDER {
                 if device_level.replace(i).is_some() {
-                    return Err(format!("{DEVICE_PLACEHOLDER} appears more than once"));
+                    return Err(BadTemplate::DeviceTwice);
                 }
             } else if level.contains(DEVICE_PLACEHOLDER) {
-                return Err(format!("{DEVICE_PLACEHOLDER} must be a whole topic level"));
+                return Err(BadTemplate::DeviceInsideLevel);
             } else if level.contains(['+', '#']) {
-                return Err("wildcards (+, #) are not allowed in a template".into());
+                return Err(BadTemplate::Wildcard);
             } else if level.contains('\0') {
-                return Err("NUL is not allowed in a topic".into());
+                return Err(BadTemplate::Nul);
             }
         }
         match device_level {
@@ -125,7 +142,7 @@ impl TopicTemplate {
                 levels,
                 device_level,
             }),
-            None => Err(format!("must contain {DEVICE_PLACEHOLDER} as one level")),
+            None => Err(BadTemplate::NoDevice),
         }
     }
 

@@ -1,12 +1,19 @@
 //! Connection health shared by the tasks: what `/readyz` answers and what the
 //! `presenced_redis_up` / `presenced_mqtt_up` gauges show. Setting a flag updates its gauge,
 //! so the two never disagree.
+//!
+//! It must not probe anything itself: the tasks that hold the connections report to it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::metrics::Metrics;
 
-pub struct Health {
+/// Why the monitor is not ready: one reason per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub(crate) struct NotReady(Vec<&'static str>);
+
+pub(crate) struct Health {
     metrics: Metrics,
     redis_commands: AtomicBool,
     redis_listener: AtomicBool,
@@ -15,7 +22,7 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn new(metrics: Metrics) -> Health {
+    pub(crate) fn new(metrics: Metrics) -> Health {
         metrics.set_redis_up(false);
         metrics.set_mqtt_up(false);
         Health {
@@ -27,12 +34,12 @@ impl Health {
         }
     }
 
-    pub fn set_redis_commands(&self, up: bool) {
+    pub(crate) fn set_redis_commands(&self, up: bool) {
         self.redis_commands.store(up, Ordering::Relaxed);
         self.update_redis();
     }
 
-    pub fn set_redis_listener(&self, up: bool) {
+    pub(crate) fn set_redis_listener(&self, up: bool) {
         self.redis_listener.store(up, Ordering::Relaxed);
         self.update_redis();
     }
@@ -44,14 +51,14 @@ impl Health {
         );
     }
 
-    pub fn set_mqtt(&self, connected: bool, subscribed: bool) {
+    pub(crate) fn set_mqtt(&self, connected: bool, subscribed: bool) {
         self.mqtt_connected.store(connected, Ordering::Relaxed);
         self.mqtt_subscribed.store(subscribed, Ordering::Relaxed);
         self.metrics.set_mqtt_up(connected && subscribed);
     }
 
-    /// `Ok` when ready, else the reasons, one per line.
-    pub fn readiness(&self) -> Result<(), String> {
+    /// `Ok` when ready, else the reasons.
+    pub(crate) fn readiness(&self) -> Result<(), NotReady> {
         let mut reasons = Vec::new();
         if !self.redis_commands.load(Ordering::Relaxed) {
             reasons.push("redis: not connected");
@@ -67,7 +74,7 @@ impl Health {
         if reasons.is_empty() {
             Ok(())
         } else {
-            Err(reasons.join("\n"))
+            Err(NotReady(reasons))
         }
     }
 }

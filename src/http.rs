@@ -2,6 +2,8 @@
 //! `/devices?state=&limit=&cursor=`. It only reads: Redis for devices and fleet counts,
 //! [`Health`] for readiness. With `http.auth_token` set, every route but `/`, `/healthz`
 //! and `/readyz` needs that bearer token.
+//!
+//! It must not write to Redis or publish anything.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -34,11 +36,11 @@ const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 
 #[derive(Clone)]
-pub struct Api {
-    pub store: Store,
-    pub metrics: Metrics,
-    pub health: Arc<Health>,
-    pub auth: HttpAuth,
+pub(crate) struct Api {
+    pub(crate) store: Store,
+    pub(crate) metrics: Metrics,
+    pub(crate) health: Arc<Health>,
+    pub(crate) auth: HttpAuth,
 }
 
 /// Whether a route needs the bearer token (when one is configured).
@@ -96,15 +98,15 @@ type Body = Full<Bytes>;
 /// Prometheus, probes and dashboards need. When all are taken, new connections wait in the
 /// kernel's accept queue until a slot frees, which [`REQUEST_HEAD_TIMEOUT`] bounds: a client
 /// that holds a connection without sending a request loses it within 10 s.
-pub const MAX_CONNECTIONS: usize = 2048;
+pub(crate) const MAX_CONNECTIONS: usize = 2048;
 
 /// How long a client may take to send a whole request head, on a new connection and
 /// between requests on a kept-alive one. Without it a client that sends half a request
 /// holds its connection (and a slot of [`MAX_CONNECTIONS`]) forever.
-pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves until cancelled, then lets requests in progress finish (up to 1 s).
-pub async fn serve(listener: TcpListener, api: Api, token: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, api: Api, token: CancellationToken) {
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     // hyper panics on a header timeout without a timer.
@@ -178,29 +180,28 @@ fn error(status: StatusCode, message: &str) -> Response<Body> {
     json(status, &serde_json::json!({ "error": message }))
 }
 
-/// Percent-decodes a path segment or query value; `None` if malformed or not UTF-8.
+/// Percent-decodes a path segment or query value (`+` is a space, as in a form);
+/// `None` if malformed (a `%` not followed by two hex digits) or not UTF-8: a device id or
+/// a token arrives exactly as sent, or not at all. (`form_urlencoded::parse` would pass a
+/// malformed escape through and replace invalid UTF-8 with U+FFFD, hence the strict decoder.)
 fn decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
+    let b = s.as_bytes();
+    let well_formed = b
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c == b'%')
+        .all(|(i, _)| {
+            b.get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+        });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(|d| d.into_owned())
 }
 
 /// The cursor is the last id of the previous page, hex-encoded (opaque to clients).
@@ -385,5 +386,8 @@ mod tests {
         assert_eq!(decode("a%2Fb").as_deref(), Some("a/b"));
         assert_eq!(decode("a%zz"), None);
         assert_eq!(decode("%ff"), None);
+        assert_eq!(decode("a+b%2B%26").as_deref(), Some("a b+&"));
+        assert_eq!(decode("%"), None);
+        assert_eq!(decode("a%2"), None);
     }
 }

@@ -9,16 +9,44 @@ use std::time::Duration;
 use clap::{value_parser, Arg, ArgMatches, Command};
 use presenced::config::{self, Config, Sources, KEYS};
 use presenced::simulate::SimOptions;
+use presenced::telemetry::LogFormat;
 
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
+/// Any error, with its chain of sources.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// How a command failed, which decides the exit code.
 enum Failure {
-    /// Bad arguments: exit 2.
-    Usage(String),
+    /// Bad arguments or configuration: exit 2.
+    Usage(BoxError),
+    /// The async runtime could not start: exit 1.
+    Startup(BoxError),
     /// Anything at run time: exit 1.
-    Runtime(String),
+    Runtime(BoxError),
+}
+
+impl Failure {
+    fn runtime(e: impl Into<BoxError>) -> Failure {
+        Failure::Runtime(e.into())
+    }
+}
+
+/// The error and its sources on one line, `: `-separated. A source whose text the line
+/// already holds is skipped: many errors quote their source in their own message.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line
 }
 
 fn cli() -> Command {
@@ -111,6 +139,67 @@ fn sources(m: &ArgMatches) -> Sources {
     }
 }
 
+/// The subcommand's options, as `simulate` takes them.
+fn sim_options(sub: &ArgMatches) -> SimOptions {
+    SimOptions {
+        devices: sub.get_one::<usize>("devices").copied().unwrap_or(0),
+        interval: sub
+            .get_one::<Duration>("interval")
+            .copied()
+            .unwrap_or(Duration::from_secs(10)),
+        offline_fraction: sub
+            .get_one::<f64>("offline-fraction")
+            .copied()
+            .unwrap_or(0.0),
+        duration: sub.get_one::<Duration>("duration").copied(),
+        prefix: sub
+            .get_one::<String>("prefix")
+            .cloned()
+            .unwrap_or_else(|| "sim".into()),
+    }
+}
+
+/// Runs the subcommand `name` (`run` when none was given).
+async fn command(name: &str, sub: &ArgMatches, cfg: Config) -> Result<(), Failure> {
+    match name {
+        "simulate" => {
+            let opts = sim_options(sub);
+            if let Err(e) = opts.validate() {
+                return Err(Failure::Usage(e.into()));
+            }
+            presenced::simulate::run(&cfg.mqtt, opts, presenced::shutdown::signal())
+                .await
+                .map(|_| ())
+                .map_err(Failure::runtime)
+        }
+        "check-config" => {
+            let lines = presenced::check::report(&cfg)
+                .await
+                .map_err(Failure::runtime)?;
+            for l in lines {
+                println!("{l}");
+            }
+            Ok(())
+        }
+        _ => {
+            tracing::info!(config = ?cfg, "Effective configuration.");
+            presenced::metrics::register_process_collector();
+            presenced::run(cfg, presenced::shutdown::signal())
+                .await
+                .map_err(Failure::runtime)
+        }
+    }
+}
+
+/// Loads the configuration (exit 2 if it is bad) and logs its warnings.
+fn config(sub: &ArgMatches) -> Result<Config, Failure> {
+    let loaded = Config::load(&sources(sub)).map_err(|e| Failure::Usage(e.into()))?;
+    for w in &loaded.warnings {
+        tracing::warn!(warning = %w, "Configuration warning.");
+    }
+    Ok(loaded.config)
+}
+
 fn main() -> ExitCode {
     let matches = match cli().try_get_matches() {
         Ok(m) => m,
@@ -123,87 +212,35 @@ fn main() -> ExitCode {
             };
         }
     };
-    let json = matches.get_one::<String>("log-format").map(String::as_str) == Some("json");
-    presenced::telemetry::init(json);
+    let format = match matches.get_one::<String>("log-format").map(String::as_str) {
+        Some("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    presenced::telemetry::init(format);
 
     let (name, sub) = match matches.subcommand() {
         Some((name, sub)) => (name, sub),
         None => ("run", &matches),
     };
-    let loaded = match Config::load(&sources(sub)) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("presenced: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    for w in &loaded.warnings {
-        tracing::warn!(warning = %w, "Configuration warning.");
-    }
-    let cfg = loaded.config;
-
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("presenced: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
-    };
-    let result: Result<(), Failure> = runtime.block_on(async {
-        match name {
-            "simulate" => {
-                let opts = SimOptions {
-                    devices: sub.get_one::<usize>("devices").copied().unwrap_or(0),
-                    interval: sub
-                        .get_one::<Duration>("interval")
-                        .copied()
-                        .unwrap_or(Duration::from_secs(10)),
-                    offline_fraction: sub
-                        .get_one::<f64>("offline-fraction")
-                        .copied()
-                        .unwrap_or(0.0),
-                    duration: sub.get_one::<Duration>("duration").copied(),
-                    prefix: sub
-                        .get_one::<String>("prefix")
-                        .cloned()
-                        .unwrap_or_else(|| "sim".into()),
-                };
-                if let Err(e) = opts.validate() {
-                    return Err(Failure::Usage(e.to_string()));
-                }
-                presenced::simulate::run(&cfg.mqtt, opts, presenced::shutdown::signal())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| Failure::Runtime(e.to_string()))
-            }
-            "check-config" => match presenced::check(&cfg).await {
-                Ok(lines) => {
-                    for l in lines {
-                        println!("{l}");
-                    }
-                    Ok(())
-                }
-                Err(e) => Err(Failure::Runtime(e.to_string())),
-            },
-            _ => {
-                tracing::info!(config = ?cfg, "Effective configuration.");
-                presenced::metrics::register_process_collector();
-                presenced::run(cfg, presenced::shutdown::signal())
-                    .await
-                    .map_err(|e| Failure::Runtime(e.to_string()))
-            }
-        }
+    let result = config(sub).and_then(|cfg| {
+        let runtime = tokio::runtime::Runtime::new().map_err(|e| Failure::Startup(e.into()))?;
+        let result = runtime.block_on(command(name, sub, cfg));
+        // Don't wait for blocking tasks (e.g. a DNS lookup) left behind.
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        result
     });
-    // Don't wait for blocking tasks (e.g. a DNS lookup) left behind.
-    runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(e)) => {
-            eprintln!("presenced: {e}");
+            eprintln!("presenced: {}", chain(e.as_ref()));
             ExitCode::from(EXIT_USAGE)
         }
+        Err(Failure::Startup(e)) => {
+            eprintln!("presenced: cannot start the runtime: {}", chain(e.as_ref()));
+            ExitCode::from(EXIT_RUNTIME)
+        }
         Err(Failure::Runtime(e)) => {
-            eprintln!("presenced: {e}");
+            eprintln!("presenced: {}", chain(e.as_ref()));
             ExitCode::from(EXIT_RUNTIME)
         }
     }

@@ -3,6 +3,9 @@
 //!
 //! Label values come from enums, never from a device id: cardinality is fixed by
 //! construction. Every labelled series is created at start, at 0.
+//!
+//! It must not decide what to count: the tasks call it; fleet counts are set by `http` at
+//! scrape time from Redis.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -19,13 +22,13 @@ const LAG_BUCKETS: &[f64] = &[
 
 /// Why a heartbeat was refused (the `reason` label).
 #[derive(Clone, Copy, Debug)]
-pub enum Rejected {
+pub(crate) enum Rejected {
     InvalidId,
     TooLarge,
 }
 
 #[derive(Clone)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     devices: IntGaugeVec,
     heartbeats: IntCounter,
@@ -37,11 +40,48 @@ pub struct Metrics {
     rebuilds: IntCounter,
     redis_up: IntGauge,
     mqtt_up: IntGauge,
+    build_info: IntGaugeVec,
 }
 
 impl Metrics {
-    /// Registers every metric into `registry`.
-    pub fn register(registry: &Registry) -> prometheus::Result<Metrics> {
+    /// Registers every metric into `registry`, every labelled series at 0.
+    pub(crate) fn register(registry: &Registry) -> prometheus::Result<Metrics> {
+        let m = Metrics::new(registry)?;
+        for collector in m.collectors() {
+            registry.register(collector)?;
+        }
+        for state in ["online", "offline"] {
+            m.devices.with_label_values(&[state]).set(0);
+            m.transitions.with_label_values(&[state]).reset();
+        }
+        for reason in ["invalid_id", "too_large"] {
+            m.rejected.with_label_values(&[reason]).reset();
+        }
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(m)
+    }
+
+    /// Every metric, for registering.
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.devices.clone()),
+            Box::new(self.heartbeats.clone()),
+            Box::new(self.rejected.clone()),
+            Box::new(self.transitions.clone()),
+            Box::new(self.lag.clone()),
+            Box::new(self.missed.clone()),
+            Box::new(self.forgotten.clone()),
+            Box::new(self.rebuilds.clone()),
+            Box::new(self.redis_up.clone()),
+            Box::new(self.mqtt_up.clone()),
+            Box::new(self.build_info.clone()),
+        ]
+    }
+
+    /// Every metric with its name and help, not registered yet.
+    fn new(registry: &Registry) -> prometheus::Result<Metrics> {
         let devices = IntGaugeVec::new(
             Opts::new(
                 "presenced_devices",
@@ -99,29 +139,6 @@ impl Metrics {
             &["version"],
         )?;
 
-        registry.register(Box::new(devices.clone()))?;
-        registry.register(Box::new(heartbeats.clone()))?;
-        registry.register(Box::new(rejected.clone()))?;
-        registry.register(Box::new(transitions.clone()))?;
-        registry.register(Box::new(lag.clone()))?;
-        registry.register(Box::new(missed.clone()))?;
-        registry.register(Box::new(forgotten.clone()))?;
-        registry.register(Box::new(rebuilds.clone()))?;
-        registry.register(Box::new(redis_up.clone()))?;
-        registry.register(Box::new(mqtt_up.clone()))?;
-        registry.register(Box::new(build_info.clone()))?;
-
-        for state in ["online", "offline"] {
-            devices.with_label_values(&[state]).set(0);
-            transitions.with_label_values(&[state]).reset();
-        }
-        for reason in ["invalid_id", "too_large"] {
-            rejected.with_label_values(&[reason]).reset();
-        }
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-
         Ok(Metrics {
             registry: registry.clone(),
             devices,
@@ -134,14 +151,15 @@ impl Metrics {
             rebuilds,
             redis_up,
             mqtt_up,
+            build_info,
         })
     }
 
-    pub fn heartbeat_accepted(&self) {
+    pub(crate) fn heartbeat_accepted(&self) {
         self.heartbeats.inc();
     }
 
-    pub fn heartbeat_rejected(&self, reason: Rejected) {
+    pub(crate) fn heartbeat_rejected(&self, reason: Rejected) {
         let label = match reason {
             Rejected::InvalidId => "invalid_id",
             Rejected::TooLarge => "too_large",
@@ -149,41 +167,41 @@ impl Metrics {
         self.rejected.with_label_values(&[label]).inc();
     }
 
-    pub fn transition_committed(&self, to: State) {
+    pub(crate) fn transition_committed(&self, to: State) {
         self.transitions.with_label_values(&[to.as_str()]).inc();
     }
 
-    pub fn observe_lag(&self, seconds: f64) {
+    pub(crate) fn observe_lag(&self, seconds: f64) {
         self.lag.observe(seconds.max(0.0));
     }
 
-    pub fn missed_expiration(&self, n: u64) {
+    pub(crate) fn missed_expiration(&self, n: u64) {
         self.missed.inc_by(n);
     }
 
-    pub fn devices_forgotten(&self, n: u64) {
+    pub(crate) fn devices_forgotten(&self, n: u64) {
         self.forgotten.inc_by(n);
     }
 
-    pub fn state_rebuilt(&self) {
+    pub(crate) fn state_rebuilt(&self) {
         self.rebuilds.inc();
     }
 
-    pub fn set_fleet(&self, online: i64, offline: i64) {
+    pub(crate) fn set_fleet(&self, online: i64, offline: i64) {
         self.devices.with_label_values(&["online"]).set(online);
         self.devices.with_label_values(&["offline"]).set(offline);
     }
 
-    pub fn set_redis_up(&self, up: bool) {
+    pub(crate) fn set_redis_up(&self, up: bool) {
         self.redis_up.set(i64::from(up));
     }
 
-    pub fn set_mqtt_up(&self, up: bool) {
+    pub(crate) fn set_mqtt_up(&self, up: bool) {
         self.mqtt_up.set(i64::from(up));
     }
 
     /// The Prometheus text exposition of this registry plus the process metrics.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut families = self.registry.gather();
         families.extend(prometheus::gather());
         let mut buf = Vec::new();

@@ -1,4 +1,6 @@
-//! The process's shutdown trigger.
+//! The process's shutdown trigger: SIGTERM or SIGINT.
+//!
+//! It must not stop anything itself: `run` owns the shutdown order.
 
 use tokio::signal::unix::{self as unix, SignalKind};
 use tracing::info;

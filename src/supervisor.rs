@@ -7,6 +7,9 @@
 //!
 //! This relies on panics unwinding (Cargo's default; with `panic = "abort"` a panic would end
 //! the process at once, which is not half alive either, but skips the orderly stop).
+//!
+//! It must not know what the tasks do, nor the order they stop in (that is `run`'s: two
+//! supervisors, the HTTP server's stopped last).
 
 use std::any::Any;
 use std::collections::HashMap;

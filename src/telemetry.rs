@@ -1,5 +1,7 @@
 //! Logging setup and a limiter for warnings that bad input or outages could repeat
-//! thousands of times a second.
+//! thousands of times a second, and the capped backoff the reconnecting tasks share.
+//!
+//! It must not log on its own: callers decide what a message says and whether to log it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -7,33 +9,41 @@ use std::time::{Duration, Instant};
 
 use tracing_subscriber::EnvFilter;
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Installs the global tracing subscriber: human-readable or JSON, to stderr, filtered by
 /// `RUST_LOG` (default `presenced=info` plus warnings from the client libraries, whose
 /// `log` records reach tracing through tracing-log). Call once, from `main`.
-pub fn init(json: bool) {
+pub fn init(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,presenced=info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     // try_init: a second init (tests) is not an error worth failing over.
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
     };
 }
 
 /// Lets one message through per interval and counts what it held back, so a flood of bad
 /// heartbeats or a flapping connection costs one log line per interval, not one per event.
-pub struct LogLimiter {
+pub(crate) struct LogLimiter {
     interval: Duration,
     last: Mutex<Option<Instant>>,
     suppressed: AtomicU64,
 }
 
 impl LogLimiter {
-    pub const fn new(interval: Duration) -> LogLimiter {
+    pub(crate) const fn new(interval: Duration) -> LogLimiter {
         LogLimiter {
             interval,
             last: Mutex::new(None),
@@ -43,7 +53,7 @@ impl LogLimiter {
 
     /// `Some(n)` when a message may be logged now, `n` being how many were held back since
     /// the last one; `None` when this one should be dropped.
-    pub fn check(&self) -> Option<u64> {
+    pub(crate) fn check(&self) -> Option<u64> {
         let now = Instant::now();
         let mut last = match self.last.lock() {
             Ok(guard) => guard,
@@ -63,15 +73,15 @@ impl LogLimiter {
 }
 
 /// Capped exponential backoff: 100 ms doubling to a cap, reset on success.
-pub struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
     cap: Duration,
 }
 
 impl Backoff {
-    pub const START: Duration = Duration::from_millis(100);
+    pub(crate) const START: Duration = Duration::from_millis(100);
 
-    pub fn new(cap: Duration) -> Backoff {
+    pub(crate) fn new(cap: Duration) -> Backoff {
         Backoff {
             next: Self::START,
             cap,
@@ -79,13 +89,13 @@ impl Backoff {
     }
 
     /// The delay to wait now; the following one is twice as long, up to the cap.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(self.cap);
         d
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = Self::START;
     }
 }

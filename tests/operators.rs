@@ -67,7 +67,7 @@ fn dashboard_exprs() -> Vec<(String, String)> {
 }
 
 fn alert_rules() -> Vec<(String, String)> {
-    let y: serde_yaml::Value = serde_yaml::from_str(
+    let y: serde_norway::Value = serde_norway::from_str(
         &std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).unwrap(),
     )
     .unwrap();
@@ -256,8 +256,8 @@ fn deploy_yaml_parses_and_compose_files_exist() {
             continue;
         }
         let text = std::fs::read_to_string(&entry).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            if let Err(e) = serde_yaml::Value::deserialize(doc) {
+        for doc in serde_norway::Deserializer::from_str(&text) {
+            if let Err(e) = serde_norway::Value::deserialize(doc) {
                 panic!("{}: {e}", entry.display());
             }
             n += 1;
@@ -266,8 +266,8 @@ fn deploy_yaml_parses_and_compose_files_exist() {
     assert!(n >= 8, "only {n} YAML documents found");
 
     let base = repo("deploy/compose");
-    let compose: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(base.join("docker-compose.yml")).unwrap())
+    let compose: serde_norway::Value =
+        serde_norway::from_str(&std::fs::read_to_string(base.join("docker-compose.yml")).unwrap())
             .unwrap();
     let mut refs = 0;
     for (name, svc) in compose["services"].as_mapping().unwrap() {

@@ -58,7 +58,7 @@ impl TestApp {
 
     pub async fn spawn_unready(cfg: Config) -> TestApp {
         if std::env::var_os("PRESENCED_TEST_LOG").is_some() {
-            presenced::telemetry::init(false);
+            presenced::telemetry::init(presenced::telemetry::LogFormat::Text);
         }
         let token = CancellationToken::new();
         let t = token.clone();

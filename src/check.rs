@@ -1,0 +1,148 @@
+//! `presenced check-config`: validates what loading the configuration cannot (Redis
+//! reachable, recent enough and its notification setting; every master of a cluster; the
+//! broker reachable) and reports one line per check.
+//!
+//! It must not change anything: no script loaded, no `CONFIG SET`, no subscription, and
+//! its MQTT client uses a clean session under its own random id.
+
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::redis_version::{self, CheckError, RedisVersion};
+use crate::startup::{seed_infos, seed_urls};
+use crate::store::{self, Store, StoreError};
+use crate::{cluster, mqtt, Error};
+
+/// What `presenced check-config` found, one line per check.
+pub async fn report(cfg: &Config) -> Result<Vec<String>, Error> {
+    let mut report = vec![format!("config: ok (instance {})", cfg.mqtt.client_id)];
+    match seed_urls(&cfg.redis) {
+        None => check_single(cfg, &mut report).await?,
+        Some(urls) => check_cluster(cfg, &urls, &mut report).await?,
+    }
+    let (_client, mut eventloop) = mqtt::client(mqtt::ConnectOptions {
+        cfg: &cfg.mqtt,
+        client_id: format!("{}-check-{:08x}", cfg.mqtt.client_id, fastrand::u32(..)),
+        persistent: false,
+        will: None,
+        inflight: 10,
+        keep_alive: Duration::from_secs(5),
+    });
+    let connack = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(mqtt::Event::ConnAck { .. }) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .map_err(|_| Error::Mqtt("connect timed out".into()))?;
+    connack.map_err(|e| Error::Mqtt(e.to_string()))?;
+    report.push("mqtt: reachable".into());
+    Ok(report)
+}
+
+/// How long check-config waits for each Redis step.
+const CHECK_WAIT: Duration = Duration::from_secs(5);
+
+fn timed_out() -> Error {
+    Error::Redis(StoreError::Protocol("connect timed out".into()))
+}
+
+impl From<CheckError> for Error {
+    fn from(e: CheckError) -> Error {
+        match e {
+            CheckError::Unsupported(e) => Error::RedisUnsupported(e),
+            CheckError::Redis(e) => Error::Redis(e.into()),
+        }
+    }
+}
+
+/// A connection to one node, and its version checked (first: an old Redis is named as such
+/// rather than failing on whatever comes next).
+async fn connect_checked(
+    info: redis::ConnectionInfo,
+) -> Result<(redis::aio::MultiplexedConnection, RedisVersion), Error> {
+    let addr = info.addr().to_string();
+    let client = redis::Client::open(info).map_err(StoreError::from)?;
+    let mut conn = tokio::time::timeout(CHECK_WAIT, client.get_multiplexed_async_connection())
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(StoreError::from)?;
+    let version = tokio::time::timeout(CHECK_WAIT, redis_version::check(&mut conn, &addr))
+        .await
+        .map_err(|_| timed_out())??;
+    Ok((conn, version))
+}
+
+/// The report line on a node's notification setting. Read-only: check-config never changes
+/// the server's configuration.
+async fn describe_notifications(
+    cfg: &Config,
+    node: &str,
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> String {
+    match store::ensure_notifications(conn, false).await {
+        store::NotifyConfig::AlreadyOn => {
+            format!("redis: {node}notify-keyspace-events has E and x")
+        }
+        other => format!(
+            "redis: {node}notify-keyspace-events not confirmed ({other:?}); `run` will {}",
+            if cfg.redis.configure_notifications {
+                "try to enable it"
+            } else {
+                "probe for it"
+            }
+        ),
+    }
+}
+
+async fn check_single(cfg: &Config, report: &mut Vec<String>) -> Result<(), Error> {
+    let client = redis::Client::open(cfg.redis.url.0.as_str()).map_err(StoreError::from)?;
+    let (mut conn, version) = connect_checked(client.get_connection_info().clone()).await?;
+    let store = tokio::time::timeout(CHECK_WAIT, Store::connect(&client, &cfg.redis.key_prefix))
+        .await
+        .map_err(|_| timed_out())??;
+    store.ping().await?;
+    report.push(format!("redis: reachable (Redis {version})"));
+    report.push(describe_notifications(cfg, "", &mut conn).await);
+    Ok(())
+}
+
+/// Every master that serves slots is checked: each runs the scripts of its slots.
+async fn check_cluster(
+    cfg: &Config,
+    urls: &[String],
+    report: &mut Vec<String>,
+) -> Result<(), Error> {
+    let infos = seed_infos(urls)?;
+    let topology = cluster::discover(&infos)
+        .await
+        .map_err(|e| Error::Redis(StoreError::Protocol(e)))?;
+    let masters: Vec<_> = topology.iter().filter(|n| n.serves_slots()).collect();
+    let mut checked = Vec::new();
+    for node in &masters {
+        let info = cluster::node_info(&infos[0], &node.host, node.port);
+        let (conn, version) = connect_checked(info).await?;
+        checked.push((node.addr(), conn, version));
+    }
+    let store = tokio::time::timeout(
+        CHECK_WAIT,
+        Store::connect_cluster(urls, &cfg.redis.key_prefix),
+    )
+    .await
+    .map_err(|_| timed_out())??;
+    store.ping().await?;
+    report.push(format!(
+        "redis: cluster reachable ({} masters, {} nodes)",
+        masters.len(),
+        topology.len()
+    ));
+    for (addr, mut conn, version) in checked {
+        report.push(format!("redis: master {addr}: Redis {version}"));
+        report.push(describe_notifications(cfg, &format!("master {addr}: "), &mut conn).await);
+    }
+    Ok(())
+}
