@@ -103,7 +103,7 @@ pub enum Error {
     #[error("redis: {0}")]
     Redis(#[from] StoreError),
     #[error("mqtt: {0}")]
-    Mqtt(String),
+    Mqtt(#[from] mqtt::Error),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     /// A task panicked: the monitor stopped rather than run without it.
@@ -497,8 +497,8 @@ pub async fn check(cfg: &Config) -> Result<Vec<String>, Error> {
         }
     })
     .await
-    .map_err(|_| Error::Mqtt("connect timed out".into()))?;
-    connack.map_err(|e| Error::Mqtt(e.to_string()))?;
+    .map_err(|_| mqtt::Error::ConnectTimeout)?;
+    connack?;
     report.push("mqtt: reachable".into());
     Ok(report)
 }

@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 
 use crate::config::MqttConfig;
 use crate::device::DeviceId;
-use crate::mqtt::{self, ConnectOptions, Event};
+use crate::mqtt::{self, ConnectOptions, Event, Qos};
 
 /// Devices per MQTT connection (at most [`MAX_CONNECTIONS`] connections).
 const DEVICES_PER_CONNECTION: usize = 25_000;
@@ -173,7 +173,11 @@ pub async fn run(
                 };
                 let topic = cfg.heartbeat_topic.render(&id);
                 let client = &clients[i % conns];
-                if client.publish(topic, true, Bytes::new()).await.is_err() {
+                if client
+                    .publish(topic, Qos::AtLeastOnce, Bytes::new())
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 sent.fetch_add(1, Ordering::Relaxed);
