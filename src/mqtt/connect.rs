@@ -63,12 +63,27 @@ fn capacity(o: &ConnectOptions<'_>) -> usize {
     usize::from(o.inflight) + 16
 }
 
+/// Either protocol's `MqttOptions` (two types without a common trait) with what both set
+/// the same way: client id, address, keep-alive, credentials, TLS.
+macro_rules! options {
+    ($options:ty, $o:ident) => {{
+        let url = &$o.cfg.url;
+        let mut opts = <$options>::new($o.client_id.clone(), url.host.clone(), url.port);
+        opts.set_keep_alive($o.keep_alive);
+        if let Some((user, pass)) = $o.credentials() {
+            opts.set_credentials(user, pass);
+        }
+        if url.tls {
+            opts.set_transport(tls_transport());
+        }
+        opts
+    }};
+}
+
 fn v5(mut o: ConnectOptions<'_>) -> (Client, EventLoop) {
     use rumqttc::v5::{mqttbytes::v5::LastWill, MqttOptions};
-    let url = &o.cfg.url;
-    let mut opts = MqttOptions::new(o.client_id.clone(), url.host.clone(), url.port);
-    opts.set_keep_alive(o.keep_alive)
-        .set_clean_start(!o.persistent)
+    let mut opts = options!(MqttOptions, o);
+    opts.set_clean_start(!o.persistent)
         .set_outgoing_inflight_upper_limit(o.inflight)
         // Announced on purpose, at the protocol maximum: without it rumqttc refuses packets
         // over 10 KiB; a smaller announced size makes mosquitto silently drop larger
@@ -78,15 +93,9 @@ fn v5(mut o: ConnectOptions<'_>) -> (Client, EventLoop) {
     if o.persistent {
         opts.set_session_expiry_interval(Some(SESSION_EXPIRY_S));
     }
-    if let Some((user, pass)) = o.credentials() {
-        opts.set_credentials(user, pass);
-    }
     if let Some((topic, payload)) = o.will.take() {
         let qos = Qos::AtLeastOnce.v5();
         opts.set_last_will(LastWill::new(topic, payload.to_vec(), qos, true, None));
-    }
-    if url.tls {
-        opts.set_transport(tls_transport());
     }
     let (c, l) = rumqttc::v5::AsyncClient::new(opts, capacity(&o));
     (Client::V5(c), EventLoop::V5(Box::new(l)))
@@ -94,26 +103,14 @@ fn v5(mut o: ConnectOptions<'_>) -> (Client, EventLoop) {
 
 fn v4(mut o: ConnectOptions<'_>) -> (Client, EventLoop) {
     use rumqttc::{LastWill, MqttOptions};
-    let url = &o.cfg.url;
-    let mut opts = MqttOptions::new(o.client_id.clone(), url.host.clone(), url.port);
-    opts.set_keep_alive(o.keep_alive)
-        .set_clean_session(!o.persistent)
+    let mut opts = options!(MqttOptions, o);
+    opts.set_clean_session(!o.persistent)
         .set_inflight(o.inflight)
         // Above anything a broker can send (see `v5`).
         .set_max_packet_size(MQTT_MAX_PACKET + 16, MQTT_MAX_PACKET + 16);
-    if let Some((user, pass)) = o.credentials() {
-        opts.set_credentials(user, pass);
-    }
     if let Some((topic, payload)) = o.will.take() {
-        opts.set_last_will(LastWill::new(
-            topic,
-            payload.to_vec(),
-            Qos::AtLeastOnce.v4(),
-            true,
-        ));
-    }
-    if url.tls {
-        opts.set_transport(tls_transport());
+        let qos = Qos::AtLeastOnce.v4();
+        opts.set_last_will(LastWill::new(topic, payload.to_vec(), qos, true));
     }
     let (c, l) = rumqttc::AsyncClient::new(opts, capacity(&o));
     (Client::V4(c), EventLoop::V4(Box::new(l)))

@@ -42,6 +42,23 @@ pub(crate) enum Event {
     Other,
 }
 
+impl Event {
+    fn publish(topic: Bytes, payload: Bytes, retained: bool) -> Event {
+        Event::Publish {
+            topic,
+            payload,
+            retained,
+        }
+    }
+
+    /// One granted-or-not per filter, in the SUBSCRIBE's order.
+    fn suback(granted: impl Iterator<Item = bool>) -> Event {
+        Event::SubAck {
+            granted: granted.collect(),
+        }
+    }
+}
+
 impl EventLoop {
     /// Polls once. An error means the connection is gone; polling again reconnects.
     pub(crate) async fn poll(&mut self) -> Result<Event, Error> {
@@ -66,22 +83,13 @@ impl EventLoop {
 fn from_v5(event: rumqttc::v5::Event) -> Event {
     use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
     use rumqttc::v5::{Event as E, Incoming as I};
+    let success = |c: &SubscribeReasonCode| matches!(c, SubscribeReasonCode::Success(_));
     match event {
         E::Incoming(I::ConnAck(c)) => Event::ConnAck {
             session_present: c.session_present,
         },
-        E::Incoming(I::Publish(p)) => Event::Publish {
-            topic: p.topic,
-            payload: p.payload,
-            retained: p.retain,
-        },
-        E::Incoming(I::SubAck(s)) => Event::SubAck {
-            granted: s
-                .return_codes
-                .iter()
-                .map(|c| matches!(c, SubscribeReasonCode::Success(_)))
-                .collect(),
-        },
+        E::Incoming(I::Publish(p)) => Event::publish(p.topic, p.payload, p.retain),
+        E::Incoming(I::SubAck(s)) => Event::suback(s.return_codes.iter().map(success)),
         E::Incoming(I::PubAck(a)) => Event::PubAck {
             pkid: a.pkid,
             ok: matches!(
@@ -99,22 +107,15 @@ fn from_v5(event: rumqttc::v5::Event) -> Event {
 
 fn from_v4(event: rumqttc::Event) -> Event {
     use rumqttc::{Event as E, Incoming as I, SubscribeReasonCode};
+    let success = |c: &SubscribeReasonCode| matches!(c, SubscribeReasonCode::Success(_));
     match event {
         E::Incoming(I::ConnAck(c)) => Event::ConnAck {
             session_present: c.session_present,
         },
-        E::Incoming(I::Publish(p)) => Event::Publish {
-            topic: Bytes::from(p.topic.into_bytes()),
-            payload: p.payload,
-            retained: p.retain,
-        },
-        E::Incoming(I::SubAck(s)) => Event::SubAck {
-            granted: s
-                .return_codes
-                .iter()
-                .map(|c| matches!(c, SubscribeReasonCode::Success(_)))
-                .collect(),
-        },
+        E::Incoming(I::Publish(p)) => {
+            Event::publish(Bytes::from(p.topic.into_bytes()), p.payload, p.retain)
+        }
+        E::Incoming(I::SubAck(s)) => Event::suback(s.return_codes.iter().map(success)),
         // v3.1.1 has no reason codes: a PUBACK is a success.
         E::Incoming(I::PubAck(a)) => Event::PubAck {
             pkid: a.pkid,
@@ -147,6 +148,19 @@ pub(super) fn drop_stale_acks(events: &mut VecDeque<rumqttc::Event>) {
     });
 }
 
+/// What a v3.1.1 event loop may still hold from a lost connection: a publish written (pkid
+/// 2), a PUBACK read (pkid 1), and a heartbeat.
+#[cfg(test)]
+pub(super) fn leftover_events() -> [rumqttc::Event; 3] {
+    use rumqttc::{Event as E, Incoming as I, PubAck, Publish, QoS};
+    let heartbeat = Publish::new("devices/x/heartbeat", QoS::AtLeastOnce, "");
+    [
+        E::Outgoing(LoopOutgoing::Publish(2)),
+        E::Incoming(I::PubAck(PubAck::new(1))),
+        E::Incoming(I::Publish(heartbeat)),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,7 +170,6 @@ mod tests {
     /// still name publishes in flight and are kept.
     #[tokio::test]
     async fn v311_connack_without_session_drops_buffered_publish_events() {
-        use rumqttc::{Event as E, Incoming as I, PubAck, Publish, QoS};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         for session_present in [false, true] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -172,15 +185,7 @@ mod tests {
             });
             let opts = rumqttc::MqttOptions::new("t", "127.0.0.1", port);
             let mut l = rumqttc::EventLoop::new(opts, 10);
-            l.state.events.extend([
-                E::Outgoing(LoopOutgoing::Publish(2)),
-                E::Incoming(I::PubAck(PubAck::new(1))),
-                E::Incoming(I::Publish(Publish::new(
-                    "devices/x/heartbeat",
-                    QoS::AtLeastOnce,
-                    "",
-                ))),
-            ]);
+            l.state.events.extend(leftover_events());
             let mut l = EventLoop::V4(Box::new(l));
             let ev = l.poll().await.unwrap();
             assert!(matches!(ev, Event::ConnAck { session_present: p } if p == session_present));

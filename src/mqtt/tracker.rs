@@ -58,10 +58,9 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
-    use rumqttc::{Outgoing as LoopOutgoing, QoS};
 
     use super::super::client::Retain;
-    use super::super::events::drop_stale_acks;
+    use super::super::events::{drop_stale_acks, leftover_events};
     use super::super::outgoing::Kind;
     use super::*;
 
@@ -74,11 +73,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tracker_matches_in_order_and_ignores_retransmissions() {
+    /// `t1` and `t2` queued, in that order.
+    fn two_queued() -> Tracker {
         let mut t = Tracker::default();
         t.queue(out(1));
         t.queue(out(2));
+        t
+    }
+
+    #[test]
+    fn tracker_matches_in_order_and_ignores_retransmissions() {
+        let mut t = two_queued();
         t.sent(7);
         t.sent(7); // retransmission
         t.sent(3);
@@ -116,20 +121,10 @@ mod tests {
     /// its own PUBACK; kept, `a` would be credited with pkid 2's PUBACK and `b` with `a`'s.
     #[test]
     fn tracker_after_a_lost_session_ignores_the_old_connections_events() {
-        use rumqttc::{Event as E, Incoming as I, PubAck, Publish};
-        let mut t = Tracker::default();
-        t.queue(out(1));
-        t.queue(out(2));
+        use rumqttc::{Event as E, Incoming as I};
+        let mut t = two_queued();
         t.sent(1);
-        let mut buffered: VecDeque<E> = VecDeque::from([
-            E::Outgoing(LoopOutgoing::Publish(2)),
-            E::Incoming(I::PubAck(PubAck::new(1))),
-            E::Incoming(I::Publish(Publish::new(
-                "devices/x/heartbeat",
-                QoS::AtLeastOnce,
-                "",
-            ))),
-        ]);
+        let mut buffered: VecDeque<E> = VecDeque::from(leftover_events());
         // ConnAck, no session: everything is queued again (fresh presence first).
         let again = t.take_all();
         t.queue(out(0));
