@@ -29,8 +29,8 @@ mod sync;
 mod topics;
 mod tracker;
 
-pub(crate) use client::{Qos, Retain};
+pub(crate) use client::{Client, Qos, Retain};
 pub(crate) use connect::{client, ConnectOptions};
 pub use error::Error;
-pub(crate) use events::Event;
+pub(crate) use events::{Event, EventLoop};
 pub(crate) use session::MqttTask;

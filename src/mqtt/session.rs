@@ -102,7 +102,7 @@ impl MqttTask {
         let (mut session, mut eventloop) = Session::connect(&self);
         let (out_rx, resync) = (&mut self.out_rx, &self.resync);
         loop {
-            if let Flow::Stop = session.prepare(out_rx.is_empty()) {
+            if let Flow::Stop = session.prepare(out_rx) {
                 break;
             }
             let (tick, watch_at, sync_at) = session.timers();
@@ -256,8 +256,8 @@ impl Session {
     }
 
     /// Before each wait: what must be sent again goes into the client first, in order; then
-    /// the shutdown moves on. `queue_empty`: no status waits in the channel.
-    fn prepare(&mut self, queue_empty: bool) -> Flow {
+    /// the shutdown moves on (once no status waits in `statuses` either).
+    fn prepare(&mut self, statuses: &mpsc::Receiver<StatusOut>) -> Flow {
         while self.connected && self.phase != Phase::Disconnecting && self.tracker.len() < INFLIGHT
         {
             let Some(out) = self.resend.pop_front() else {
@@ -270,7 +270,7 @@ impl Session {
             self.tracker.queue(out);
         }
         if self.phase == Phase::Draining {
-            let flushed = self.tracker.len() == 0 && self.resend.is_empty() && queue_empty;
+            let flushed = self.tracker.len() == 0 && self.resend.is_empty() && statuses.is_empty();
             if !self.connected {
                 return Flow::Stop;
             }
