@@ -28,7 +28,7 @@ pub(super) enum Kind {
     },
     /// The monitor's own presence (and the broker's retained marker).
     Presence,
-    /// The sync marker (see `sync::Sync`).
+    /// The sync marker (see `sync::SyncMarker`).
     Marker,
 }
 

@@ -167,3 +167,74 @@ impl SyncMarker {
         let _ = self.ingest.send(Some(now_ms()));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marker() -> (SyncMarker, watch::Receiver<Option<Millis>>) {
+        let (tx, rx) = watch::channel(None);
+        (SyncMarker::new("a", tx), rx)
+    }
+
+    #[test]
+    fn heartbeats_count_as_on_time_until_the_marker_is_back() {
+        let (mut s, rx) = marker();
+        let out = s.connected(true);
+        assert_eq!(out.topic, "presenced/sync/a");
+        assert_eq!(s.stamp(), Stamp::OnTime);
+        assert!(s.outstanding());
+        assert!(!s.is_back(&Bytes::from_static(b"someone else's")));
+        assert!(s.is_back(&out.payload));
+        assert!(!s.finish(), "no broker check after a ConnAck with session");
+        s.open();
+        assert_eq!(s.stamp(), Stamp::Live);
+        assert!(!s.outstanding());
+        assert!(rx.borrow().is_some());
+        // A stall: the gate closes and a fresh marker is due.
+        let again = s.restart();
+        assert_ne!(again.payload, out.payload);
+        assert_eq!(s.stamp(), Stamp::OnTime);
+        assert!(rx.borrow().is_none());
+    }
+
+    #[test]
+    fn refused_connections_stamp_the_backlog_with_the_brokers_return() {
+        let (mut s, _rx) = marker();
+        s.refused();
+        let _ = s.connected(true);
+        assert!(matches!(s.stamp(), Stamp::BrokerReturned(_)));
+        s.lost();
+        assert!(!s.outstanding());
+        let _ = s.connected(true);
+        assert_eq!(
+            s.stamp(),
+            Stamp::OnTime,
+            "only the connection after the refusals"
+        );
+    }
+
+    #[test]
+    fn the_broker_lost_its_retained_messages_when_its_marker_did_not_come() {
+        let (mut s, _rx) = marker();
+        let _ = s.connected(false);
+        assert!(s.finish());
+        let _ = s.connected(false);
+        s.broker_marker_seen();
+        assert!(!s.finish());
+        // Seen before the session-less ConnAck's check began: not counted.
+        s.broker_marker_seen();
+        let _ = s.connected(false);
+        assert!(s.finish());
+    }
+
+    #[test]
+    fn the_wait_is_bounded_by_progress() {
+        let (mut s, _rx) = marker();
+        let _ = s.connected(true);
+        let first = s.deadline();
+        std::thread::sleep(Duration::from_millis(5));
+        s.heartbeat_read();
+        assert!(s.deadline() > first);
+    }
+}
