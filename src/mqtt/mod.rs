@@ -6,6 +6,7 @@
 //!   v3.1.1 clients (requests, connect options and TLS, protocol-neutral events, errors);
 //!   used by the session, the rebuilder, `check-config` and the simulator.
 //! * [`session`]: the MQTT task ([`MqttTask`]), one handler per event;
+//! * [`drain`]: the shutdown sequence (flush, offline presence, disconnect);
 //! * [`ingest`]: heartbeats validated and held for Redis;
 //! * [`sync`]: the sync marker, how heartbeats are stamped until it is back, the broker's
 //!   retained marker check;
@@ -19,6 +20,7 @@
 
 mod client;
 mod connect;
+mod drain;
 mod error;
 mod events;
 mod ingest;

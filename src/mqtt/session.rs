@@ -21,6 +21,7 @@ use tracing::{debug, error, info, warn};
 
 use super::client::{Client, Qos};
 use super::connect::{client, ConnectOptions};
+use super::drain::{Outstanding, Phase, Shutdown, Step};
 use super::error::Error;
 use super::events::{Event, EventLoop};
 use super::ingest::Ingest;
@@ -40,10 +41,6 @@ use crate::telemetry::{Backoff, LogLimiter};
 
 /// Statuses in flight (queued in the client or awaiting PUBACK) at most.
 const INFLIGHT: usize = 100;
-/// How long a shutdown waits for statuses in flight to be acknowledged.
-const DRAIN: Duration = Duration::from_secs(3);
-/// How long a shutdown waits for the offline presence's PUBACK, then for the disconnect.
-const LEAVE: Duration = Duration::from_secs(1);
 /// How often the task checks that it was not stalled, and what counts as a stall.
 const WATCHDOG: Duration = Duration::from_millis(200);
 const STALL: Duration = Duration::from_millis(500);
@@ -86,17 +83,6 @@ enum Flow {
     Pause(Duration),
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Running,
-    /// Cancelled: flushing statuses in flight until the deadline.
-    Draining,
-    /// The offline presence is queued; waiting for its PUBACK.
-    Leaving,
-    /// DISCONNECT queued.
-    Disconnecting,
-}
-
 impl MqttTask {
     pub(crate) async fn run(mut self, token: CancellationToken) {
         let (mut session, mut eventloop) = Session::connect(&self);
@@ -108,7 +94,7 @@ impl MqttTask {
             let (tick, watch_at, sync_at) = session.timers();
             let flow = tokio::select! {
                 biased;
-                () = token.cancelled(), if session.phase == Phase::Running => session.on_cancel(),
+                () = token.cancelled(), if session.shutdown.phase() == Phase::Running => session.on_cancel(),
                 () = tokio::time::sleep_until(tick) => session.on_tick(),
                 () = tokio::time::sleep_until(watch_at) => session.on_watchdog(),
                 () = resync.notified(), if session.live() => session.on_resync(),
@@ -141,9 +127,7 @@ struct Session {
     resend: VecDeque<Outgoing>,
     connected: bool,
     backoff: Backoff,
-    phase: Phase,
-    /// When the current shutdown phase gives up.
-    deadline: Instant,
+    shutdown: Shutdown,
     /// The status channel is open.
     out_open: bool,
     sync: SyncMarker,
@@ -207,8 +191,7 @@ impl Session {
             resend: VecDeque::new(),
             connected: false,
             backoff: Backoff::new(BACKOFF_CAP),
-            phase: Phase::Running,
-            deadline: Instant::now(),
+            shutdown: Shutdown::new(),
             out_open: true,
             sync,
             share,
@@ -228,24 +211,21 @@ impl Session {
 
     /// Connected and not shutting down.
     fn live(&self) -> bool {
-        self.connected && self.phase == Phase::Running
+        self.connected && self.shutdown.phase() == Phase::Running
     }
 
     /// Room for one more status from the channel.
     fn can_take(&self) -> bool {
         self.connected
             && self.out_open
-            && matches!(self.phase, Phase::Running | Phase::Draining)
+            && matches!(self.shutdown.phase(), Phase::Running | Phase::Draining)
             && self.tracker.len() < INFLIGHT
             && self.resend.is_empty()
     }
 
     /// When the shutdown tick, the watchdog and the sync marker's wait are due.
     fn timers(&self) -> (Instant, Instant, Instant) {
-        let tick = match self.phase {
-            Phase::Running => Instant::now() + Duration::from_secs(3600),
-            _ => Instant::now() + Duration::from_millis(50),
-        };
+        let tick = self.shutdown.tick_at();
         (tick, self.watch_at, self.sync.deadline())
     }
 
@@ -258,7 +238,9 @@ impl Session {
     /// Before each wait: what must be sent again goes into the client first, in order; then
     /// the shutdown moves on (once no status waits in `statuses` either).
     fn prepare(&mut self, statuses: &mpsc::Receiver<StatusOut>) -> Flow {
-        while self.connected && self.phase != Phase::Disconnecting && self.tracker.len() < INFLIGHT
+        while self.connected
+            && self.shutdown.phase() != Phase::Disconnecting
+            && self.tracker.len() < INFLIGHT
         {
             let Some(out) = self.resend.pop_front() else {
                 break;
@@ -269,23 +251,21 @@ impl Session {
             }
             self.tracker.queue(out);
         }
-        if self.phase == Phase::Draining {
-            let flushed = self.tracker.len() == 0 && self.resend.is_empty() && statuses.is_empty();
-            if !self.connected {
-                return Flow::Stop;
-            }
-            if flushed || Instant::now() >= self.deadline {
-                self.leave();
+        loop {
+            let outstanding = Outstanding {
+                connected: self.connected,
+                in_flight: self.tracker.len(),
+                waiting: !self.resend.is_empty() || !statuses.is_empty(),
+            };
+            match self.shutdown.step(&outstanding) {
+                Step::Wait => return Flow::Continue,
+                Step::Stop => return Flow::Stop,
+                Step::Leave => self.leave(),
+                Step::Disconnect => {
+                    let _ = self.client.try_disconnect();
+                }
             }
         }
-        if self.phase == Phase::Leaving
-            && (self.tracker.len() == 0 || Instant::now() >= self.deadline)
-        {
-            let _ = self.client.try_disconnect();
-            self.phase = Phase::Disconnecting;
-            self.deadline = Instant::now() + LEAVE;
-        }
-        Flow::Continue
     }
 
     /// Statuses flushed (or out of time): the offline presence, since a clean disconnect
@@ -295,18 +275,15 @@ impl Session {
         if self.try_send(&out).is_ok() {
             self.tracker.queue(out);
         }
-        self.phase = Phase::Leaving;
-        self.deadline = self.deadline.max(Instant::now()) + LEAVE;
     }
 
     fn on_cancel(&mut self) -> Flow {
-        self.phase = Phase::Draining;
-        self.deadline = Instant::now() + DRAIN;
+        self.shutdown.cancel();
         Flow::Continue
     }
 
     fn on_tick(&mut self) -> Flow {
-        if self.phase == Phase::Disconnecting && Instant::now() >= self.deadline {
+        if self.shutdown.gave_up() {
             return Flow::Stop;
         }
         Flow::Continue
@@ -379,7 +356,9 @@ impl Session {
             }) => self.on_publish(&topic, &payload, retained),
             Ok(Event::Sent { pkid }) => self.tracker.sent(pkid),
             Ok(Event::PubAck { pkid, ok, reason }) => self.on_puback(pkid, ok, &reason),
-            Ok(Event::Disconnected) if self.phase == Phase::Disconnecting => return Flow::Stop,
+            Ok(Event::Disconnected) if self.shutdown.phase() == Phase::Disconnecting => {
+                return Flow::Stop
+            }
             Ok(Event::Disconnected | Event::Other) => {}
             Err(e) => return self.on_error(&e),
         }
@@ -470,7 +449,7 @@ impl Session {
     }
 
     fn on_error(&mut self, e: &Error) -> Flow {
-        if self.phase != Phase::Running {
+        if self.shutdown.phase() != Phase::Running {
             return Flow::Stop;
         }
         if self.connected {
