@@ -13,6 +13,19 @@ use crate::metrics::Metrics;
 #[error("{}", .0.join("\n"))]
 pub(crate) struct NotReady(Vec<&'static str>);
 
+
+/// How far the MQTT side is up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MqttLink {
+    /// Not connected to the broker.
+    Down,
+    /// Connected, but not subscribed to heartbeats (not yet, refused, or left the shared
+    /// subscription).
+    Connected,
+    /// Connected and subscribed to heartbeats: ready.
+    Subscribed,
+}
+
 pub(crate) struct Health {
     metrics: Metrics,
     redis_commands: AtomicBool,
@@ -51,7 +64,9 @@ impl Health {
         );
     }
 
-    pub(crate) fn set_mqtt(&self, connected: bool, subscribed: bool) {
+    pub(crate) fn set_mqtt(&self, link: MqttLink) {
+        let connected = link != MqttLink::Down;
+        let subscribed = link == MqttLink::Subscribed;
         self.mqtt_connected.store(connected, Ordering::Relaxed);
         self.mqtt_subscribed.store(subscribed, Ordering::Relaxed);
         self.metrics.set_mqtt_up(connected && subscribed);

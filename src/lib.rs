@@ -80,7 +80,7 @@ pub enum Error {
     #[error("redis: {0}")]
     Redis(#[from] StoreError),
     #[error("mqtt: {0}")]
-    Mqtt(String),
+    Mqtt(#[from] mqtt::Error),
     /// A task panicked: the monitor stopped rather than run without it.
     #[error("task '{task}' panicked: {message}")]
     TaskPanicked { task: &'static str, message: String },

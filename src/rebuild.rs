@@ -27,7 +27,7 @@ use crate::bucket::{bucket_of, Bucket, BUCKETS};
 use crate::config::MqttConfig;
 use crate::device::{DeviceId, DeviceRecord, StatusEvent, TopicTemplate};
 use crate::metrics::Metrics;
-use crate::mqtt::{self, ConnectOptions, Event};
+use crate::mqtt::{self, ConnectOptions, Event, Qos, Retain};
 use crate::store::{ImportChunk, Imported, Store, StoreError};
 use crate::telemetry::{Backoff, LogLimiter};
 
@@ -268,7 +268,7 @@ async fn collect(cfg: &MqttConfig, token: &CancellationToken) -> Result<Snapshot
                 Ok(Event::ConnAck { .. }) => {
                     last_message = Instant::now();
                     if let Err(e) = client.try_subscribe_many(&filters) {
-                        break Err(RebuildError::Mqtt(e));
+                        break Err(RebuildError::Mqtt(e.to_string()));
                     }
                 }
                 Ok(Event::SubAck { granted }) => {
@@ -278,8 +278,9 @@ async fn collect(cfg: &MqttConfig, token: &CancellationToken) -> Result<Snapshot
                             "the broker refused the subscription to {filters:?}"
                         )));
                     }
-                    if let Err(e) = client.try_publish(&marker_topic, false, marker.clone()) {
-                        break Err(RebuildError::Mqtt(e));
+                    let qos = Qos::AtLeastOnce;
+                    if let Err(e) = client.try_publish(&marker_topic, qos, Retain::No, marker.clone()) {
+                        break Err(RebuildError::Mqtt(e.to_string()));
                     }
                 }
                 Ok(Event::Publish { topic, payload, .. }) => {

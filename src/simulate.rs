@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::MqttConfig;
 use crate::device::DeviceId;
-use crate::mqtt::{self, ConnectOptions, Event};
+use crate::mqtt::{self, Client, ConnectOptions, Event, EventLoop, Qos};
 
 /// Devices per MQTT connection (at most [`MAX_CONNECTIONS`] connections).
 const DEVICES_PER_CONNECTION: usize = 25_000;
@@ -84,104 +85,18 @@ pub async fn run(
     stop: impl Future<Output = ()>,
 ) -> Result<SimReport, SimError> {
     opts.validate()?;
-    let n = opts.devices;
-    let silent_from = n - opts.silent();
-    let conns = n.div_ceil(DEVICES_PER_CONNECTION).clamp(1, MAX_CONNECTIONS);
     let token = CancellationToken::new();
-    let run_id = fastrand::u32(..);
-    let mut clients = Vec::new();
-    let mut loops = Vec::new();
-    for c in 0..conns {
-        let (client, mut eventloop) = mqtt::client(ConnectOptions {
-            cfg,
-            client_id: format!("{}-sim-{run_id:08x}-{c}", opts.prefix),
-            persistent: false,
-            will: None,
-            inflight: 100,
-            keep_alive: Duration::from_secs(30),
-        });
-        clients.push(client);
-        let t = token.clone();
-        loops.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = t.cancelled() => break,
-                    ev = eventloop.poll() => match ev {
-                        Ok(Event::ConnAck { .. }) => debug!(connection = c, "Simulator connected."),
-                        Ok(_) => {}
-                        Err(e) => {
-                            warn!(connection = c, error = %e, "Simulator connection failed; retrying.");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                    }
-                }
-            }
-            // Let queued publishes go out before closing.
-            let deadline = Instant::now() + Duration::from_millis(500);
-            while let Ok(Ok(_)) = tokio::time::timeout_at(deadline, eventloop.poll()).await {}
-        }));
-    }
-
+    let (clients, loops) = connect(cfg, &opts, &token);
     let sent = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let progress = {
-        let sent = sent.clone();
-        let t = token.clone();
-        let silent = n - silent_from;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(PROGRESS_EVERY);
-            tick.tick().await;
-            let mut last = 0;
-            loop {
-                tokio::select! {
-                    () = t.cancelled() => break,
-                    _ = tick.tick() => {
-                        let now = sent.load(Ordering::Relaxed);
-                        let rate = (now - last) as f64 / PROGRESS_EVERY.as_secs_f64();
-                        println!("simulate: sent={now} rate={rate:.0}/s devices={n} silent={silent}");
-                        last = now;
-                    }
-                }
-            }
-        })
-    };
-
-    let step_ns = (opts.interval.as_nanos() / n as u128).max(1);
-    let end = opts.duration.map(|d| started + d);
-    let publish = async {
-        let mut j: u64 = 0;
-        loop {
-            let due = started + Duration::from_nanos((j as u128 * step_ns) as u64);
-            // Stop at the end of the schedule, and at the wall-clock end when the broker
-            // cannot keep up with the schedule.
-            if end.is_some_and(|e| due >= e || Instant::now() >= e) {
-                break;
-            }
-            tokio::time::sleep_until(due).await;
-            // Everything due by now, in one go.
-            let now = Instant::now();
-            while started + Duration::from_nanos((j as u128 * step_ns) as u64) <= now {
-                let i = (j % n as u64) as usize;
-                let round = j / n as u64;
-                j += 1;
-                if i >= silent_from && round > 0 {
-                    continue;
-                }
-                // `validate` proved every generated id valid.
-                let Ok(id) = DeviceId::parse(&device_name(&opts.prefix, i)) else {
-                    continue;
-                };
-                let topic = cfg.heartbeat_topic.render(&id);
-                let client = &clients[i % conns];
-                if client.publish(topic, true, Bytes::new()).await.is_err() {
-                    return;
-                }
-                sent.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    };
+    let progress = tokio::spawn(report_progress(
+        sent.clone(),
+        token.clone(),
+        opts.devices,
+        opts.silent(),
+    ));
     tokio::select! {
-        () = publish => {}
+        () = publish(cfg, &opts, &clients, &sent, started) => {}
         () = stop => {}
     }
     token.cancel();
@@ -199,6 +114,118 @@ pub async fn run(
         report.elapsed.as_secs_f64()
     );
     Ok(report)
+}
+
+/// The devices' connections, each with a task polling its event loop until `token`.
+fn connect(
+    cfg: &MqttConfig,
+    opts: &SimOptions,
+    token: &CancellationToken,
+) -> (Vec<Client>, Vec<JoinHandle<()>>) {
+    let conns = opts
+        .devices
+        .div_ceil(DEVICES_PER_CONNECTION)
+        .clamp(1, MAX_CONNECTIONS);
+    let run_id = fastrand::u32(..);
+    (0..conns)
+        .map(|c| {
+            let (client, eventloop) = mqtt::client(ConnectOptions {
+                cfg,
+                client_id: format!("{}-sim-{run_id:08x}-{c}", opts.prefix),
+                persistent: false,
+                will: None,
+                inflight: 100,
+                keep_alive: Duration::from_secs(30),
+            });
+            (client, tokio::spawn(poll(eventloop, c, token.clone())))
+        })
+        .unzip()
+}
+
+/// Polls one connection's event loop (reconnecting) until `token`, then lets queued
+/// publishes go out before closing.
+async fn poll(mut eventloop: EventLoop, connection: usize, token: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = token.cancelled() => break,
+            ev = eventloop.poll() => match ev {
+                Ok(Event::ConnAck { .. }) => debug!(connection, "Simulator connected."),
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(connection, error = %e, "Simulator connection failed; retrying.");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while let Ok(Ok(_)) = tokio::time::timeout_at(deadline, eventloop.poll()).await {}
+}
+
+/// A progress line every [`PROGRESS_EVERY`] until `token`.
+async fn report_progress(sent: Arc<AtomicU64>, token: CancellationToken, n: usize, silent: usize) {
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.tick().await;
+    let mut last = 0;
+    loop {
+        tokio::select! {
+            () = token.cancelled() => break,
+            _ = tick.tick() => {
+                let now = sent.load(Ordering::Relaxed);
+                let rate = (now - last) as f64 / PROGRESS_EVERY.as_secs_f64();
+                println!("simulate: sent={now} rate={rate:.0}/s devices={n} silent={silent}");
+                last = now;
+            }
+        }
+    }
+}
+
+/// The schedule (see the module's doc), until `--duration` or a client is gone.
+async fn publish(
+    cfg: &MqttConfig,
+    opts: &SimOptions,
+    clients: &[Client],
+    sent: &AtomicU64,
+    started: Instant,
+) {
+    let n = opts.devices;
+    let silent_from = n - opts.silent();
+    let step_ns = (opts.interval.as_nanos() / n as u128).max(1);
+    let due = |j: u64| started + Duration::from_nanos((j as u128 * step_ns) as u64);
+    let end = opts.duration.map(|d| started + d);
+    let mut j: u64 = 0;
+    loop {
+        // Stop at the end of the schedule, and at the wall-clock end when the broker
+        // cannot keep up with the schedule.
+        if end.is_some_and(|e| due(j) >= e || Instant::now() >= e) {
+            break;
+        }
+        tokio::time::sleep_until(due(j)).await;
+        // Everything due by now, in one go.
+        let now = Instant::now();
+        while due(j) <= now {
+            let i = (j % n as u64) as usize;
+            let round = j / n as u64;
+            j += 1;
+            if i >= silent_from && round > 0 {
+                continue;
+            }
+            // `validate` proved every generated id valid.
+            let Ok(id) = DeviceId::parse(&device_name(&opts.prefix, i)) else {
+                continue;
+            };
+            let topic = cfg.heartbeat_topic.render(&id);
+            let client = &clients[i % clients.len()];
+            if client
+                .publish(topic, Qos::AtLeastOnce, Bytes::new())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 #[cfg(test)]

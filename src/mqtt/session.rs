@@ -1,0 +1,478 @@
+//! The MQTT task: one session with the broker, kept across reconnections. [`MqttTask::run`]
+//! is a short loop that waits for the next thing to happen and hands it to one handler of
+//! [`Session`] (a ConnAck, a SUBACK, a message, a PUBACK, a lost connection, a status to
+//! publish, the stall watchdog, the sync marker's timeout, the shutdown's steps). It must
+//! not speak Redis: heartbeats go into `Held`, statuses come in on a bounded channel,
+//! acknowledgements go out on another.
+//!
+//! **Invariant: the event loop is never blocked.** The task that polls it only ever uses
+//! `try_*` calls; it reads the status channel only while it has room in flight, which is the
+//! backpressure on everything upstream.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::client::{Client, Qos};
+use super::connect::{client, ConnectOptions};
+use super::drain::{Outstanding, Phase, Shutdown, Step};
+use super::error::Error;
+use super::events::{Event, EventLoop};
+use super::ingest::Ingest;
+use super::outgoing::{offline_payload, Kind, Outgoing};
+use super::share::{gone_instance, Share};
+use super::sync::SyncMarker;
+use super::topics::{instance_topic, BEACONS, BROKER_TOPIC, INSTANCES};
+use super::tracker::Tracker;
+use crate::clock::Clock;
+use crate::config::{MqttConfig, PresenceConfig};
+use crate::device::{now_ms, Millis, TopicTemplate};
+use crate::health::{Health, MqttLink};
+use crate::held::Held;
+use crate::metrics::Metrics;
+use crate::status::{Delivered, StatusOut};
+use crate::telemetry::{Backoff, LogLimiter};
+
+/// Statuses in flight (queued in the client or awaiting PUBACK) at most.
+const INFLIGHT: usize = 100;
+/// How often the task checks that it was not stalled, and what counts as a stall.
+const WATCHDOG: Duration = Duration::from_millis(200);
+const STALL: Duration = Duration::from_millis(500);
+/// Short: with a shared subscription (clean sessions) heartbeats sent while no replica is
+/// connected are dropped by the broker, so reconnecting fast after a broker restart matters.
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+/// The MQTT task: polls the event loop, ingests heartbeats, publishes statuses.
+///
+/// After every connection it publishes a sync marker (see `sync`): only once it is back does
+/// `ingest` say the backlog is in.
+pub(crate) struct MqttTask {
+    pub(crate) cfg: MqttConfig,
+    pub(crate) presence: PresenceConfig,
+    pub(crate) metrics: Metrics,
+    pub(crate) health: Arc<Health>,
+    pub(crate) held: Arc<Held>,
+    pub(crate) clock: Arc<Clock>,
+    /// Replicas whose presence says offline (see `presence::Stamper`).
+    pub(crate) gone: mpsc::Sender<String>,
+    /// Whether this replica reaches Redis (see `share`).
+    pub(crate) redis_ok: watch::Receiver<bool>,
+    pub(crate) out_rx: mpsc::Receiver<StatusOut>,
+    pub(crate) ack_tx: mpsc::Sender<Delivered>,
+    /// Woken when the broker lost our session: every device's status is published again.
+    pub(crate) republish: Arc<Notify>,
+    /// `Some(t)`: connected, and every heartbeat queued for us before `t` has been received.
+    pub(crate) ingest: watch::Sender<Option<Millis>>,
+    /// Asks for a fresh sync marker (the expirer noticed the process was stalled, so
+    /// heartbeats may wait unread in the socket).
+    pub(crate) resync: Arc<Notify>,
+}
+
+/// What the loop does after a handler.
+enum Flow {
+    Continue,
+    Stop,
+    /// The connection is gone: wait this long (or until cancelled) before polling again,
+    /// which reconnects (rumqttc has no delay of its own).
+    Pause(Duration),
+}
+
+impl MqttTask {
+    pub(crate) async fn run(mut self, token: CancellationToken) {
+        let (mut session, mut eventloop) = Session::connect(&self);
+        let (out_rx, resync) = (&mut self.out_rx, &self.resync);
+        loop {
+            if let Flow::Stop = session.prepare(out_rx) {
+                break;
+            }
+            let (tick, watch_at, sync_at) = session.timers();
+            let flow = tokio::select! {
+                biased;
+                () = token.cancelled(), if session.shutdown.phase() == Phase::Running => session.on_cancel(),
+                () = tokio::time::sleep_until(tick) => session.on_tick(),
+                () = tokio::time::sleep_until(watch_at) => session.on_watchdog(),
+                () = resync.notified(), if session.live() => session.on_resync(),
+                () = tokio::time::sleep_until(sync_at), if session.sync.outstanding() => session.on_sync_timeout(),
+                ev = eventloop.poll() => session.on_event(ev),
+                out = out_rx.recv(), if session.can_take() => session.on_status(out),
+            };
+            match flow {
+                Flow::Continue => {}
+                Flow::Stop => break,
+                Flow::Pause(delay) => tokio::select! {
+                    () = token.cancelled() => break,
+                    () = tokio::time::sleep(delay) => {}
+                },
+            }
+        }
+        session.stopped();
+    }
+}
+
+/// One session's state, across reconnections.
+struct Session {
+    client: Client,
+    instance: String,
+    /// Heartbeats first.
+    filters: Vec<String>,
+    status_topic: TopicTemplate,
+    tracker: Tracker,
+    /// To be moved into the client, in order, as soon as there is room.
+    resend: VecDeque<Outgoing>,
+    connected: bool,
+    backoff: Backoff,
+    shutdown: Shutdown,
+    /// The status channel is open.
+    out_open: bool,
+    sync: SyncMarker,
+    share: Option<Share>,
+    ingest: Ingest,
+    /// Our own stall detector: a timer firing far too late means the process was stopped
+    /// and heartbeats may wait unread in the socket.
+    watch_at: Instant,
+    health: Arc<Health>,
+    metrics: Metrics,
+    clock: Arc<Clock>,
+    gone: mpsc::Sender<String>,
+    ack_tx: mpsc::Sender<Delivered>,
+    republish: Arc<Notify>,
+    connection_log: LogLimiter,
+    refused_log: LogLimiter,
+}
+
+impl Session {
+    /// The client (nothing connects until the event loop is polled) and the session.
+    fn connect(task: &MqttTask) -> (Session, EventLoop) {
+        let cfg = &task.cfg;
+        let instance = cfg.client_id.clone();
+        let (client, eventloop) = client(ConnectOptions {
+            cfg,
+            client_id: instance.clone(),
+            persistent: cfg.persistent_session(),
+            will: Some((instance_topic(&instance), offline_payload(&instance))),
+            inflight: INFLIGHT as u16,
+            // A shared-subscription member that stops must lose its share soon (the broker
+            // drops it after 1.5 × keep-alive), well within the floor lease.
+            keep_alive: if cfg.shared_group.is_some() {
+                Duration::from_secs(5)
+            } else {
+                Duration::from_secs(15)
+            },
+        });
+        let sync = SyncMarker::new(&instance, task.ingest.clone());
+        let mut filters = vec![
+            cfg.heartbeat_filter(),
+            sync.topic().to_owned(),
+            BROKER_TOPIC.to_owned(),
+        ];
+        let share = cfg.shared_group.as_ref().map(|group| {
+            filters.extend(Share::filters(group));
+            let (redis_ok, health) = (task.redis_ok.clone(), task.health.clone());
+            Share::new(group, &instance, filters[0].clone(), redis_ok, health)
+        });
+        let ingest = Ingest::new(
+            cfg,
+            task.presence.clone(),
+            task.metrics.clone(),
+            task.held.clone(),
+        );
+        let session = Session {
+            client,
+            instance,
+            filters,
+            status_topic: cfg.status_topic.clone(),
+            tracker: Tracker::default(),
+            resend: VecDeque::new(),
+            connected: false,
+            backoff: Backoff::new(BACKOFF_CAP),
+            shutdown: Shutdown::new(),
+            out_open: true,
+            sync,
+            share,
+            ingest,
+            watch_at: Instant::now() + WATCHDOG,
+            health: task.health.clone(),
+            metrics: task.metrics.clone(),
+            clock: task.clock.clone(),
+            gone: task.gone.clone(),
+            ack_tx: task.ack_tx.clone(),
+            republish: task.republish.clone(),
+            connection_log: LogLimiter::new(Duration::from_secs(30)),
+            refused_log: LogLimiter::new(Duration::from_secs(10)),
+        };
+        (session, eventloop)
+    }
+
+    /// Connected and not shutting down.
+    fn live(&self) -> bool {
+        self.connected && self.shutdown.phase() == Phase::Running
+    }
+
+    /// Room for one more status from the channel.
+    fn can_take(&self) -> bool {
+        self.connected
+            && self.out_open
+            && matches!(self.shutdown.phase(), Phase::Running | Phase::Draining)
+            && self.tracker.len() < INFLIGHT
+            && self.resend.is_empty()
+    }
+
+    /// When the shutdown tick, the watchdog and the sync marker's wait are due.
+    fn timers(&self) -> (Instant, Instant, Instant) {
+        let tick = self.shutdown.tick_at();
+        (tick, self.watch_at, self.sync.deadline())
+    }
+
+    fn try_send(&self, out: &Outgoing) -> Result<(), Error> {
+        let payload = out.payload.clone();
+        self.client
+            .try_publish(&out.topic, Qos::AtLeastOnce, out.retain, payload)
+    }
+
+    /// Before each wait: what must be sent again goes into the client first, in order; then
+    /// the shutdown moves on (once no status waits in `statuses` either).
+    fn prepare(&mut self, statuses: &mpsc::Receiver<StatusOut>) -> Flow {
+        while self.connected
+            && self.shutdown.phase() != Phase::Disconnecting
+            && self.tracker.len() < INFLIGHT
+        {
+            let Some(out) = self.resend.pop_front() else {
+                break;
+            };
+            if self.try_send(&out).is_err() {
+                self.resend.push_front(out);
+                break;
+            }
+            self.tracker.queue(out);
+        }
+        loop {
+            let outstanding = Outstanding {
+                connected: self.connected,
+                in_flight: self.tracker.len(),
+                waiting: !self.resend.is_empty() || !statuses.is_empty(),
+            };
+            match self.shutdown.step(&outstanding) {
+                Step::Wait => return Flow::Continue,
+                Step::Stop => return Flow::Stop,
+                Step::Leave => self.leave(),
+                Step::Disconnect => {
+                    let _ = self.client.try_disconnect();
+                }
+            }
+        }
+    }
+
+    /// Statuses flushed (or out of time): the offline presence, since a clean disconnect
+    /// does not fire the will.
+    fn leave(&mut self) {
+        let out = Outgoing::offline(&self.instance);
+        if self.try_send(&out).is_ok() {
+            self.tracker.queue(out);
+        }
+    }
+
+    fn on_cancel(&mut self) -> Flow {
+        self.shutdown.cancel();
+        Flow::Continue
+    }
+
+    fn on_tick(&mut self) -> Flow {
+        if self.shutdown.gave_up() {
+            return Flow::Stop;
+        }
+        Flow::Continue
+    }
+
+    fn on_watchdog(&mut self) -> Flow {
+        let late = Instant::now().saturating_duration_since(self.watch_at);
+        self.watch_at = Instant::now() + WATCHDOG;
+        if !self.live() {
+            return Flow::Continue;
+        }
+        if let Some(share) = self.share.as_mut() {
+            share.tick(&self.client);
+        }
+        if late > STALL && !self.sync.outstanding() {
+            warn!(late_ms = late.as_millis() as u64, "The process was stalled; heartbeats read until the sync marker is back count as on time.");
+            self.resend.push_front(self.sync.restart());
+        }
+        Flow::Continue
+    }
+
+    fn on_resync(&mut self) -> Flow {
+        self.resend.push_front(self.sync.restart());
+        Flow::Continue
+    }
+
+    fn on_sync_timeout(&mut self) -> Flow {
+        warn!("Sync marker did not come back; assuming queued heartbeats were delivered.");
+        self.backlog_in();
+        Flow::Continue
+    }
+
+    /// Every heartbeat queued for us has been read (or we stopped waiting for it).
+    fn backlog_in(&mut self) {
+        if self.sync.finish() {
+            // Without the broker's retained marker after a ConnAck without session, the
+            // broker lost its retained messages (or never had ours): every device's status
+            // is republished, once for all replicas (a job in Redis), and the marker set
+            // again.
+            warn!(
+                "The broker has none of our retained messages; republishing every device's status."
+            );
+            self.republish.notify_one();
+            self.resend.push_back(Outgoing::broker_marker());
+        }
+        self.sync.open();
+    }
+
+    fn on_status(&mut self, out: Option<StatusOut>) -> Flow {
+        let Some(status) = out else {
+            self.out_open = false;
+            return Flow::Continue;
+        };
+        let out = Outgoing::status(status, &self.status_topic);
+        match self.try_send(&out) {
+            Ok(()) => self.tracker.queue(out),
+            Err(_) => self.resend.push_back(out),
+        }
+        Flow::Continue
+    }
+
+    fn on_event(&mut self, ev: Result<Event, Error>) -> Flow {
+        match ev {
+            Ok(Event::ConnAck { session_present }) => self.on_connack(session_present),
+            Ok(Event::SubAck { granted }) => self.on_suback(&granted),
+            Ok(Event::Publish {
+                topic,
+                payload,
+                retained,
+            }) => self.on_publish(&topic, &payload, retained),
+            Ok(Event::Sent { pkid }) => self.tracker.sent(pkid),
+            Ok(Event::PubAck { pkid, ok, reason }) => self.on_puback(pkid, ok, &reason),
+            Ok(Event::Disconnected) if self.shutdown.phase() == Phase::Disconnecting => {
+                return Flow::Stop
+            }
+            Ok(Event::Disconnected | Event::Other) => {}
+            Err(e) => return self.on_error(&e),
+        }
+        Flow::Continue
+    }
+
+    fn on_connack(&mut self, session_present: bool) {
+        self.connected = true;
+        self.backoff.reset();
+        info!(session_present, "Connected to the MQTT broker.");
+        if !session_present {
+            // The client dropped whatever it held.
+            let dropped = self.tracker.take_all().into_iter();
+            self.resend
+                .extend(dropped.filter(|o| matches!(o.kind, Kind::Status { .. })));
+        }
+        let marker = self.sync.connected(session_present);
+        if let Some(share) = self.share.as_mut() {
+            share.joined();
+        }
+        if let Err(e) = self.client.try_subscribe_many(&self.filters) {
+            error!(error = %e, "Could not queue the subscription.");
+        }
+        // Our presence first, then the marker.
+        self.resend.push_front(marker);
+        self.resend
+            .push_front(Outgoing::online(&self.instance, now_ms()));
+    }
+
+    fn on_suback(&self, granted: &[bool]) {
+        let heartbeats = &self.filters[0];
+        if granted.first() == Some(&true) {
+            self.health.set_mqtt(MqttLink::Subscribed);
+            info!(filter = %heartbeats, "Subscribed to heartbeats.");
+        } else {
+            error!(filter = %heartbeats, "The broker refused the heartbeat subscription.");
+            self.health.set_mqtt(MqttLink::Connected);
+        }
+    }
+
+    fn on_publish(&mut self, topic: &Bytes, payload: &Bytes, retained: bool) {
+        if topic.as_ref() == BROKER_TOPIC.as_bytes() {
+            self.sync.broker_marker_seen();
+        } else if topic.starts_with(BEACONS.as_bytes()) {
+            if let Some(share) = self.share.as_mut() {
+                share.beacon(topic);
+            }
+        } else if topic.starts_with(INSTANCES.as_bytes()) {
+            if let Some(who) = gone_instance(topic, payload) {
+                // Full: the floor's lease ends it anyway.
+                let _ = self.gone.try_send(who);
+            }
+        } else if retained {
+            // A replay of a retained message because we (re)subscribed: not news.
+        } else if topic.as_ref() == self.sync.topic().as_bytes() {
+            if self.sync.is_back(payload) {
+                self.backlog_in();
+                debug!("Queued heartbeats delivered.");
+            }
+        } else {
+            self.sync.heartbeat_read();
+            self.ingest.heartbeat(topic, payload, self.sync.stamp());
+        }
+    }
+
+    fn on_puback(&mut self, pkid: u16, ok: bool, reason: &str) {
+        let Some(out) = self.tracker.acked(pkid) else {
+            return;
+        };
+        if !ok {
+            // Not stored by the broker; the outbox lease publishes it again.
+            if let Some(n) = self.refused_log.check() {
+                error!(topic = %out.topic, %reason, suppressed = n, "The broker refused a status.");
+            }
+            return;
+        }
+        let Kind::Status { ack, lag_from } = out.kind else {
+            return;
+        };
+        if let Some(deadline) = lag_from {
+            // Both on the bucket master's clock.
+            let acked_at = self.clock.now(ack.receipt.bucket);
+            self.metrics
+                .observe_lag(acked_at.saturating_sub(deadline) as f64 / 1000.0);
+        }
+        // Full: dropped; the outbox lease publishes it once more.
+        let _ = self.ack_tx.try_send(ack);
+    }
+
+    fn on_error(&mut self, e: &Error) -> Flow {
+        if self.shutdown.phase() != Phase::Running {
+            return Flow::Stop;
+        }
+        if self.connected {
+            warn!(error = %e, "Lost the MQTT connection; reconnecting.");
+        } else {
+            if e.is_refused() {
+                self.sync.refused();
+            }
+            if let Some(n) = self.connection_log.check() {
+                warn!(error = %e, suppressed = n, "Cannot connect to the MQTT broker; retrying.");
+            }
+        }
+        self.connected = false;
+        self.health.set_mqtt(MqttLink::Down);
+        self.sync.lost();
+        Flow::Pause(self.backoff.next_delay())
+    }
+
+    /// However the loop ended: not connected, no backlog gate, no more heartbeats.
+    fn stopped(&self) {
+        self.health.set_mqtt(MqttLink::Down);
+        self.sync.close();
+        self.ingest.close();
+        info!("MQTT task stopped.");
+    }
+}

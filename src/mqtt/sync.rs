@@ -1,0 +1,240 @@
+//! The sync marker, and how heartbeats are stamped meanwhile.
+//!
+//! After every connection (and when the process was stalled) the session publishes a marker
+//! to a topic only this replica subscribes to. The broker delivers a session's queued
+//! messages in order, so once the marker comes back, every heartbeat queued while the
+//! monitor was away has arrived: only then does `ingest` say the backlog is in, and expiries
+//! may be decided (invariant 3 in ARCHITECTURE.md). Until then heartbeats are stamped
+//! [`Stamp::OnTime`], or [`Stamp::BrokerReturned`] after the broker refused our connections
+//! (it was down: what it queued reached it when it came back). The wait is bounded by
+//! progress: [`SYNC_WAIT`] after the marker was sent or after the last heartbeat read since,
+//! so a backlog that takes long to read keeps the gate closed.
+//!
+//! It also carries the broker check: after a ConnAck without session, whether the broker's
+//! retained marker arrives before our sync marker does. It must not publish (it hands the
+//! marker to the session) nor read heartbeats.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::outgoing::Outgoing;
+use super::topics::sync_topic;
+use crate::beat::Stamp;
+use crate::device::{now_ms, Millis};
+
+/// How long to wait for our own sync marker, after it was sent or after the last heartbeat
+/// read, before assuming the backlog was delivered.
+const SYNC_WAIT: Duration = Duration::from_secs(5);
+
+/// After a ConnAck without session: has the broker's retained marker come back?
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BrokerCheck {
+    Idle,
+    Awaiting,
+    Seen,
+}
+
+/// The outstanding sync marker, the stamp, and the gate it opens.
+pub(super) struct SyncMarker {
+    topic: String,
+    /// `Some(t)`: connected, and every heartbeat queued for us before `t` has been received.
+    ingest: watch::Sender<Option<Millis>>,
+    /// The outstanding marker's token and when it was sent.
+    outstanding: Option<(Bytes, Instant)>,
+    /// The last heartbeat read while a marker is outstanding.
+    progress: Instant,
+    stamp: Stamp,
+    /// The last time the broker refused a connection while we were disconnected.
+    refused_at: Option<Millis>,
+    broker: BrokerCheck,
+}
+
+impl SyncMarker {
+    pub(super) fn new(instance: &str, ingest: watch::Sender<Option<Millis>>) -> SyncMarker {
+        SyncMarker {
+            topic: sync_topic(instance),
+            ingest,
+            outstanding: None,
+            progress: Instant::now(),
+            stamp: Stamp::OnTime,
+            refused_at: None,
+            broker: BrokerCheck::Idle,
+        }
+    }
+
+    pub(super) fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// How a heartbeat received now is stamped.
+    pub(super) fn stamp(&self) -> Stamp {
+        self.stamp
+    }
+
+    pub(super) fn outstanding(&self) -> bool {
+        self.outstanding.is_some()
+    }
+
+    /// When to stop waiting for the outstanding marker (far away when there is none).
+    pub(super) fn deadline(&self) -> Instant {
+        match &self.outstanding {
+            Some((_, sent)) => (*sent).max(self.progress) + SYNC_WAIT,
+            None => Instant::now() + Duration::from_secs(3600),
+        }
+    }
+
+    /// Connected: what the broker queued for us while it refused our connections reached it
+    /// after it came back; anything else queued, in time. Without a session, the broker may
+    /// have lost its retained messages too: its retained marker says. Returns the marker
+    /// to publish.
+    pub(super) fn connected(&mut self, session_present: bool) -> Outgoing {
+        self.stamp = self
+            .refused_at
+            .take()
+            .map_or(Stamp::OnTime, Stamp::BrokerReturned);
+        if !session_present {
+            self.broker = BrokerCheck::Awaiting;
+        }
+        self.fresh_marker()
+    }
+
+    /// Heartbeats may wait unread (the process was stalled, or the expirer asks): until a
+    /// fresh marker is back they count as on time and the gate is closed. Returns the
+    /// marker to publish.
+    pub(super) fn restart(&mut self) -> Outgoing {
+        self.stamp = Stamp::OnTime;
+        let _ = self.ingest.send(None);
+        self.fresh_marker()
+    }
+
+    fn fresh_marker(&mut self) -> Outgoing {
+        let (out, token) = Outgoing::marker(&self.topic);
+        self.outstanding = Some((token, Instant::now()));
+        out
+    }
+
+    /// The broker refused our connection: it is down.
+    pub(super) fn refused(&mut self) {
+        self.refused_at = Some(now_ms());
+    }
+
+    /// The connection is lost: no marker is outstanding, and the gate is closed.
+    pub(super) fn lost(&mut self) {
+        self.outstanding = None;
+        let _ = self.ingest.send(None);
+    }
+
+    /// The gate is closed for good (the task stops).
+    pub(super) fn close(&self) {
+        let _ = self.ingest.send(None);
+    }
+
+    /// A heartbeat was read: a backlog still draining keeps the wait going.
+    pub(super) fn heartbeat_read(&mut self) {
+        if self.outstanding.is_some() {
+            self.progress = Instant::now();
+        }
+    }
+
+    /// The broker's retained marker arrived: it kept its retained messages.
+    pub(super) fn broker_marker_seen(&mut self) {
+        if self.broker == BrokerCheck::Awaiting {
+            self.broker = BrokerCheck::Seen;
+        }
+    }
+
+    /// A message on our sync topic: `true` if it is the outstanding marker.
+    pub(super) fn is_back(&self, payload: &Bytes) -> bool {
+        self.outstanding.as_ref().is_some_and(|(t, _)| t == payload)
+    }
+
+    /// The marker is back, or given up on: heartbeats are live again. Returns `true` when
+    /// the broker check is over and the broker's retained marker did not come: the broker
+    /// lost its retained messages. Then [`SyncMarker::open`].
+    pub(super) fn finish(&mut self) -> bool {
+        self.outstanding = None;
+        self.stamp = Stamp::Live;
+        let lost = self.broker == BrokerCheck::Awaiting;
+        self.broker = BrokerCheck::Idle;
+        lost
+    }
+
+    /// Everything queued before now has been received: the gate opens.
+    pub(super) fn open(&self) {
+        let _ = self.ingest.send(Some(now_ms()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marker() -> (SyncMarker, watch::Receiver<Option<Millis>>) {
+        let (tx, rx) = watch::channel(None);
+        (SyncMarker::new("a", tx), rx)
+    }
+
+    #[test]
+    fn heartbeats_count_as_on_time_until_the_marker_is_back() {
+        let (mut s, rx) = marker();
+        let out = s.connected(true);
+        assert_eq!(out.topic, "presenced/sync/a");
+        assert_eq!(s.stamp(), Stamp::OnTime);
+        assert!(s.outstanding());
+        assert!(!s.is_back(&Bytes::from_static(b"someone else's")));
+        assert!(s.is_back(&out.payload));
+        assert!(!s.finish(), "no broker check after a ConnAck with session");
+        s.open();
+        assert_eq!(s.stamp(), Stamp::Live);
+        assert!(!s.outstanding());
+        assert!(rx.borrow().is_some());
+        // A stall: the gate closes and a fresh marker is due.
+        let again = s.restart();
+        assert_ne!(again.payload, out.payload);
+        assert_eq!(s.stamp(), Stamp::OnTime);
+        assert!(rx.borrow().is_none());
+    }
+
+    #[test]
+    fn refused_connections_stamp_the_backlog_with_the_brokers_return() {
+        let (mut s, _rx) = marker();
+        s.refused();
+        let _ = s.connected(true);
+        assert!(matches!(s.stamp(), Stamp::BrokerReturned(_)));
+        s.lost();
+        assert!(!s.outstanding());
+        let _ = s.connected(true);
+        assert_eq!(
+            s.stamp(),
+            Stamp::OnTime,
+            "only the connection after the refusals"
+        );
+    }
+
+    #[test]
+    fn the_broker_lost_its_retained_messages_when_its_marker_did_not_come() {
+        let (mut s, _rx) = marker();
+        let _ = s.connected(false);
+        assert!(s.finish());
+        let _ = s.connected(false);
+        s.broker_marker_seen();
+        assert!(!s.finish());
+        // Seen before the session-less ConnAck's check began: not counted.
+        s.broker_marker_seen();
+        let _ = s.connected(false);
+        assert!(s.finish());
+    }
+
+    #[test]
+    fn the_wait_is_bounded_by_progress() {
+        let (mut s, _rx) = marker();
+        let _ = s.connected(true);
+        let first = s.deadline();
+        std::thread::sleep(Duration::from_millis(5));
+        s.heartbeat_read();
+        assert!(s.deadline() > first);
+    }
+}
