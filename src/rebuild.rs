@@ -23,11 +23,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::bucket::{bucket_of, Bucket, BUCKETS};
 use crate::config::MqttConfig;
 use crate::device::{DeviceId, DeviceRecord, StatusEvent, TopicTemplate};
 use crate::metrics::Metrics;
 use crate::mqtt::{self, ConnectOptions, Event};
-use crate::bucket::{bucket_of, Bucket, BUCKETS};
 use crate::store::{ImportChunk, Imported, Store, StoreError};
 use crate::telemetry::{Backoff, LogLimiter};
 
