@@ -61,7 +61,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::mqtt::MqttTask;
 use crate::held::{Held, HELD_CAP};
-use crate::presence::{Applier, CommitOrder, DueTable, Expirer, Outbox, Stamper};
+use crate::presence::{Applier, CommitOrder, Committer, DueTable, Expirer, Outbox, Stamper};
 use crate::redis_version::{CheckError, RedisVersion, Unsupported};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{Stopped, Supervisor, TaskPanicked};
@@ -296,16 +296,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         }
         .instrument(tracing::info_span!("mqtt")),
     );
+    let commit = Committer {
+        store: store.clone(),
+        held: held.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        out: out_tx.clone(),
+        order: order.clone(),
+        due,
+    };
     workers.spawn(
         "applier",
         Applier {
-            store: store.clone(),
-            held: held.clone(),
-            metrics: metrics.clone(),
-            health: health.clone(),
-            out: out_tx.clone(),
-            order: order.clone(),
-            due: due.clone(),
+            commit: commit.clone(),
             recent: Default::default(),
             floor_lease: FLOOR_LEASE.max(cfg.presence.ttl / 2),
         }
@@ -327,13 +330,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     workers.spawn(
         "expirer",
         Expirer {
-            store: store.clone(),
-            held: held.clone(),
-            metrics: metrics.clone(),
-            health: health.clone(),
-            out: out_tx.clone(),
-            order: order.clone(),
-            due,
+            commit,
             expired_rx,
             reconcile,
             ingest: ingest_rx.clone(),

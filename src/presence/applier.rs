@@ -3,24 +3,16 @@
 //! again when their master fails. Must not decide a transition itself.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::due::DueTable;
-use super::handoff::{count, publish};
-use super::order::CommitOrder;
+use super::handoff::Committer;
 use crate::beat::Beat;
 use crate::bucket::{bucket_of, Bucket};
-use crate::health::Health;
-use crate::held::Held;
-use crate::metrics::Metrics;
-use crate::status::{Lag, StatusOut};
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 use crate::telemetry::{Backoff, LogLimiter};
 
 /// Most heartbeats applied in one pipelined round trip.
@@ -34,13 +26,7 @@ const RECENT_CAP: usize = 200_000;
 
 /// Applies held heartbeats to Redis.
 pub(crate) struct Applier {
-    pub(crate) store: Store,
-    pub(crate) held: Arc<Held>,
-    pub(crate) metrics: Metrics,
-    pub(crate) health: Arc<Health>,
-    pub(crate) out: mpsc::Sender<StatusOut>,
-    pub(crate) order: CommitOrder,
-    pub(crate) due: Arc<DueTable>,
+    pub(crate) commit: Committer,
     pub(crate) recent: Recent,
     /// As for the expirer: a late heartbeat respects the other replicas' floors.
     pub(crate) floor_lease: Duration,
@@ -105,29 +91,29 @@ impl Applier {
     pub(crate) async fn run(mut self, token: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_secs(2));
         let limiter = LogLimiter::new(Duration::from_secs(10));
-        let mut rebuilt = self.store.loss().subscribe();
+        let mut rebuilt = self.commit.store.loss().subscribe();
         loop {
-            if self.held.is_closed_and_empty() {
+            if self.commit.held.is_closed_and_empty() {
                 break;
             }
-            let batch = self.held.take();
+            let batch = self.commit.held.take();
             if batch.is_empty() {
-                self.held.arrived().await;
+                self.commit.held.arrived().await;
                 continue;
             }
             let Err(e) = self.apply(batch).await else {
                 backoff.reset();
-                self.held.applied();
+                self.commit.held.applied();
                 continue;
             };
             // What was not applied is held again, merged per device with what arrived
             // meanwhile (re-applying is harmless); expiries wait for it (the watermark).
-            self.health.set_redis_commands(false);
-            let held = self.held.len();
+            self.commit.health.set_redis_commands(false);
+            let held = self.commit.held.len();
             if let Some(n) = limiter.check() {
                 warn!(error = %e, held, suppressed = n, "Cannot apply heartbeats to Redis; holding them.");
             }
-            if token.is_cancelled() && self.held.is_closed() {
+            if token.is_cancelled() && self.commit.held.is_closed() {
                 warn!(held, "Shutting down with heartbeats not applied.");
                 break;
             }
@@ -149,7 +135,7 @@ impl Applier {
         let mut chunks = batch.chunks(APPLY_BATCH);
         for chunk in chunks.by_ref() {
             let Err((e, next)) = self.apply_chunk(chunk, &mut done, &mut retry).await else {
-                self.health.set_redis_commands(true);
+                self.commit.health.set_redis_commands(true);
                 continue;
             };
             // Go on with the other chunks while some buckets work (a cluster master is
@@ -164,7 +150,7 @@ impl Applier {
             None => Ok(()),
             Some(e) => {
                 retry.extend(chunks.flatten().cloned());
-                self.held.restore(retry);
+                self.commit.held.restore(retry);
                 Err(e)
             }
         }
@@ -178,22 +164,22 @@ impl Applier {
         done: &mut Vec<Beat>,
         retry: &mut Vec<Beat>,
     ) -> Result<(), (StoreError, Chunks)> {
-        let turn = self.order.turn().await;
+        let turn = self.commit.order.turn().await;
         let applied = self
+            .commit
             .store
             .apply_heartbeats(chunk, self.floor_lease.as_millis() as u64)
             .await;
         // Whatever was committed is published, even if other buckets failed (in a
         // cluster, one master may be failing over while the others work).
-        count(&self.metrics, &applied.done);
-        publish(&self.out, applied.done, Lag::Observe).await;
+        self.commit.hand_on(applied.done).await;
         drop(turn);
         for beat in chunk {
             let b = bucket_of(beat.device.as_str());
             if applied.failed.contains(&b) {
                 retry.push(beat.clone());
             } else {
-                self.due.lower(b, beat.deadline);
+                self.commit.due.lower(b, beat.deadline);
                 done.push(beat.clone());
             }
         }

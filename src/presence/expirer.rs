@@ -12,17 +12,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::due::DueTable;
 use super::gate::{gate, Gate, STALL};
-use super::order::CommitOrder;
+use super::handoff::Committer;
 use super::stamper::FLOOR_EVERY;
 use super::sweep::{Progress, Source, Sweeper, SWEEP_LIMIT};
 use crate::device::{now_ms, DeviceId, Millis};
-use crate::health::Health;
-use crate::held::Held;
-use crate::metrics::Metrics;
-use crate::status::StatusOut;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 use crate::telemetry::{Backoff, LogLimiter};
 
 /// How often every bucket is swept whatever the known deadlines (the safety net; it also
@@ -37,13 +32,7 @@ const RECHECK: Duration = Duration::from_millis(20);
 
 /// Decides offline transitions.
 pub(crate) struct Expirer {
-    pub(crate) store: Store,
-    pub(crate) held: Arc<Held>,
-    pub(crate) metrics: Metrics,
-    pub(crate) health: Arc<Health>,
-    pub(crate) out: mpsc::Sender<StatusOut>,
-    pub(crate) order: CommitOrder,
-    pub(crate) due: Arc<DueTable>,
+    pub(crate) commit: Committer,
     pub(crate) expired_rx: mpsc::Receiver<DeviceId>,
     pub(crate) reconcile: Arc<Notify>,
     pub(crate) ingest: watch::Receiver<Option<Millis>>,
@@ -58,13 +47,7 @@ pub(crate) struct Expirer {
 impl Expirer {
     pub(crate) async fn run(self, token: CancellationToken) {
         let sweeper = Sweeper {
-            store: self.store,
-            held: self.held,
-            metrics: self.metrics,
-            health: self.health,
-            out: self.out,
-            order: self.order,
-            due: self.due,
+            commit: self.commit,
             floor_lease: self.floor_lease,
             floor_wait: self.floor_wait,
         };
@@ -145,7 +128,7 @@ impl State {
         loop {
             // Expiries wait while heartbeats may still be on their way: until the MQTT
             // backlog is in (the sync marker) and everything received before it is applied.
-            let turn = match gate(&self.ingest, &self.sweeper.held, self.stalled_at) {
+            let turn = match gate(&self.ingest, &self.sweeper.commit.held, self.stalled_at) {
                 Gate::Open if self.reconcile_owed => self.reconcile().await,
                 Gate::Open => self.next_event().await,
                 closed => self.gate_closed(closed).await,
@@ -206,7 +189,7 @@ impl State {
             () = tokio::time::sleep_until(plan.due) => Wake::Due,
             () = tokio::time::sleep_until(self.next_safety) => Wake::SafetyNet,
             Some(id) = self.expired_rx.recv() => Wake::Expired(id),
-            () = self.sweeper.due.wake.notified() => Wake::Recompute,
+            () = self.sweeper.commit.due.wake.notified() => Wake::Recompute,
         };
         // A wake-up far later than any timer we set: the process was stopped (or starved).
         if Instant::now() > plan.planned + STALL {
@@ -228,7 +211,7 @@ impl State {
     fn plan(&self) -> Plan {
         let now = now_ms();
         let cutoff = self.sweeper.cutoff(now).before;
-        let earliest = self.sweeper.due.earliest();
+        let earliest = self.sweeper.commit.due.earliest();
         let due = if earliest <= cutoff {
             (self.last_sweep + MIN_SWEEP_GAP).max(self.sweeper.floor_wait)
         } else if earliest <= now {
@@ -284,7 +267,7 @@ impl State {
     /// A Redis call failed: something may expire while Redis is away, so reconcile when it
     /// is back; wait out the backoff first.
     async fn failed(&mut self, e: StoreError) -> Flow {
-        self.sweeper.health.set_redis_commands(false);
+        self.sweeper.commit.health.set_redis_commands(false);
         if let Some(n) = self.limiter.check() {
             warn!(error = %e, suppressed = n, "Cannot decide expiries in Redis; retrying.");
         }

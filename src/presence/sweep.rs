@@ -3,25 +3,17 @@
 //! handed to the publisher, each under a `CommitOrder` turn. Knows nothing of when to sweep
 //! (that is `expirer`'s): it must not wait for anything but Redis and the status queue.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::due::DueTable;
 use super::gate::cutoff;
-use super::handoff::{count, publish};
-use super::order::CommitOrder;
+use super::handoff::Committer;
 use super::stamper::FLOOR_EVERY;
 use crate::bucket::{Bucket, BUCKETS};
 use crate::device::{now_ms, DeviceId, Millis};
-use crate::health::Health;
-use crate::held::Held;
-use crate::metrics::Metrics;
-use crate::status::{Lag, StatusOut};
-use crate::store::{Committed, Cutoff, Store, StoreError};
+use crate::store::{Committed, Cutoff, StoreError};
 
 /// Most devices one sweep of one bucket marks offline; a bucket with more is swept again.
 pub(crate) const SWEEP_LIMIT: usize = 1_000;
@@ -54,13 +46,7 @@ pub(crate) enum Progress {
 
 /// Decides offline transitions in Redis.
 pub(crate) struct Sweeper {
-    pub(crate) store: Store,
-    pub(crate) held: Arc<Held>,
-    pub(crate) metrics: Metrics,
-    pub(crate) health: Arc<Health>,
-    pub(crate) out: mpsc::Sender<StatusOut>,
-    pub(crate) order: CommitOrder,
-    pub(crate) due: Arc<DueTable>,
+    pub(crate) commit: Committer,
     pub(crate) floor_lease: Duration,
     /// Due deadlines wait for another replica's floor until then.
     pub(crate) floor_wait: Instant,
@@ -68,13 +54,17 @@ pub(crate) struct Sweeper {
 
 impl Sweeper {
     pub(crate) fn cutoff(&self, now: Millis) -> Cutoff {
-        cutoff(&self.held, self.floor_lease, now)
+        cutoff(&self.commit.held, self.floor_lease, now)
     }
 
     /// Expires the devices keyspace notifications named (if they are still overdue).
     pub(crate) async fn expire(&self, ids: &[DeviceId]) -> Result<(), StoreError> {
-        let _turn = self.order.turn().await;
-        let expired = self.store.expire_devices(ids, self.cutoff(now_ms())).await;
+        let _turn = self.commit.order.turn().await;
+        let expired = self
+            .commit
+            .store
+            .expire_devices(ids, self.cutoff(now_ms()))
+            .await;
         self.decided(Source::Notification, expired.done).await;
         expired.error.map_or(Ok(()), Err)
     }
@@ -84,15 +74,15 @@ impl Sweeper {
         let now = now_ms();
         let cutoff = self.cutoff(now);
         let seen: Vec<(Bucket, Millis)> = (0..BUCKETS)
-            .map(|b| (b, self.due.get(b)))
+            .map(|b| (b, self.commit.due.get(b)))
             .filter(|(_, d)| *d <= cutoff.before)
             .collect();
         if seen.is_empty() {
             return Ok(());
         }
         let buckets: Vec<Bucket> = seen.iter().map(|(b, _)| *b).collect();
-        let _turn = self.order.turn().await;
-        let swept = self.store.sweep(&buckets, cutoff, SWEEP_LIMIT).await;
+        let _turn = self.commit.order.turn().await;
+        let swept = self.commit.store.sweep(&buckets, cutoff, SWEEP_LIMIT).await;
         let mut all = Vec::new();
         for s in swept.done {
             let seen = seen
@@ -105,13 +95,13 @@ impl Sweeper {
                 // ask again when its floor has had time to move.
                 self.floor_wait = Instant::now() + FLOOR_EVERY / 4;
             }
-            self.due.replace(s.bucket, seen, next);
+            self.commit.due.replace(s.bucket, seen, next);
             all.extend(s.committed);
         }
         self.decided(Source::Deadline, all).await;
         match swept.error {
             None => {
-                self.health.set_redis_commands(true);
+                self.commit.health.set_redis_commands(true);
                 Ok(())
             }
             Some(e) => Err(e),
@@ -129,9 +119,9 @@ impl Sweeper {
             if source == Source::SafetyNet {
                 cutoff.before = cutoff.before.saturating_sub(MISSED_GRACE_MS);
             }
-            let seen: Vec<Millis> = (0..BUCKETS).map(|b| self.due.get(b)).collect();
-            let turn = self.order.turn().await;
-            let swept = self.store.sweep(&buckets, cutoff, SWEEP_LIMIT).await;
+            let seen: Vec<Millis> = (0..BUCKETS).map(|b| self.commit.due.get(b)).collect();
+            let turn = self.commit.order.turn().await;
+            let swept = self.commit.store.sweep(&buckets, cutoff, SWEEP_LIMIT).await;
             let mut again = Vec::new();
             let mut all = Vec::new();
             for s in swept.done {
@@ -145,7 +135,8 @@ impl Sweeper {
                     // heartbeat (a floor a little behind, as they normally are, is not that).
                     progress = Progress::Blocked;
                 }
-                self.due
+                self.commit
+                    .due
                     .replace(s.bucket, seen[usize::from(s.bucket)], s.next_deadline);
                 all.extend(s.committed);
             }
@@ -157,7 +148,7 @@ impl Sweeper {
                 // asks for.
                 return Err(e);
             }
-            self.health.set_redis_commands(true);
+            self.commit.health.set_redis_commands(true);
             buckets = again;
         }
         if source == Source::Reconcile && progress == Progress::Complete {
@@ -175,10 +166,11 @@ impl Sweeper {
             return;
         }
         if matches!(source, Source::Reconcile | Source::SafetyNet) {
-            self.metrics.missed_expiration(committed.len() as u64);
+            self.commit
+                .metrics
+                .missed_expiration(committed.len() as u64);
         }
         debug!(?source, n = committed.len(), "Offline transitions decided.");
-        count(&self.metrics, &committed);
-        publish(&self.out, committed, Lag::Observe).await;
+        self.commit.hand_on(committed).await;
     }
 }
