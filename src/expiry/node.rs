@@ -67,6 +67,13 @@ pub(crate) enum SessionError {
     PingTimedOut,
 }
 
+/// Whether the node is subscribed to (between a session's subscription and its end).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Listening {
+    Yes,
+    No,
+}
+
 /// Whether a node passed a check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fit {
@@ -148,7 +155,7 @@ impl NodeListener {
                 r = self.session(&client, &channel, &token, &mut first, &mut backoff, sessions) => r,
             };
             sessions += 1;
-            self.set_listening(false);
+            self.set_listening(Listening::No);
             match result {
                 Ok(()) => return,
                 Err(e) => {
@@ -164,7 +171,8 @@ impl NodeListener {
         }
     }
 
-    fn set_listening(&self, on: bool) {
+    fn set_listening(&self, state: Listening) {
+        let on = state == Listening::Yes;
         self.listening.store(on, Ordering::Release);
         if let Reports::Health(health) = &self.reports {
             health.set_redis_listener(on);
@@ -185,7 +193,7 @@ impl NodeListener {
         let Some(mut live) = self.open(client, channel, first).await? else {
             return Ok(());
         };
-        self.set_listening(true);
+        self.set_listening(Listening::Yes);
         backoff.reset();
         if sessions > 0 || self.first_session == FirstSession::Reconciles {
             // Events published while we were away are gone for good.
