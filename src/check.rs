@@ -38,8 +38,8 @@ pub async fn report(cfg: &Config) -> Result<Vec<String>, Error> {
         }
     })
     .await
-    .map_err(|_| Error::Mqtt("connect timed out".into()))?;
-    connack.map_err(|e| Error::Mqtt(e.to_string()))?;
+    .map_err(|_| mqtt::Error::ConnectTimeout)?;
+    connack?;
     report.push("mqtt: reachable".into());
     Ok(report)
 }

@@ -3,7 +3,7 @@
 //! entries leave Redis, so it is gone from the counts and the API, and its retained status
 //! is cleared (an empty retained message, QoS 1); a later heartbeat makes it a new device.
 //!
-//! [`Forgetter`] sweeps every bucket every [`FORGET_EVERY`]. Each bucket is decided by one
+//! `Forgetter` sweeps every bucket every `FORGET_EVERY` (2 s). Each bucket is decided by one
 //! call of `src/lua/forget.lua`, which re-reads the record (a device that came back online is
 //! kept), deletes it and stages the clear in the outbox in the same step. So a device is
 //! forgotten exactly once whatever the number of replicas, and a clear committed by a
@@ -22,35 +22,37 @@ use crate::bucket::{Bucket, BUCKETS};
 use crate::device::{now_ms, Millis};
 use crate::held::Held;
 use crate::metrics::Metrics;
+use crate::presence::gate::{cutoff, gate, Gate};
+use crate::presence::handoff::{publish, Handed};
 use crate::presence::CommitOrder;
-use crate::status::{Lag, Receipt, StatusOut};
-use crate::store::{Cutoff, Store, StoreError};
+use crate::status::{Lag, StatusOut};
+use crate::store::{Store, StoreError};
 use crate::telemetry::LogLimiter;
 
 /// How often every bucket is swept for devices to forget: a device is forgotten within about
 /// this much after its `forget_after` has passed.
-pub const FORGET_EVERY: Duration = Duration::from_secs(2);
+pub(crate) const FORGET_EVERY: Duration = Duration::from_secs(2);
 /// Most devices one call forgets in one bucket; a bucket with more is swept again at once.
 const FORGET_LIMIT: usize = 500;
 
 /// Forgets devices offline for longer than `after`.
-pub struct Forgetter {
-    pub store: Store,
-    pub held: Arc<Held>,
-    pub metrics: Metrics,
-    pub out: mpsc::Sender<StatusOut>,
+pub(crate) struct Forgetter {
+    pub(crate) store: Store,
+    pub(crate) held: Arc<Held>,
+    pub(crate) metrics: Metrics,
+    pub(crate) out: mpsc::Sender<StatusOut>,
     /// A clear and the device's new seq 1 are queued in the order they were committed.
-    pub order: CommitOrder,
-    /// The MQTT task's sync barrier (see `presence::Expirer`): nothing is forgotten while
+    pub(crate) order: CommitOrder,
+    /// The MQTT task's sync barrier (see `presence::gate`): nothing is forgotten while
     /// heartbeats may still be on their way.
-    pub ingest: watch::Receiver<Option<Millis>>,
-    pub after: Duration,
+    pub(crate) ingest: watch::Receiver<Option<Millis>>,
+    pub(crate) after: Duration,
     /// How long another replica's floor stands without renewal (see `presence::Stamper`).
-    pub floor_lease: Duration,
+    pub(crate) floor_lease: Duration,
 }
 
 impl Forgetter {
-    pub async fn run(self, token: CancellationToken) {
+    pub(crate) async fn run(self, token: CancellationToken) {
         let limiter = LogLimiter::new(Duration::from_secs(30));
         let mut tick = tokio::time::interval(FORGET_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -86,8 +88,7 @@ impl Forgetter {
     /// Whether every heartbeat the broker queued for us is in, and applied: a device whose
     /// heartbeat is on its way came back, and must not be forgotten.
     fn open(&self) -> bool {
-        let barrier = *self.ingest.borrow();
-        barrier.is_some_and(|t| self.held.watermark().is_none_or(|w| w > t))
+        gate(&self.ingest, &self.held, 0) == Gate::Open
     }
 
     /// Indexes devices that went offline before the offline-since index existed (a bucket
@@ -115,10 +116,7 @@ impl Forgetter {
         let mut buckets: Vec<Bucket> = (0..BUCKETS).collect();
         while !buckets.is_empty() {
             // Never past a heartbeat this replica holds (other replicas' are in their floors).
-            let cutoff = Cutoff {
-                before: self.held.cutoff(now_ms()),
-                floor_lease_ms: self.floor_lease.as_millis() as u64,
-            };
+            let cutoff = cutoff(&self.held, self.floor_lease, now_ms());
             let turn = self.order.turn().await;
             let forgot = self
                 .store
@@ -140,20 +138,12 @@ impl Forgetter {
                     n = cleared.len(),
                     "Forgot devices offline for longer than presence.forget_after."
                 );
-                for c in cleared {
+                for c in &cleared {
                     debug!(device = %c.event.device, "Forgot a device.");
-                    let status = StatusOut {
-                        event: c.event,
-                        receipt: Receipt {
-                            bucket: c.bucket,
-                            member: c.member,
-                        },
-                        lag: Lag::Skip,
-                    };
-                    if self.out.send(status).await.is_err() {
-                        // The MQTT task is gone (shutdown): the outbox still holds the clears.
-                        return Ok(());
-                    }
+                }
+                if publish(&self.out, cleared, Lag::Skip).await == Handed::QueueClosed {
+                    // The MQTT task is gone (shutdown): the outbox still holds the clears.
+                    return Ok(());
                 }
             }
             drop(turn);

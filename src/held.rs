@@ -18,7 +18,7 @@ use crate::device::{now_ms, DeviceId, Millis};
 pub const HELD_CAP: usize = 1_000_000;
 
 /// Heartbeats received and not yet applied, shared by the MQTT task (insert) and the
-/// [`Applier`] (take). A `std` mutex: nothing awaits while holding it.
+/// applier (`presence::Applier`, take). A `std` mutex: nothing awaits while holding it.
 pub struct Held {
     inner: Mutex<HeldInner>,
     notify: Notify,

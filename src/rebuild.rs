@@ -4,7 +4,7 @@
 //! is in Redis. A Redis that lost its data (a restart without persistence, FLUSHALL, a
 //! failover to an empty replica) lost the epoch keys with it; a monitor that first meets an
 //! empty Redis finds none. `heartbeat.lua` refuses to write into a bucket without one (the
-//! applier holds those heartbeats, so no seq starts over), and the [`Rebuilder`] notices the
+//! applier holds those heartbeats, so no seq starts over), and the `Rebuilder` notices the
 //! loss (that refusal, or its own check every second and at start), reads the retained
 //! statuses with a client of its own and imports them (`import.lua`): each device gets back
 //! its state, seq and times, online devices one TTL from the rebuild to heartbeat again.
@@ -27,7 +27,7 @@ use crate::bucket::{bucket_of, Bucket, BUCKETS};
 use crate::config::MqttConfig;
 use crate::device::{DeviceId, DeviceRecord, StatusEvent, TopicTemplate};
 use crate::metrics::Metrics;
-use crate::mqtt::{self, ConnectOptions, Event, Qos, Retain};
+use crate::mqtt::{self, Client, ConnectOptions, Event, EventLoop, Qos, Retain};
 use crate::store::{ImportChunk, Imported, Store, StoreError};
 use crate::telemetry::{Backoff, LogLimiter};
 
@@ -46,20 +46,24 @@ const CHUNK: usize = 1_000;
 const MAX_AGAIN: usize = 3;
 
 /// Watches for a Redis that lost its data and rebuilds the state from the broker.
-pub struct Rebuilder {
-    pub store: Store,
-    pub mqtt: MqttConfig,
+pub(crate) struct Rebuilder {
+    pub(crate) store: Store,
+    pub(crate) mqtt: MqttConfig,
     /// What an online device gets from the rebuild to heartbeat again.
-    pub ttl: Duration,
-    pub metrics: Metrics,
+    pub(crate) ttl: Duration,
+    pub(crate) metrics: Metrics,
     /// Asks the expirer to sweep every bucket (it learns the new deadlines).
-    pub reconcile: Arc<Notify>,
+    pub(crate) reconcile: Arc<Notify>,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum RebuildError {
     #[error("reading the retained statuses: {0}")]
-    Mqtt(String),
+    Mqtt(#[from] mqtt::Error),
+    #[error("the broker refused the subscription to {0:?}")]
+    Refused(Vec<String>),
+    #[error("no progress reading the retained statuses")]
+    Stalled,
     #[error(transparent)]
     Redis(#[from] StoreError),
     #[error("bucket {0} kept losing its data during the import")]
@@ -69,7 +73,7 @@ enum RebuildError {
 }
 
 impl Rebuilder {
-    pub async fn run(self, token: CancellationToken) {
+    pub(crate) async fn run(self, token: CancellationToken) {
         let mut tick = tokio::time::interval(CHECK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backoff = Backoff::new(Duration::from_secs(5));
@@ -118,72 +122,7 @@ impl Rebuilder {
             "Redis has no state for some buckets (lost, or a first start); rebuilding from the retained statuses."
         );
         let snapshot = collect(&self.mqtt, token).await?;
-        let mut by_bucket: Vec<Vec<DeviceRecord>> = (0..BUCKETS).map(|_| Vec::new()).collect();
-        for ev in snapshot.statuses.values() {
-            let b = bucket_of(ev.device.as_str());
-            if lost.contains(&b) {
-                by_bucket[usize::from(b)].push(DeviceRecord {
-                    device: ev.device.clone(),
-                    state: ev.state,
-                    seq: ev.seq,
-                    since: ev.since,
-                    last_seen: ev.last_seen,
-                    detected_at: ev.detected_at,
-                });
-            }
-        }
-        let import = format!("{:016x}", fastrand::u64(..));
-        // Per lost bucket: the next chunk to import, and how often it started over.
-        let mut next: HashMap<Bucket, (usize, usize)> = lost.iter().map(|&b| (b, (0, 0))).collect();
-        let mut written = 0u64;
-        while !next.is_empty() {
-            if token.is_cancelled() {
-                return Err(RebuildError::Cancelled);
-            }
-            let chunks: Vec<ImportChunk<'_>> = next
-                .iter()
-                .map(|(&b, &(i, _))| {
-                    let all = &by_bucket[usize::from(b)];
-                    let n = all.len().div_ceil(CHUNK).max(1);
-                    let start = (i * CHUNK).min(all.len());
-                    let end = (start + CHUNK).min(all.len());
-                    ImportChunk {
-                        bucket: b,
-                        first: i == 0,
-                        last: i + 1 >= n,
-                        records: &all[start..end],
-                    }
-                })
-                .collect();
-            let last: HashMap<Bucket, bool> = chunks.iter().map(|c| (c.bucket, c.last)).collect();
-            let done = self.store.import(&chunks, &import, self.ttl).await;
-            for outcome in done.done {
-                match outcome {
-                    Imported::Written(b, n) => {
-                        written += n;
-                        if last.get(&b).copied().unwrap_or(true) {
-                            next.remove(&b);
-                        } else if let Some(e) = next.get_mut(&b) {
-                            e.0 += 1;
-                        }
-                    }
-                    Imported::Present(b) => {
-                        next.remove(&b);
-                    }
-                    Imported::Again(b) => {
-                        if let Some(e) = next.get_mut(&b) {
-                            if e.1 >= MAX_AGAIN {
-                                return Err(RebuildError::Unstable(b));
-                            }
-                            *e = (0, e.1 + 1);
-                        }
-                    }
-                }
-            }
-            if let Some(e) = done.error {
-                return Err(e.into());
-            }
-        }
+        let written = self.import(&snapshot.by_bucket(lost), lost, token).await?;
         self.metrics.state_rebuilt();
         self.store.loss().rebuilt();
         self.reconcile.notify_one();
@@ -198,6 +137,100 @@ impl Rebuilder {
         );
         Ok(())
     }
+
+    /// Imports the records of the lost buckets in chunks (one pipelined round of script
+    /// calls per chunk index), each bucket until its last chunk is in or its epoch is back.
+    /// Returns how many devices were written.
+    async fn import(
+        &self,
+        by_bucket: &[Vec<DeviceRecord>],
+        lost: &[Bucket],
+        token: &CancellationToken,
+    ) -> Result<u64, RebuildError> {
+        let import = format!("{:016x}", fastrand::u64(..));
+        let mut progress = Progress::new(lost);
+        let mut written = 0u64;
+        while !progress.next.is_empty() {
+            if token.is_cancelled() {
+                return Err(RebuildError::Cancelled);
+            }
+            let chunks = progress.chunks(by_bucket);
+            let last: HashMap<Bucket, bool> = chunks.iter().map(|c| (c.bucket, c.last)).collect();
+            let done = self.store.import(&chunks, &import, self.ttl).await;
+            for outcome in done.done {
+                written += progress.advance(outcome, &last)?;
+            }
+            if let Some(e) = done.error {
+                return Err(e.into());
+            }
+        }
+        Ok(written)
+    }
+}
+
+/// How far the import of each lost bucket is.
+struct Progress {
+    /// Per bucket still to import: the next chunk, and how often it started over.
+    next: HashMap<Bucket, (usize, usize)>,
+}
+
+impl Progress {
+    fn new(lost: &[Bucket]) -> Progress {
+        Progress {
+            next: lost.iter().map(|&b| (b, (0, 0))).collect(),
+        }
+    }
+
+    /// The next chunk of every bucket still to import.
+    fn chunks<'a>(&self, by_bucket: &'a [Vec<DeviceRecord>]) -> Vec<ImportChunk<'a>> {
+        self.next
+            .iter()
+            .map(|(&b, &(i, _))| {
+                let all = &by_bucket[usize::from(b)];
+                let n = all.len().div_ceil(CHUNK).max(1);
+                let start = (i * CHUNK).min(all.len());
+                let end = (start + CHUNK).min(all.len());
+                ImportChunk {
+                    bucket: b,
+                    first: i == 0,
+                    last: i + 1 >= n,
+                    records: &all[start..end],
+                }
+            })
+            .collect()
+    }
+
+    /// Moves a bucket on after its chunk's outcome (`last`: whether it was the bucket's last
+    /// chunk). Returns how many devices it wrote.
+    fn advance(
+        &mut self,
+        outcome: Imported,
+        last: &HashMap<Bucket, bool>,
+    ) -> Result<u64, RebuildError> {
+        match outcome {
+            Imported::Written(b, n) => {
+                if last.get(&b).copied().unwrap_or(true) {
+                    self.next.remove(&b);
+                } else if let Some(e) = self.next.get_mut(&b) {
+                    e.0 += 1;
+                }
+                Ok(n)
+            }
+            Imported::Present(b) => {
+                self.next.remove(&b);
+                Ok(0)
+            }
+            Imported::Again(b) => {
+                if let Some(e) = self.next.get_mut(&b) {
+                    if e.1 >= MAX_AGAIN {
+                        return Err(RebuildError::Unstable(b));
+                    }
+                    *e = (0, e.1 + 1);
+                }
+                Ok(0)
+            }
+        }
+    }
 }
 
 /// The retained statuses read from the broker: the highest seq per device.
@@ -211,6 +244,25 @@ struct Snapshot {
 }
 
 impl Snapshot {
+    /// The records of the devices of the `lost` buckets, by bucket.
+    fn by_bucket(&self, lost: &[Bucket]) -> Vec<Vec<DeviceRecord>> {
+        let mut by_bucket: Vec<Vec<DeviceRecord>> = (0..BUCKETS).map(|_| Vec::new()).collect();
+        for ev in self.statuses.values() {
+            let b = bucket_of(ev.device.as_str());
+            if lost.contains(&b) {
+                by_bucket[usize::from(b)].push(DeviceRecord {
+                    device: ev.device.clone(),
+                    state: ev.state,
+                    seq: ev.seq,
+                    since: ev.since,
+                    last_seen: ev.last_seen,
+                    detected_at: ev.detected_at,
+                });
+            }
+        }
+        by_bucket
+    }
+
     fn add(&mut self, template: &TopicTemplate, topic: &[u8], payload: &[u8]) {
         if payload.is_empty() {
             self.cleared += 1;
@@ -243,8 +295,6 @@ impl Snapshot {
 async fn collect(cfg: &MqttConfig, token: &CancellationToken) -> Result<Snapshot, RebuildError> {
     let client_id = format!("{}-rebuild-{:08x}", cfg.client_id, fastrand::u32(..));
     let marker_topic = format!("presenced/rebuild/{client_id}");
-    let marker = Bytes::from(format!("{:016x}", fastrand::u64(..)));
-    let filters = [cfg.status_topic.filter(), marker_topic.clone()];
     let (client, mut eventloop) = mqtt::client(ConnectOptions {
         cfg,
         client_id,
@@ -253,50 +303,95 @@ async fn collect(cfg: &MqttConfig, token: &CancellationToken) -> Result<Snapshot
         inflight: 100,
         keep_alive: Duration::from_secs(15),
     });
-    let mut snapshot = Snapshot::default();
-    let mut marker_back = false;
-    let mut last_message = Instant::now();
+    let mut reading = Reading {
+        cfg,
+        filters: [cfg.status_topic.filter(), marker_topic.clone()],
+        marker_topic,
+        marker: Bytes::from(format!("{:016x}", fastrand::u64(..))),
+        client,
+        snapshot: Snapshot::default(),
+        marker_state: Marker::Awaited,
+        last_message: Instant::now(),
+    };
     let result = loop {
-        let quiet = last_message + QUIET;
+        let quiet = reading.last_message + QUIET;
         tokio::select! {
             () = token.cancelled() => break Err(RebuildError::Cancelled),
-            () = tokio::time::sleep_until(quiet), if marker_back => break Ok(()),
-            () = tokio::time::sleep_until(last_message + STALLED) => {
-                break Err(RebuildError::Mqtt("no progress reading the retained statuses".into()));
+            () = tokio::time::sleep_until(quiet), if reading.marker_state == Marker::Back => break Ok(()),
+            () = tokio::time::sleep_until(reading.last_message + STALLED) => {
+                break Err(RebuildError::Stalled);
             }
             ev = eventloop.poll() => match ev {
-                Ok(Event::ConnAck { .. }) => {
-                    last_message = Instant::now();
-                    if let Err(e) = client.try_subscribe_many(&filters) {
-                        break Err(RebuildError::Mqtt(e.to_string()));
+                Ok(ev) => {
+                    if let Err(e) = reading.event(ev) {
+                        break Err(e);
                     }
                 }
-                Ok(Event::SubAck { granted }) => {
-                    last_message = Instant::now();
-                    if !granted.iter().all(|g| *g) || granted.len() != filters.len() {
-                        break Err(RebuildError::Mqtt(format!(
-                            "the broker refused the subscription to {filters:?}"
-                        )));
-                    }
-                    let qos = Qos::AtLeastOnce;
-                    if let Err(e) = client.try_publish(&marker_topic, qos, Retain::No, marker.clone()) {
-                        break Err(RebuildError::Mqtt(e.to_string()));
-                    }
-                }
-                Ok(Event::Publish { topic, payload, .. }) => {
-                    last_message = Instant::now();
-                    if topic.as_ref() == marker_topic.as_bytes() {
-                        marker_back |= payload == marker;
-                    } else {
-                        snapshot.add(&cfg.status_topic, &topic, &payload);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => break Err(RebuildError::Mqtt(e.to_string())),
+                Err(e) => break Err(e.into()),
             },
         }
     };
-    // Leave cleanly (bounded): a clean session leaves nothing behind on the broker.
+    leave(&reading.client, &mut eventloop).await;
+    result.map(|()| reading.snapshot)
+}
+
+/// Whether our marker came back (after it, every retained status is in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Marker {
+    Awaited,
+    Back,
+}
+
+/// Reading the retained statuses: the subscription, our marker, what came.
+struct Reading<'a> {
+    cfg: &'a MqttConfig,
+    filters: [String; 2],
+    marker_topic: String,
+    marker: Bytes,
+    client: Client,
+    snapshot: Snapshot,
+    marker_state: Marker,
+    last_message: Instant,
+}
+
+impl Reading<'_> {
+    /// Subscribes once connected, publishes the marker once subscribed, keeps statuses.
+    fn event(&mut self, ev: Event) -> Result<(), RebuildError> {
+        match ev {
+            Event::ConnAck { .. } => {
+                self.last_message = Instant::now();
+                self.client.try_subscribe_many(&self.filters)?;
+            }
+            Event::SubAck { granted } => {
+                self.last_message = Instant::now();
+                if !granted.iter().all(|g| *g) || granted.len() != self.filters.len() {
+                    return Err(RebuildError::Refused(self.filters.clone()));
+                }
+                self.client.try_publish(
+                    &self.marker_topic,
+                    Qos::AtLeastOnce,
+                    Retain::No,
+                    self.marker.clone(),
+                )?;
+            }
+            Event::Publish { topic, payload, .. } => {
+                self.last_message = Instant::now();
+                if topic.as_ref() == self.marker_topic.as_bytes() {
+                    if payload == self.marker {
+                        self.marker_state = Marker::Back;
+                    }
+                } else {
+                    self.snapshot.add(&self.cfg.status_topic, &topic, &payload);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Leaves cleanly (bounded): a clean session leaves nothing behind on the broker.
+async fn leave(client: &Client, eventloop: &mut EventLoop) {
     if client.try_disconnect().is_ok() {
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
             while let Ok(ev) = eventloop.poll().await {
@@ -307,7 +402,6 @@ async fn collect(cfg: &MqttConfig, token: &CancellationToken) -> Result<Snapshot
         })
         .await;
     }
-    result.map(|()| snapshot)
 }
 
 #[cfg(test)]

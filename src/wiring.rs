@@ -19,7 +19,7 @@ use crate::forget;
 use crate::held::{Held, HELD_CAP};
 use crate::http;
 use crate::mqtt::MqttTask;
-use crate::presence::{Applier, CommitOrder, DueTable, Expirer, Outbox, Stamper};
+use crate::presence::{Applier, CommitOrder, Committer, DueTable, Expirer, Outbox, Stamper};
 use crate::rebuild;
 use crate::startup::{watch_redis, Base, Common};
 use crate::status::{Delivered, StatusOut};
@@ -239,16 +239,20 @@ fn spawn_deciders(common: &Common, links: &Links, redis: RedisSide, workers: &mu
         reconcile,
         ..
     } = redis;
+    // What the applier and the expirer share: both commit transitions and hand them on.
+    let commit = Committer {
+        store: store.clone(),
+        held: links.held.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        out: links.out_tx.clone(),
+        order: links.order.clone(),
+        due: links.due.clone(),
+    };
     workers.spawn(
         "applier",
         Applier {
-            store: store.clone(),
-            held: links.held.clone(),
-            metrics: metrics.clone(),
-            health: health.clone(),
-            out: links.out_tx.clone(),
-            order: links.order.clone(),
-            due: links.due.clone(),
+            commit: commit.clone(),
             recent: Default::default(),
             floor_lease: common.floor_lease(),
         }
@@ -270,13 +274,7 @@ fn spawn_deciders(common: &Common, links: &Links, redis: RedisSide, workers: &mu
     workers.spawn(
         "expirer",
         Expirer {
-            store: store.clone(),
-            held: links.held.clone(),
-            metrics: metrics.clone(),
-            health: health.clone(),
-            out: links.out_tx.clone(),
-            order: links.order.clone(),
-            due: links.due.clone(),
+            commit,
             expired_rx,
             reconcile,
             ingest: links.ingest_rx.clone(),

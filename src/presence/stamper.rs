@@ -1,0 +1,187 @@
+//! Keeping the offsets to the Redis clocks fresh (`crate::clock`) and this replica's floor
+//! in every bucket (`clock.lua`): the time before which every heartbeat it received is
+//! applied. Decides nothing; it must not write anything but its own floor (and remove the
+//! floors of replicas seen gone).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::gate::{gate, Gate, STALL};
+use crate::device::{now_ms, Millis};
+use crate::held::Held;
+use crate::store::{Floor, Store, StoreError};
+use crate::telemetry::LogLimiter;
+
+/// How often the clock offsets are measured.
+const CLOCK_EVERY: Duration = Duration::from_secs(1);
+/// How often a replica sharing heartbeats renews its floor.
+pub(crate) const FLOOR_EVERY: Duration = Duration::from_millis(100);
+/// Longest wait for one clock / floor round trip.
+const STAMP_TIMEOUT: Duration = Duration::from_secs(1);
+/// After a stall, how long our floor waits at most for the heartbeats that were unread.
+const STALL_FREEZE: Duration = Duration::from_secs(10);
+/// At a stop, how long our floor waits at most for our held heartbeats to be applied.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// Keeps the offsets to the Redis clocks fresh and, for a replica that shares heartbeats
+/// with others (a shared subscription), its *floor* in every bucket. Every replica's
+/// expiries stay below every live floor, so a heartbeat that one replica holds (Redis is
+/// slow or unreachable for it, a failover, a partition) is never overtaken by another
+/// replica's sweep. A floor stands for `floor_lease` without renewal; then the replica is
+/// taken for dead (stopped, partitioned for longer) and its floor ignored.
+pub(crate) struct Stamper {
+    pub(crate) store: Store,
+    pub(crate) held: Arc<Held>,
+    /// Our name in the floors, with a shared subscription.
+    pub(crate) floor_of: Option<String>,
+    pub(crate) ingest: watch::Receiver<Option<Millis>>,
+    pub(crate) resync: Arc<Notify>,
+    /// Replicas whose presence went offline (their will, or a clean stop): their floors
+    /// go at once instead of at the end of their lease.
+    pub(crate) gone: mpsc::Receiver<String>,
+    /// Whether Redis answers (every bucket, within `STAMP_TIMEOUT`).
+    pub(crate) redis_ok: watch::Sender<bool>,
+}
+
+/// Why a clock round trip told nothing.
+#[derive(Debug, thiserror::Error)]
+enum ClockError {
+    #[error(transparent)]
+    Redis(#[from] StoreError),
+    #[error("timed out")]
+    TimedOut,
+}
+
+/// An unresolved stall: heartbeats may wait unread in our socket.
+#[derive(Clone, Copy)]
+struct Stall {
+    /// When it was noticed (local wall clock): a sync marker after it ends it.
+    at: Millis,
+    since: Instant,
+}
+
+impl Stamper {
+    /// Measures the clocks once (and records our floor) before anything else starts.
+    pub(crate) async fn first(&self, floor: Millis) {
+        let _ = self.sync(self.floor(floor)).await;
+    }
+
+    fn floor(&self, at: Millis) -> Floor<'_> {
+        match &self.floor_of {
+            Some(who) => Floor::At(who, at),
+            None => Floor::None,
+        }
+    }
+
+    /// One `clock.lua` round trip (every bucket), bounded.
+    async fn sync(&self, floor: Floor<'_>) -> Result<(), ClockError> {
+        match tokio::time::timeout(STAMP_TIMEOUT, self.store.sync_clock(floor)).await {
+            Ok(p) => p.error.map_or(Ok(()), |e| Err(e.into())),
+            Err(_) => Err(ClockError::TimedOut),
+        }
+    }
+
+    pub(crate) async fn run(self, token: CancellationToken) {
+        let every = if self.floor_of.is_some() {
+            FLOOR_EVERY
+        } else {
+            CLOCK_EVERY
+        };
+        let state = State {
+            every,
+            limiter: LogLimiter::new(Duration::from_secs(10)),
+            floor: now_ms(),
+            stall: None,
+            planned: Instant::now(),
+            stopping: None,
+            stamper: self,
+        };
+        state.run(token).await;
+    }
+}
+
+/// The stamper between two ticks.
+struct State {
+    stamper: Stamper,
+    every: Duration,
+    limiter: LogLimiter,
+    /// The floor we record; it only moves forward.
+    floor: Millis,
+    stall: Option<Stall>,
+    /// When the current timer wait is planned to end.
+    planned: Instant,
+    /// When we were asked to stop.
+    stopping: Option<Instant>,
+}
+
+impl State {
+    async fn run(mut self, token: CancellationToken) {
+        loop {
+            let stopped = self
+                .stopping
+                .is_some_and(|at| self.stamper.held.is_drained() || at.elapsed() > STOP_WAIT);
+            if stopped {
+                break;
+            }
+            tokio::select! {
+                () = token.cancelled(), if self.stopping.is_none() => {
+                    // Our floor stays until what we hold is applied: the MQTT task still
+                    // drains and the applier applies after it.
+                    self.stopping = Some(Instant::now());
+                }
+                Some(who) = self.stamper.gone.recv() => self.gone(&who).await,
+                () = tokio::time::sleep_until(self.planned) => self.tick().await,
+            }
+        }
+        if let Some(who) = &self.stamper.floor_of {
+            let _ = self.stamper.sync(Floor::Leave(who)).await;
+        }
+        debug!("Stamper stopped.");
+    }
+
+    /// Another replica's presence went offline: its floor goes now.
+    async fn gone(&self, who: &str) {
+        if self.stamper.floor_of.as_ref().is_some_and(|me| me != who) {
+            debug!(replica = %who, "A replica is gone; dropping its floor.");
+            let _ = self.stamper.sync(Floor::Leave(who)).await;
+        }
+    }
+
+    /// The timer came: renews the floor (frozen during a stall) and measures the clocks.
+    async fn tick(&mut self) {
+        if Instant::now() > self.planned + STALL {
+            // Stalled: heartbeats may be unread in the socket. Keep renewing the old floor
+            // until the MQTT task has read them (a fresh sync marker), for a while.
+            self.stall = Some(Stall {
+                at: now_ms(),
+                since: Instant::now(),
+            });
+            self.stamper.resync.notify_one();
+        }
+        self.planned = Instant::now() + self.every;
+        if let Some(stall) = self.stall {
+            let read = gate(&self.stamper.ingest, &self.stamper.held, stall.at) == Gate::Open;
+            if read || stall.since.elapsed() > STALL_FREEZE {
+                self.stall = None;
+            }
+        }
+        // Disconnected from the broker, nothing is queued for us (clean sessions): the
+        // floor follows what we hold.
+        if self.stall.is_none() {
+            self.floor = self.floor.max(self.stamper.held.cutoff(now_ms()));
+        }
+        let result = self.stamper.sync(self.stamper.floor(self.floor)).await;
+        let ok = result.is_ok();
+        self.stamper
+            .redis_ok
+            .send_if_modified(|was| std::mem::replace(was, ok) != ok);
+        if let (Err(e), Some(n)) = (result, self.limiter.check()) {
+            debug!(error = %e, suppressed = n, "Cannot read the Redis clock.");
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The expirer's Redis calls: `expire.lua` for named devices, for the buckets whose deadline
+//! came, and for every bucket (reconcile, safety net); what they commit is counted and
+//! handed to the publisher, each under a `CommitOrder` turn. Knows nothing of when to sweep
+//! (that is `expirer`'s): it must not wait for anything but Redis and the status queue.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use super::gate::cutoff;
+use super::handoff::Committer;
+use super::stamper::FLOOR_EVERY;
+use crate::bucket::{Bucket, BUCKETS};
+use crate::device::{now_ms, DeviceId, Millis};
+use crate::store::{Committed, Cutoff, StoreError};
+
+/// Most devices one sweep of one bucket marks offline; a bucket with more is swept again.
+pub(crate) const SWEEP_LIMIT: usize = 1_000;
+/// A device the safety net finds overdue by more than this was missed by the other paths.
+const MISSED_GRACE_MS: Millis = 2_000;
+/// A deadline this much before our own cutoff that another replica's floor still holds back
+/// means that replica is behind (cut off, failing over), not just between two renewals.
+const BLOCKED_SLACK_MS: Millis = 1_000;
+
+/// Why a sweep runs; decides whether what it finds counts as missed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// A keyspace notification named the device.
+    Notification,
+    /// The bucket's known next deadline came.
+    Deadline,
+    /// After a gap in listening (start, reconnect): everything found was missed.
+    Reconcile,
+    /// The periodic pass: what it finds long overdue was missed.
+    SafetyNet,
+}
+
+/// Whether a sweep of every bucket decided everything overdue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Progress {
+    Complete,
+    /// Some overdue deadlines wait for another replica's floor.
+    Blocked,
+}
+
+/// Decides offline transitions in Redis.
+pub(crate) struct Sweeper {
+    pub(crate) commit: Committer,
+    pub(crate) floor_lease: Duration,
+    /// Due deadlines wait for another replica's floor until then.
+    pub(crate) floor_wait: Instant,
+}
+
+impl Sweeper {
+    pub(crate) fn cutoff(&self, now: Millis) -> Cutoff {
+        cutoff(&self.commit.held, self.floor_lease, now)
+    }
+
+    /// Expires the devices keyspace notifications named (if they are still overdue).
+    pub(crate) async fn expire(&self, ids: &[DeviceId]) -> Result<(), StoreError> {
+        let _turn = self.commit.order.turn().await;
+        let expired = self
+            .commit
+            .store
+            .expire_devices(ids, self.cutoff(now_ms()))
+            .await;
+        self.decided(Source::Notification, expired.done).await;
+        expired.error.map_or(Ok(()), Err)
+    }
+
+    /// Sweeps the buckets whose known deadline has come.
+    pub(crate) async fn sweep_due(&mut self) -> Result<(), StoreError> {
+        let now = now_ms();
+        let cutoff = self.cutoff(now);
+        let seen: Vec<(Bucket, Millis)> = (0..BUCKETS)
+            .map(|b| (b, self.commit.due.get(b)))
+            .filter(|(_, d)| *d <= cutoff.before)
+            .collect();
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let buckets: Vec<Bucket> = seen.iter().map(|(b, _)| *b).collect();
+        let _turn = self.commit.order.turn().await;
+        let swept = self.commit.store.sweep(&buckets, cutoff, SWEEP_LIMIT).await;
+        let mut all = Vec::new();
+        for s in swept.done {
+            let seen = seen
+                .iter()
+                .find(|(b, _)| *b == s.bucket)
+                .map_or(0, |(_, d)| *d);
+            let next = if s.more { Some(now) } else { s.next_deadline };
+            if next.is_some_and(|d| d > s.cutoff && d <= cutoff.before) {
+                // Another replica has not applied heartbeats older than this deadline yet:
+                // ask again when its floor has had time to move.
+                self.floor_wait = Instant::now() + FLOOR_EVERY / 4;
+            }
+            self.commit.due.replace(s.bucket, seen, next);
+            all.extend(s.committed);
+        }
+        self.decided(Source::Deadline, all).await;
+        match swept.error {
+            None => {
+                self.commit.health.set_redis_commands(true);
+                Ok(())
+            }
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Sweeps every bucket until nothing overdue is left (reconcile) or once (safety net).
+    pub(crate) async fn sweep_all(&mut self, source: Source) -> Result<Progress, StoreError> {
+        let mut buckets: Vec<Bucket> = (0..BUCKETS).collect();
+        let started = Instant::now();
+        let mut total = 0usize;
+        let mut progress = Progress::Complete;
+        while !buckets.is_empty() {
+            let mut cutoff = self.cutoff(now_ms());
+            if source == Source::SafetyNet {
+                cutoff.before = cutoff.before.saturating_sub(MISSED_GRACE_MS);
+            }
+            let seen: Vec<Millis> = (0..BUCKETS).map(|b| self.commit.due.get(b)).collect();
+            let turn = self.commit.order.turn().await;
+            let swept = self.commit.store.sweep(&buckets, cutoff, SWEEP_LIMIT).await;
+            let mut again = Vec::new();
+            let mut all = Vec::new();
+            for s in swept.done {
+                if s.more {
+                    again.push(s.bucket);
+                }
+                if s.next_deadline
+                    .is_some_and(|d| d > s.cutoff && d + BLOCKED_SLACK_MS <= cutoff.before)
+                {
+                    // Overdue for a while, but another replica's floor says it may hold a
+                    // heartbeat (a floor a little behind, as they normally are, is not that).
+                    progress = Progress::Blocked;
+                }
+                self.commit
+                    .due
+                    .replace(s.bucket, seen[usize::from(s.bucket)], s.next_deadline);
+                all.extend(s.committed);
+            }
+            total += all.len();
+            self.decided(source, all).await;
+            drop(turn);
+            if let Some(e) = swept.error {
+                // The buckets that failed are swept again by the reconciliation this error
+                // asks for.
+                return Err(e);
+            }
+            self.commit.health.set_redis_commands(true);
+            buckets = again;
+        }
+        if source == Source::Reconcile && progress == Progress::Complete {
+            info!(
+                missed = total,
+                took_ms = started.elapsed().as_millis() as u64,
+                "Reconciled expiries."
+            );
+        }
+        Ok(progress)
+    }
+
+    async fn decided(&self, source: Source, committed: Vec<Committed>) {
+        if committed.is_empty() {
+            return;
+        }
+        if matches!(source, Source::Reconcile | Source::SafetyNet) {
+            self.commit
+                .metrics
+                .missed_expiration(committed.len() as u64);
+        }
+        debug!(?source, n = committed.len(), "Offline transitions decided.");
+        self.commit.hand_on(committed).await;
+    }
+}
