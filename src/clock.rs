@@ -10,8 +10,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
-use crate::device::{now_ms, Millis};
 use crate::bucket::{Bucket, BUCKETS};
+use crate::device::{now_ms, Millis};
 
 /// A measurement whose round trip took longer than this is not trusted (its error is up to
 /// half of it: a master failing over, a fork stall) unless the bucket has none yet.

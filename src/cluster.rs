@@ -3,11 +3,12 @@
 //! role (see `expiry`), and a probe key must be aimed at a slot of a given master.
 //!
 //! Commands are routed by redis-rs's cluster client (`store`); this module only reads
-//! `CLUSTER NODES`, which every Redis Cluster (managed ones included) answers.
+//! `CLUSTER NODES`, which every Redis Cluster (managed ones included) answers. Must not
+//! route commands: redis-rs does.
 
 use std::time::Duration;
 
-use redis::{ConnectionAddr, ConnectionInfo};
+use redis::{ConnectionAddr, ConnectionInfo, RedisError};
 
 /// Number of hash slots of a Redis Cluster.
 pub const SLOTS: u16 = 16_384;
@@ -150,21 +151,50 @@ pub fn node_info(seed: &ConnectionInfo, host: &str, port: u16) -> ConnectionInfo
     seed.clone().set_addr(addr)
 }
 
+/// Why no node told the topology: the last candidate's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoverError {
+    #[error("no node to ask")]
+    NoCandidate,
+    #[error("{addr}: {source}")]
+    Node {
+        addr: String,
+        #[source]
+        source: AskError,
+    },
+}
+
+/// Why one node did not tell the topology.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    #[error("timed out")]
+    TimedOut,
+    #[error("CLUSTER NODES listed no node")]
+    Empty,
+}
+
 /// Asks the first node that answers among `candidates` for the topology.
-pub async fn discover(candidates: &[ConnectionInfo]) -> Result<Vec<Node>, String> {
-    let mut last = "no node to ask".to_owned();
+pub async fn discover(candidates: &[ConnectionInfo]) -> Result<Vec<Node>, DiscoverError> {
+    let mut last = DiscoverError::NoCandidate;
     for info in candidates {
         match ask(info).await {
-            Ok(nodes) if !nodes.is_empty() => return Ok(nodes),
-            Ok(_) => last = format!("{}: CLUSTER NODES listed no node", info.addr()),
-            Err(e) => last = format!("{}: {e}", info.addr()),
+            Ok(nodes) => return Ok(nodes),
+            Err(source) => {
+                last = DiscoverError::Node {
+                    addr: info.addr().to_string(),
+                    source,
+                }
+            }
         }
     }
     Err(last)
 }
 
-async fn ask(info: &ConnectionInfo) -> Result<Vec<Node>, String> {
-    let client = redis::Client::open(info.clone()).map_err(|e| e.to_string())?;
+/// The topology as one node tells it (an empty one is an error: a node lists itself).
+async fn ask(info: &ConnectionInfo) -> Result<Vec<Node>, AskError> {
+    let client = redis::Client::open(info.clone())?;
     let text: String = tokio::time::timeout(Duration::from_secs(2), async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("CLUSTER")
@@ -173,9 +203,12 @@ async fn ask(info: &ConnectionInfo) -> Result<Vec<Node>, String> {
             .await
     })
     .await
-    .map_err(|_| "timed out".to_owned())?
-    .map_err(|e| e.to_string())?;
-    Ok(parse_nodes(&text))
+    .map_err(|_| AskError::TimedOut)??;
+    let nodes = parse_nodes(&text);
+    if nodes.is_empty() {
+        return Err(AskError::Empty);
+    }
+    Ok(nodes)
 }
 
 #[cfg(test)]
