@@ -8,6 +8,7 @@ use redis::Value;
 use super::batch::Partial;
 use super::error::StoreError;
 use super::handle::Store;
+use super::keys::EXPIRE_KEYS;
 use super::outbox::lease_ms;
 use super::reply::{Committed, Fields};
 use crate::bucket::{bucket_of, Bucket};
@@ -66,7 +67,9 @@ impl Store {
             |b, ids| {
                 let mut args = self.expire_args(b, cutoff, ids.len());
                 args.extend(ids.iter().map(|id| id.to_string()));
-                self.scripts.expire.cmd(&self.keys.expire_keys(b), args)
+                self.scripts
+                    .expire
+                    .cmd(&self.keys.script(b, &EXPIRE_KEYS), args)
             },
             |b, reply| Ok(Swept::parse(b, &reply)?.committed),
         )
@@ -80,7 +83,9 @@ impl Store {
             buckets,
             |b| {
                 let args = self.expire_args(b, cutoff, limit);
-                self.scripts.expire.cmd(&self.keys.expire_keys(b), args)
+                self.scripts
+                    .expire
+                    .cmd(&self.keys.script(b, &EXPIRE_KEYS), args)
             },
             |b, reply| {
                 let mut swept = Swept::parse(b, &reply)?;

@@ -9,6 +9,7 @@ use redis::Value;
 use super::batch::{all_buckets, Partial};
 use super::error::StoreError;
 use super::handle::Store;
+use super::keys::Key;
 use super::reply::text;
 use crate::bucket::Bucket;
 use crate::device::{now_ms, Millis};
@@ -34,7 +35,9 @@ impl Store {
             .iter()
             .map(|&b| {
                 let args = self.floor_args(b, floor);
-                self.scripts.clock.cmd(&[self.keys.floors(b)], args)
+                self.scripts
+                    .clock
+                    .cmd(&[self.keys.of(b, Key::Floors)], args)
             })
             .collect();
         let sent = now_ms();

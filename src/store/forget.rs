@@ -12,6 +12,7 @@ use super::batch::Partial;
 use super::error::StoreError;
 use super::expire::Cutoff;
 use super::handle::Store;
+use super::keys::{Key, EXPIRE_KEYS};
 use super::list::zcard;
 use super::reply::{decode, Committed, Fields};
 use crate::bucket::Bucket;
@@ -31,10 +32,9 @@ impl Forgot {
     /// Reads forget.lua's reply: whether more are due, then the clears staged.
     fn parse(b: Bucket, reply: &Value) -> Result<Forgot, StoreError> {
         let mut fields = Fields::of(reply, "forget")?;
-        let more = fields.flag();
         Ok(Forgot {
             bucket: b,
-            more,
+            more: fields.flag(),
             cleared: fields.members(b)?,
         })
     }
@@ -57,7 +57,9 @@ impl Store {
             |b| {
                 let mut args = self.expire_args(b, cutoff, limit);
                 args.push(after.clone());
-                self.scripts.forget.cmd(&self.keys.expire_keys(b), args)
+                self.scripts
+                    .forget
+                    .cmd(&self.keys.script(b, &EXPIRE_KEYS), args)
             },
             |b, reply| Ok(vec![Forgot::parse(b, &reply)?]),
         )
@@ -69,7 +71,7 @@ impl Store {
     pub async fn offsince_behind(&self, b: Bucket) -> Result<bool, StoreError> {
         let cmds = vec![
             zcard(self.keys.index(b, State::Offline)),
-            zcard(self.keys.offline_since(b)),
+            zcard(self.keys.of(b, Key::OfflineSince)),
         ];
         let cards: Vec<i64> = decode(self.exec(cmds).await.all()?)?;
         Ok(cards.first() > cards.get(1))
@@ -91,7 +93,7 @@ impl Store {
         if ids.is_empty() {
             return Ok(None);
         }
-        let keys = [self.keys.records(b), self.keys.offline_since(b)];
+        let keys = self.keys.script(b, &[Key::Records, Key::OfflineSince]);
         let cmd = self.scripts.offsince.cmd(&keys, ids.clone());
         self.exec(vec![cmd]).await.all()?;
         Ok((ids.len() >= limit).then(|| ids.last().cloned()).flatten())

@@ -8,6 +8,7 @@ use redis::{Cmd, Value};
 use super::batch::Partial;
 use super::error::StoreError;
 use super::handle::Store;
+use super::keys::{Key, EXPIRE_KEYS};
 use super::outbox::lease_ms;
 use super::reply::{members, Committed};
 use crate::beat::{Beat, Timing};
@@ -58,9 +59,10 @@ impl Store {
                 on_time.into(),
             ]);
         }
-        self.scripts
-            .heartbeat
-            .cmd(&self.keys.heartbeat_keys(b), args)
+        // expire.lua's keys, then the epoch key (a bucket without it is lost).
+        let mut keys = self.keys.script(b, &EXPIRE_KEYS);
+        keys.push(self.keys.of(b, Key::Epoch));
+        self.scripts.heartbeat.cmd(&keys, args)
     }
 
     /// The online transitions heartbeat.lua committed in bucket `b`; `LOST` (the bucket has

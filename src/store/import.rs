@@ -11,6 +11,7 @@ use redis::{Cmd, Value};
 use super::batch::Partial;
 use super::error::StoreError;
 use super::handle::Store;
+use super::keys::{Key, IMPORT_KEYS};
 use super::reply::decode;
 use crate::bucket::{Bucket, BUCKETS};
 use crate::device::DeviceRecord;
@@ -78,7 +79,7 @@ impl Store {
         let cmds = (0..BUCKETS)
             .map(|b| {
                 let mut cmd = redis::cmd("EXISTS");
-                cmd.arg(self.keys.epoch(b));
+                cmd.arg(self.keys.of(b, Key::Epoch));
                 cmd
             })
             .collect();
@@ -132,6 +133,8 @@ impl Store {
                 r.detected_at.to_string(),
             ]);
         }
-        self.scripts.import.cmd(&self.keys.import_keys(b), args)
+        self.scripts
+            .import
+            .cmd(&self.keys.script(b, &IMPORT_KEYS), args)
     }
 }

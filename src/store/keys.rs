@@ -5,6 +5,67 @@
 use crate::bucket::{bucket_of, Bucket};
 use crate::device::{DeviceId, State};
 
+/// The keys of one bucket, by what they hold (see the table in [`super`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Key {
+    /// Hash id → record.
+    Records,
+    /// Zset of online devices by deadline.
+    Deadlines,
+    /// Zset (lex) of the devices in a state.
+    Index(State),
+    /// Zset of committed transitions not yet acknowledged, by lease end.
+    Outbox,
+    /// Zset of offline devices by the `since` of their offline status (src/lua/forget.lua).
+    OfflineSince,
+    /// Present exactly when the bucket's state is in Redis (src/lua/import.lua).
+    Epoch,
+    /// The tokens of the imports under way into the bucket.
+    Importers,
+    /// The bucket's republish job (src/lua/republish.lua).
+    RepublishJob,
+    /// Replica floors (src/lua/clock.lua).
+    Floors,
+}
+
+impl Key {
+    fn name(self) -> &'static str {
+        match self {
+            Key::Records => "rec",
+            Key::Deadlines => "deadline",
+            Key::Index(state) => state.as_str(),
+            Key::Outbox => "outbox",
+            Key::OfflineSince => "offsince",
+            Key::Epoch => "epoch",
+            Key::Importers => "importing",
+            Key::RepublishJob => "republish",
+            Key::Floors => "floor",
+        }
+    }
+}
+
+/// A bucket's state: its records, deadlines and state indexes, the first `KEYS` of every
+/// script that writes a device.
+const STATE_KEYS: [Key; 4] = [
+    Key::Records,
+    Key::Deadlines,
+    Key::Index(State::Online),
+    Key::Index(State::Offline),
+];
+
+/// [`STATE_KEYS`], then a script's own.
+const fn state_and(own: [Key; 3]) -> [Key; 7] {
+    let [records, deadlines, online, offline] = STATE_KEYS;
+    let [a, b, c] = own;
+    [records, deadlines, online, offline, a, b, c]
+}
+
+/// The `KEYS` of expire.lua and forget.lua (heartbeat.lua's begin so too).
+pub(crate) const EXPIRE_KEYS: [Key; 7] = state_and([Key::Outbox, Key::Floors, Key::OfflineSince]);
+
+/// The `KEYS` of import.lua.
+pub(crate) const IMPORT_KEYS: [Key; 7] = state_and([Key::Epoch, Key::Importers, Key::OfflineSince]);
+
 /// Key names under one prefix.
 #[derive(Clone, Debug)]
 pub struct Keys {
@@ -22,53 +83,19 @@ impl Keys {
         format!("{}:{{{b}}}:{name}", self.prefix)
     }
 
+    /// What a device's TTL key is named after (the scripts append the id).
     pub fn ttl_prefix(&self, b: Bucket) -> String {
         self.key(b, "ttl:")
     }
 
+    /// A device's TTL key.
     pub fn ttl(&self, id: &DeviceId) -> String {
         format!("{}{}", self.ttl_prefix(bucket_of(id.as_str())), id)
     }
 
-    pub fn records(&self, b: Bucket) -> String {
-        self.key(b, "rec")
-    }
-
-    pub fn deadlines(&self, b: Bucket) -> String {
-        self.key(b, "deadline")
-    }
-
+    /// A state index: the bucket's devices in `state`, by id.
     pub fn index(&self, b: Bucket, state: State) -> String {
-        self.key(b, state.as_str())
-    }
-
-    pub fn outbox(&self, b: Bucket) -> String {
-        self.key(b, "outbox")
-    }
-
-    /// Offline devices by the `since` of their offline status (see src/lua/forget.lua).
-    pub fn offline_since(&self, b: Bucket) -> String {
-        self.key(b, "offsince")
-    }
-
-    /// Present exactly when the bucket's state is in Redis (see src/lua/import.lua).
-    pub fn epoch(&self, b: Bucket) -> String {
-        self.key(b, "epoch")
-    }
-
-    /// The tokens of the imports under way into a bucket.
-    pub fn importers(&self, b: Bucket) -> String {
-        self.key(b, "importing")
-    }
-
-    /// The republish job of a bucket (see src/lua/republish.lua).
-    pub fn republish_job(&self, b: Bucket) -> String {
-        self.key(b, "republish")
-    }
-
-    /// Replica floors (see src/lua/clock.lua).
-    pub fn floors(&self, b: Bucket) -> String {
-        self.key(b, "floor")
+        self.of(b, Key::Index(state))
     }
 
     /// A key for the notification probe (under the prefix, outside every bucket). In a
@@ -90,45 +117,14 @@ impl Keys {
         (bucket.parse::<Bucket>().ok()? == bucket_of(id.as_str())).then_some(id)
     }
 
-    /// The keys of expire.lua and forget.lua, in their `KEYS` order.
-    pub(crate) fn expire_keys(&self, b: Bucket) -> [String; 7] {
-        [
-            self.records(b),
-            self.deadlines(b),
-            self.index(b, State::Online),
-            self.index(b, State::Offline),
-            self.outbox(b),
-            self.floors(b),
-            self.offline_since(b),
-        ]
+    /// One of bucket `b`'s keys.
+    pub(crate) fn of(&self, b: Bucket, key: Key) -> String {
+        self.key(b, key.name())
     }
 
-    /// The keys of heartbeat.lua: expire.lua's, then the epoch key.
-    pub(crate) fn heartbeat_keys(&self, b: Bucket) -> [String; 8] {
-        let [rec, deadline, online, offline, outbox, floor, offsince] = self.expire_keys(b);
-        [
-            rec,
-            deadline,
-            online,
-            offline,
-            outbox,
-            floor,
-            offsince,
-            self.epoch(b),
-        ]
-    }
-
-    /// The keys of import.lua, in its `KEYS` order.
-    pub(crate) fn import_keys(&self, b: Bucket) -> [String; 7] {
-        [
-            self.records(b),
-            self.deadlines(b),
-            self.index(b, State::Online),
-            self.index(b, State::Offline),
-            self.epoch(b),
-            self.importers(b),
-            self.offline_since(b),
-        ]
+    /// Bucket `b`'s `keys`, in order: a script's `KEYS`.
+    pub(crate) fn script(&self, b: Bucket, keys: &[Key]) -> Vec<String> {
+        keys.iter().map(|&k| self.of(b, k)).collect()
     }
 }
 
@@ -152,13 +148,24 @@ mod tests {
     }
 
     #[test]
-    fn script_keys_share_one_order() {
+    fn script_keys_are_named_as_the_layout_says() {
         let keys = Keys::new("p");
-        let expire = keys.expire_keys(3);
-        let heartbeat = keys.heartbeat_keys(3);
-        assert_eq!(heartbeat[..7], expire[..]);
-        assert_eq!(heartbeat[7], "p:{3}:epoch");
-        assert_eq!(expire[0], "p:{3}:rec");
-        assert_eq!(expire[6], "p:{3}:offsince");
+        assert_eq!(
+            keys.script(3, &EXPIRE_KEYS),
+            [
+                "p:{3}:rec",
+                "p:{3}:deadline",
+                "p:{3}:online",
+                "p:{3}:offline",
+                "p:{3}:outbox",
+                "p:{3}:floor",
+                "p:{3}:offsince",
+            ]
+        );
+        assert_eq!(
+            keys.script(3, &IMPORT_KEYS)[4..6],
+            ["p:{3}:epoch", "p:{3}:importing"]
+        );
+        assert_eq!(keys.of(3, Key::RepublishJob), "p:{3}:republish");
     }
 }

@@ -7,6 +7,7 @@ use redis::Cmd;
 
 use super::error::StoreError;
 use super::handle::Store;
+use super::keys::Key;
 use super::reply::decode;
 use crate::bucket::{bucket_of, Bucket, BUCKETS};
 use crate::device::{DeviceId, DeviceRecord, State};
@@ -55,7 +56,7 @@ pub(crate) fn zcard(key: String) -> Cmd {
 /// `HGET` of one device's record.
 fn record(store: &Store, id: &str) -> Cmd {
     let mut cmd = redis::cmd("HGET");
-    cmd.arg(store.keys.records(bucket_of(id))).arg(id);
+    cmd.arg(store.keys.of(bucket_of(id), Key::Records)).arg(id);
     cmd
 }
 

@@ -12,6 +12,7 @@ use redis::{Cmd, Value};
 use super::batch::{all_buckets, Partial};
 use super::error::StoreError;
 use super::handle::Store;
+use super::keys::Key;
 use super::reply::{members, Committed};
 use crate::bucket::Bucket;
 use crate::device::{DeviceId, DeviceRecord, Millis};
@@ -58,7 +59,7 @@ impl Store {
                     args.push(ack.device.to_string());
                     args.push(ack.seq.to_string());
                 }
-                let keys = [self.keys.records(b), self.keys.outbox(b)];
+                let keys = self.keys.script(b, &[Key::Records, Key::Outbox]);
                 self.scripts.ack.cmd(&keys, args)
             },
             members,
@@ -76,7 +77,9 @@ impl Store {
             |b| {
                 let until = until.map_or(String::new(), |t| self.clock.to_master(b, t).to_string());
                 let args = vec![lease_ms().to_string(), limit.to_string(), until];
-                self.scripts.claim.cmd(&[self.keys.outbox(b)], args)
+                self.scripts
+                    .claim
+                    .cmd(&[self.keys.of(b, Key::Outbox)], args)
             },
             members,
         )
@@ -109,11 +112,9 @@ impl Store {
     }
 
     fn republish_cmd(&self, b: Bucket, mode: Republish, owner: &str, count: usize) -> Cmd {
-        let keys = [
-            self.keys.records(b),
-            self.keys.outbox(b),
-            self.keys.republish_job(b),
-        ];
+        let keys = self
+            .keys
+            .script(b, &[Key::Records, Key::Outbox, Key::RepublishJob]);
         let args = vec![
             mode.as_str().to_owned(),
             owner.to_owned(),
@@ -132,7 +133,7 @@ impl Store {
         cursor: u64,
     ) -> Result<(u64, Vec<Committed>), StoreError> {
         let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
-            .arg(self.keys.records(b))
+            .arg(self.keys.of(b, Key::Records))
             .arg(cursor)
             .arg("COUNT")
             .arg(500)
