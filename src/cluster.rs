@@ -11,7 +11,7 @@ use std::time::Duration;
 use redis::{ConnectionAddr, ConnectionInfo, RedisError};
 
 /// Number of hash slots of a Redis Cluster.
-pub const SLOTS: u16 = 16_384;
+pub(crate) const SLOTS: u16 = 16_384;
 
 /// One node as `CLUSTER NODES` describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,7 +125,7 @@ fn crc16(data: &[u8]) -> u16 {
 
 /// A hash tag (without braces) whose slot lies in one of `slots`, for a key that must live
 /// on a given master (the notification probe).
-pub fn tag_in(slots: &[(u16, u16)]) -> Option<String> {
+pub(crate) fn tag_in(slots: &[(u16, u16)]) -> Option<String> {
     (0u32..1_000_000).map(|n| format!("p{n}")).find(|tag| {
         let slot = key_slot(tag.as_bytes());
         slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
@@ -134,7 +134,7 @@ pub fn tag_in(slots: &[(u16, u16)]) -> Option<String> {
 
 /// The connection settings of a node: those of a seed (credentials, TLS) at the node's
 /// address.
-pub fn node_info(seed: &ConnectionInfo, host: &str, port: u16) -> ConnectionInfo {
+pub(crate) fn node_info(seed: &ConnectionInfo, host: &str, port: u16) -> ConnectionInfo {
     let addr = match seed.addr() {
         ConnectionAddr::TcpTls {
             insecure,
@@ -176,7 +176,7 @@ pub enum AskError {
 }
 
 /// Asks the first node that answers among `candidates` for the topology.
-pub async fn discover(candidates: &[ConnectionInfo]) -> Result<Vec<Node>, DiscoverError> {
+pub(crate) async fn discover(candidates: &[ConnectionInfo]) -> Result<Vec<Node>, DiscoverError> {
     let mut last = DiscoverError::NoCandidate;
     for info in candidates {
         match ask(info).await {

@@ -36,9 +36,9 @@ impl Replies {
 /// transition committed in Redis must be published) and retry `failed`.
 #[derive(Debug)]
 pub struct Partial<T> {
-    pub done: Vec<T>,
-    pub failed: Vec<Bucket>,
-    pub error: Option<StoreError>,
+    pub(crate) done: Vec<T>,
+    pub(crate) failed: Vec<Bucket>,
+    pub(crate) error: Option<StoreError>,
 }
 
 impl<T> Partial<T> {

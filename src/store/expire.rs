@@ -25,7 +25,7 @@ pub struct Cutoff {
 
 /// What a sweep of one bucket found.
 #[derive(Debug)]
-pub struct Swept {
+pub(crate) struct Swept {
     pub bucket: Bucket,
     pub next_deadline: Option<Millis>,
     /// The sweep hit its limit: more devices may be overdue.
@@ -78,7 +78,12 @@ impl Store {
 
     /// Marks offline up to `limit` devices per bucket whose deadline is at or before
     /// `cutoff`, in the given buckets, in one round trip.
-    pub async fn sweep(&self, buckets: &[Bucket], cutoff: Cutoff, limit: usize) -> Partial<Swept> {
+    pub(crate) async fn sweep(
+        &self,
+        buckets: &[Bucket],
+        cutoff: Cutoff,
+        limit: usize,
+    ) -> Partial<Swept> {
         self.each_bucket(
             buckets,
             |b| {

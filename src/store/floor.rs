@@ -16,7 +16,7 @@ use crate::device::{now_ms, Millis};
 
 /// What [`Store::sync_clock`] records of this replica.
 #[derive(Clone, Copy, Debug)]
-pub enum Floor<'a> {
+pub(crate) enum Floor<'a> {
     /// Nothing: this replica sees every heartbeat itself (no shared subscription).
     None,
     /// This replica (by name) has applied every heartbeat received before this local time.
@@ -29,7 +29,7 @@ impl Store {
     /// Reads every bucket's master clock (one round trip) and, with `floor`, records this
     /// replica's floor (a local time: every heartbeat it received before it is applied) in
     /// every bucket, or removes it (`Floor::Leave`). Returns the buckets that failed.
-    pub async fn sync_clock(&self, floor: Floor<'_>) -> Partial<()> {
+    pub(crate) async fn sync_clock(&self, floor: Floor<'_>) -> Partial<()> {
         let buckets = all_buckets();
         let cmds = buckets
             .iter()

@@ -20,7 +20,7 @@ use crate::device::State;
 
 /// What a forget call on one bucket did.
 #[derive(Debug)]
-pub struct Forgot {
+pub(crate) struct Forgot {
     pub bucket: Bucket,
     /// The call hit its limit: more devices may be due.
     pub more: bool,
@@ -44,7 +44,7 @@ impl Store {
     /// Forgets up to `limit` devices per bucket that have been offline for at least `after`
     /// by `cutoff`, in the given buckets, in one round trip; each clear is staged in the
     /// outbox (see src/lua/forget.lua).
-    pub async fn forget(
+    pub(crate) async fn forget(
         &self,
         buckets: &[Bucket],
         cutoff: Cutoff,
@@ -68,7 +68,7 @@ impl Store {
 
     /// Whether bucket `b`'s offline index has more entries than its offline-since index
     /// (devices that went offline before the latter existed).
-    pub async fn offsince_behind(&self, b: Bucket) -> Result<bool, StoreError> {
+    pub(crate) async fn offsince_behind(&self, b: Bucket) -> Result<bool, StoreError> {
         let cmds = vec![
             zcard(self.keys.index(b, State::Offline)),
             zcard(self.keys.of(b, Key::OfflineSince)),
@@ -80,7 +80,7 @@ impl Store {
     /// Indexes by `since` the offline devices of bucket `b` after `after` (id order, at
     /// most `limit`) that the offline-since index lacks (see src/lua/offsince.lua). Returns
     /// the last id looked at, `None` at the end of the bucket.
-    pub async fn index_offline(
+    pub(crate) async fn index_offline(
         &self,
         b: Bucket,
         after: Option<&str>,

@@ -45,18 +45,21 @@ impl Store {
 
     /// A store whose connection is made on first use and remade after failures; nothing is
     /// sent now, so it works while Redis is down. Scripts are loaded on first need (NOSCRIPT).
-    pub fn lazy(client: &redis::Client, prefix: &str) -> Result<Store, StoreError> {
+    pub(crate) fn lazy(client: &redis::Client, prefix: &str) -> Result<Store, StoreError> {
         Ok(Store::on(Conn::single(client)?, prefix))
     }
 
     /// A store on a Redis Cluster, from seed node URLs; like [`Store::lazy`], it connects in
     /// the background (see [`Conn::cluster`] for how commands are routed and retried).
-    pub fn lazy_cluster(seeds: &[String], prefix: &str) -> Result<Store, StoreError> {
+    pub(crate) fn lazy_cluster(seeds: &[String], prefix: &str) -> Result<Store, StoreError> {
         Ok(Store::on(Conn::cluster(seeds)?, prefix))
     }
 
     /// Connects to a cluster once and loads the scripts on every master.
-    pub async fn connect_cluster(seeds: &[String], prefix: &str) -> Result<Store, StoreError> {
+    pub(crate) async fn connect_cluster(
+        seeds: &[String],
+        prefix: &str,
+    ) -> Result<Store, StoreError> {
         Self::lazy_cluster(seeds, prefix)?.ready().await
     }
 
@@ -67,31 +70,27 @@ impl Store {
         Ok(self)
     }
 
-    pub fn is_cluster(&self) -> bool {
-        self.conn.is_cluster()
-    }
-
-    pub fn keys(&self) -> &Keys {
+    pub(crate) fn keys(&self) -> &Keys {
         &self.keys
     }
 
     /// Lost buckets found by the scripts, and finished rebuilds.
-    pub fn loss(&self) -> &Arc<Loss> {
+    pub(crate) fn loss(&self) -> &Arc<Loss> {
         &self.loss
     }
 
     /// The same store, naming this replica in the floors it writes and skips.
-    pub fn for_replica(mut self, name: &str) -> Store {
+    pub(crate) fn for_replica(mut self, name: &str) -> Store {
         self.replica = Arc::from(name);
         self
     }
 
     /// The offsets to every bucket's master clock (see [`Clock`]).
-    pub fn clock(&self) -> &Arc<Clock> {
+    pub(crate) fn clock(&self) -> &Arc<Clock> {
         &self.clock
     }
 
-    pub async fn ping(&self) -> Result<(), StoreError> {
+    pub(crate) async fn ping(&self) -> Result<(), StoreError> {
         redis::cmd("PING")
             .query_async::<()>(&mut self.conn.clone())
             .await?;

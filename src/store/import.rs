@@ -18,7 +18,7 @@ use crate::device::DeviceRecord;
 
 /// One script call of an import: a chunk of one bucket's statuses.
 #[derive(Debug)]
-pub struct ImportChunk<'a> {
+pub(crate) struct ImportChunk<'a> {
     pub bucket: Bucket,
     pub first: bool,
     pub last: bool,
@@ -27,7 +27,7 @@ pub struct ImportChunk<'a> {
 
 /// What an import call did to its bucket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Imported {
+pub(crate) enum Imported {
     /// Wrote this many devices (the others had a record with the same or a higher seq).
     Written(Bucket, u64),
     /// The bucket is present (another replica finished, or it never was lost).
@@ -75,7 +75,7 @@ impl Store {
     }
 
     /// The buckets whose epoch key is missing: Redis lost their data, or never had it.
-    pub async fn lost_buckets(&self) -> Result<Vec<Bucket>, StoreError> {
+    pub(crate) async fn lost_buckets(&self) -> Result<Vec<Bucket>, StoreError> {
         let cmds = (0..BUCKETS)
             .map(|b| {
                 let mut cmd = redis::cmd("EXISTS");
@@ -93,7 +93,7 @@ impl Store {
 
     /// Imports chunks of statuses (at most one per bucket) in one round trip; an online
     /// device gets `ttl` from now (see src/lua/import.lua). `token` names this import.
-    pub async fn import(
+    pub(crate) async fn import(
         &self,
         chunks: &[ImportChunk<'_>],
         token: &str,

@@ -84,13 +84,8 @@ impl Keys {
     }
 
     /// What a device's TTL key is named after (the scripts append the id).
-    pub fn ttl_prefix(&self, b: Bucket) -> String {
+    pub(crate) fn ttl_prefix(&self, b: Bucket) -> String {
         self.key(b, "ttl:")
-    }
-
-    /// A device's TTL key.
-    pub fn ttl(&self, id: &DeviceId) -> String {
-        format!("{}{}", self.ttl_prefix(bucket_of(id.as_str())), id)
     }
 
     /// A state index: the bucket's devices in `state`, by id.
@@ -100,7 +95,7 @@ impl Keys {
 
     /// A key for the notification probe (under the prefix, outside every bucket). In a
     /// cluster, `tag` (see [`crate::cluster::tag_in`]) puts it on the master being probed.
-    pub fn probe(&self, tag: Option<&str>) -> String {
+    pub(crate) fn probe(&self, tag: Option<&str>) -> String {
         match tag {
             Some(tag) => format!("{}:probe:{{{tag}}}:{:016x}", self.prefix, fastrand::u64(..)),
             None => format!("{}:probe:{:016x}", self.prefix, fastrand::u64(..)),
@@ -108,7 +103,7 @@ impl Keys {
     }
 
     /// The device of a TTL key named in an `expired` event, if the key is one of ours.
-    pub fn parse_ttl_key(&self, key: &[u8]) -> Option<DeviceId> {
+    pub(crate) fn parse_ttl_key(&self, key: &[u8]) -> Option<DeviceId> {
         let key = std::str::from_utf8(key).ok()?;
         let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
         let (bucket, rest) = rest.split_once('}')?;
@@ -137,7 +132,7 @@ mod tests {
     fn ttl_keys_round_trip() {
         let keys = Keys::new("presence");
         let id = DeviceId::parse("a:b}{c").unwrap();
-        let key = keys.ttl(&id);
+        let key = format!("{}{id}", keys.ttl_prefix(bucket_of(id.as_str())));
         assert!(key.starts_with("presence:{"));
         assert_eq!(keys.parse_ttl_key(key.as_bytes()), Some(id));
         assert_eq!(keys.parse_ttl_key(b"presence:{1}:rec"), None);

@@ -20,12 +20,12 @@ const LIST_MIN_BATCH: usize = 100;
 
 /// Which records a listing keeps.
 #[derive(Clone, Debug, Default)]
-pub struct ListFilter {
+pub(crate) struct ListFilter {
     pub state: Option<State>,
 }
 
 impl ListFilter {
-    pub fn matches(&self, record: &DeviceRecord) -> bool {
+    pub(crate) fn matches(&self, record: &DeviceRecord) -> bool {
         self.state.is_none_or(|s| record.state == s)
     }
 
@@ -41,7 +41,7 @@ impl ListFilter {
 
 /// One page of a listing: its records, and the id to continue after when more may follow.
 #[derive(Debug, Default)]
-pub struct Page {
+pub(crate) struct Page {
     pub records: Vec<DeviceRecord>,
     pub next: Option<String>,
 }
@@ -62,7 +62,7 @@ fn record(store: &Store, id: &str) -> Cmd {
 
 impl Store {
     /// The current record of one device.
-    pub async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+    pub(crate) async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         let raw: Option<String> = record(self, id.as_str())
             .query_async(&mut self.conn.clone())
             .await?;
@@ -70,7 +70,7 @@ impl Store {
     }
 
     /// Fleet-wide counts `(online, offline)`, summed over the buckets.
-    pub async fn counts(&self) -> Result<(i64, i64), StoreError> {
+    pub(crate) async fn counts(&self) -> Result<(i64, i64), StoreError> {
         let cmds = (0..BUCKETS)
             .flat_map(|b| [State::Online, State::Offline].map(|s| zcard(self.keys.index(b, s))))
             .collect();
@@ -91,7 +91,7 @@ impl Store {
     /// stretch of non-matching ids never ends the listing early, nor is it read again. The
     /// reading stops after [`LIST_BUDGET`] ids even if the page is short (possibly empty),
     /// so a rare match costs a client more pages, never one unbounded request.
-    pub async fn list(
+    pub(crate) async fn list(
         &self,
         filter: &ListFilter,
         after: Option<&str>,

@@ -8,7 +8,7 @@ use tokio::sync::{watch, Notify};
 /// Tells the rebuilder that a script found a bucket's data gone, and the applier that the
 /// rebuild is done (the generation counts finished rebuilds).
 #[derive(Debug)]
-pub struct Loss {
+pub(crate) struct Loss {
     lost: Notify,
     rebuilt: watch::Sender<u64>,
 }
@@ -24,22 +24,22 @@ impl Default for Loss {
 
 impl Loss {
     /// A script found a bucket without its epoch key.
-    pub fn report(&self) {
+    pub(crate) fn report(&self) {
         self.lost.notify_one();
     }
 
     /// Completes when a loss was reported (also one reported before the call).
-    pub async fn reported(&self) {
+    pub(crate) async fn reported(&self) {
         self.lost.notified().await;
     }
 
     /// A rebuild finished: what was held for the lost buckets can be applied now.
-    pub fn rebuilt(&self) {
+    pub(crate) fn rebuilt(&self) {
         self.rebuilt.send_modify(|g| *g += 1);
     }
 
     /// Finished rebuilds, to wait on with `changed()`.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.rebuilt.subscribe()
     }
 }

@@ -49,16 +49,14 @@ use crate::bucket::BUCKETS;
 
 pub use batch::Partial;
 pub use error::StoreError;
-pub use expire::{Cutoff, Swept};
-pub use floor::Floor;
-pub use forget::Forgot;
+pub use expire::Cutoff;
 pub use handle::Store;
-pub use import::{ImportChunk, Imported};
 pub use keys::Keys;
-pub use list::{ListFilter, Page, LIST_BUDGET};
-pub use loss::Loss;
-pub use notify::{
-    ensure_notifications, has_expired_events, merge_flags, touch, write_probe, NotifyConfig,
-};
+pub use list::LIST_BUDGET;
 pub use outbox::OUTBOX_LEASE;
 pub use reply::Committed;
+
+pub(crate) use floor::Floor;
+pub(crate) use import::{ImportChunk, Imported};
+pub(crate) use list::ListFilter;
+pub(crate) use notify::{ensure_notifications, touch, write_probe, NotifyConfig};

@@ -12,7 +12,7 @@ use super::error::StoreError;
 
 /// What `notify-keyspace-events` looked like and what was done about it.
 #[derive(Debug, PartialEq, Eq)]
-pub enum NotifyConfig {
+pub(crate) enum NotifyConfig {
     /// Already had `E` and `x`.
     AlreadyOn,
     /// We merged `E` and `x` into the flags; `from` is what was set before.
@@ -24,7 +24,7 @@ pub enum NotifyConfig {
 /// Makes sure `notify-keyspace-events` has `E` and `x` on the node behind `conn`, merging
 /// with the flags already set (CONFIG SET replaces the whole set). With `configure = false`
 /// it only reads. The setting is per node: in a cluster every master is asked.
-pub async fn ensure_notifications(
+pub(crate) async fn ensure_notifications(
     conn: &mut MultiplexedConnection,
     configure: bool,
 ) -> NotifyConfig {
@@ -75,7 +75,7 @@ async fn read_flags(conn: &mut MultiplexedConnection) -> Result<String, NotifyCo
 }
 
 /// Writes a short-lived probe key (named by [`super::Keys::probe`]) on the node behind `conn`.
-pub async fn write_probe(
+pub(crate) async fn write_probe(
     conn: &mut MultiplexedConnection,
     key: &str,
     ttl: Duration,
@@ -91,7 +91,7 @@ pub async fn write_probe(
 }
 
 /// Touches a key, so that Redis deletes it (and notifies) at once if it is overdue.
-pub async fn touch(conn: &mut MultiplexedConnection, key: &str) -> Result<(), StoreError> {
+pub(crate) async fn touch(conn: &mut MultiplexedConnection, key: &str) -> Result<(), StoreError> {
     redis::cmd("EXISTS")
         .arg(key)
         .query_async::<i64>(conn)
@@ -100,12 +100,12 @@ pub async fn touch(conn: &mut MultiplexedConnection, key: &str) -> Result<(), St
 }
 
 /// Whether the flags make Redis publish `expired` keyevent notifications.
-pub fn has_expired_events(flags: &str) -> bool {
+pub(crate) fn has_expired_events(flags: &str) -> bool {
     flags.contains('E') && (flags.contains('x') || flags.contains('A'))
 }
 
 /// The flags with `E` and `x` added, keeping every flag already set.
-pub fn merge_flags(flags: &str) -> String {
+pub(crate) fn merge_flags(flags: &str) -> String {
     let mut out = flags.to_owned();
     if !out.contains('E') {
         out.push('E');

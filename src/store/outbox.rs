@@ -15,7 +15,7 @@ use super::handle::Store;
 use super::keys::Key;
 use super::reply::{members, Committed};
 use crate::bucket::Bucket;
-use crate::device::{DeviceId, DeviceRecord, Millis};
+use crate::device::Millis;
 use crate::status::Delivered;
 
 /// How long a committed transition may wait for the broker's acknowledgement before any
@@ -88,7 +88,7 @@ impl Store {
 
     /// Begins republishing every device's status (see src/lua/republish.lua), unless a job
     /// began in the last 10 s; returns whether this call began it (in any bucket).
-    pub async fn start_republish(&self) -> Result<bool, StoreError> {
+    pub(crate) async fn start_republish(&self) -> Result<bool, StoreError> {
         let began = self
             .each_bucket(
                 &all_buckets(),
@@ -102,7 +102,7 @@ impl Store {
 
     /// One page (about `count` devices) of every bucket's republish job that no other
     /// replica holds; the statuses are staged in the outbox and returned.
-    pub async fn republish_page(&self, owner: &str, count: usize) -> Partial<Committed> {
+    pub(crate) async fn republish_page(&self, owner: &str, count: usize) -> Partial<Committed> {
         self.each_bucket(
             &all_buckets(),
             |b| self.republish_cmd(b, Republish::Page, owner, count),
@@ -123,30 +123,5 @@ impl Store {
             lease_ms().to_string(),
         ];
         self.scripts.republish.cmd(&keys, args)
-    }
-
-    /// One HSCAN step over a bucket's records: every device's current status, for
-    /// republishing after the broker lost its retained messages.
-    pub async fn scan_records(
-        &self,
-        b: Bucket,
-        cursor: u64,
-    ) -> Result<(u64, Vec<Committed>), StoreError> {
-        let (next, flat): (u64, Vec<String>) = redis::cmd("HSCAN")
-            .arg(self.keys.of(b, Key::Records))
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(500)
-            .query_async(&mut self.conn.clone())
-            .await?;
-        let statuses = flat
-            .chunks_exact(2)
-            .filter_map(|pair| {
-                let id = DeviceId::parse(&pair[0]).ok()?;
-                let record = DeviceRecord::parse(id, &pair[1])?;
-                Some(Committed::current(b, record.status()))
-            })
-            .collect();
-        Ok((next, statuses))
     }
 }

@@ -30,15 +30,6 @@ impl Committed {
             event,
         })
     }
-
-    /// A status to publish as it is (not staged by a script): its member is its own.
-    pub(crate) fn current(b: Bucket, event: StatusEvent) -> Committed {
-        Committed {
-            bucket: b,
-            member: event.member(),
-            event,
-        }
-    }
 }
 
 /// Converts replies to a typed list.
