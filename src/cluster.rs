@@ -45,55 +45,62 @@ impl Node {
 /// Parses the reply of `CLUSTER NODES`. Nodes without an address (`noaddr`) or still in
 /// the handshake are left out; migrating/importing markers (`[slot->-id]`) are ignored.
 pub fn parse_nodes(text: &str) -> Vec<Node> {
-    let mut nodes = Vec::new();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 8 {
-            continue;
-        }
-        let flags: Vec<&str> = fields[2].split(',').collect();
-        if flags.iter().any(|f| matches!(*f, "noaddr" | "handshake")) {
-            continue;
-        }
-        // ip:port@cport[,hostname]
-        let (addr, hostname) = match fields[1].split_once(',') {
-            Some((a, h)) => (a, Some(h)),
-            None => (fields[1], None),
-        };
-        let addr = addr.split('@').next().unwrap_or(addr);
-        let Some((ip, port)) = addr.rsplit_once(':') else {
-            continue;
-        };
-        let Ok(port) = port.parse::<u16>() else {
-            continue;
-        };
-        if ip.is_empty() || port == 0 {
-            continue;
-        }
-        let host = hostname
-            .filter(|h| !h.is_empty())
-            .unwrap_or(ip)
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let slots = fields[8..]
-            .iter()
-            .filter(|s| !s.starts_with('['))
-            .filter_map(|s| match s.split_once('-') {
-                Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
-                None => s.parse().ok().map(|n| (n, n)),
-            })
-            .collect();
-        nodes.push(Node {
-            id: fields[0].to_owned(),
-            host,
-            port,
-            master: flags.contains(&"master"),
-            failing: flags.iter().any(|f| f.starts_with("fail")),
-            slots,
-        });
+    text.lines().filter_map(parse_node).collect()
+}
+
+/// One line of `CLUSTER NODES`:
+/// `id ip:port@cport[,hostname] flags master ping pong epoch link slot...`.
+fn parse_node(line: &str) -> Option<Node> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    if fields.len() < 8 {
+        return None;
     }
-    nodes
+    let flags: Vec<&str> = fields[2].split(',').collect();
+    if flags.iter().any(|f| matches!(*f, "noaddr" | "handshake")) {
+        return None;
+    }
+    let (host, port) = parse_address(fields[1])?;
+    Some(Node {
+        id: fields[0].to_owned(),
+        host,
+        port,
+        master: flags.contains(&"master"),
+        failing: flags.iter().any(|f| f.starts_with("fail")),
+        slots: fields[8..].iter().filter_map(|s| parse_slots(s)).collect(),
+    })
+}
+
+/// `ip:port@cport[,hostname]` as the host to connect to (the hostname when announced) and
+/// the port; `None` without a usable address.
+fn parse_address(field: &str) -> Option<(String, u16)> {
+    let (addr, hostname) = match field.split_once(',') {
+        Some((a, h)) => (a, Some(h)),
+        None => (field, None),
+    };
+    let addr = addr.split('@').next().unwrap_or(addr);
+    let (ip, port) = addr.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok()?;
+    if ip.is_empty() || port == 0 {
+        return None;
+    }
+    let host = hostname
+        .filter(|h| !h.is_empty())
+        .unwrap_or(ip)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    Some((host, port))
+}
+
+/// A slot range (`a-b`) or a single slot; `None` for a migration marker (`[...]`).
+fn parse_slots(field: &str) -> Option<(u16, u16)> {
+    if field.starts_with('[') {
+        return None;
+    }
+    match field.split_once('-') {
+        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+        None => field.parse().ok().map(|n| (n, n)),
+    }
 }
 
 /// The hash slot of a key (CRC16/XMODEM of the key, or of its first non-empty `{tag}`).

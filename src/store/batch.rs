@@ -22,6 +22,28 @@ pub(crate) struct Replies {
 }
 
 impl Replies {
+    /// Keeps the replies of `results`; returns the failures, with their indexes.
+    fn record(
+        &mut self,
+        results: Vec<(usize, Result<Value, RedisError>)>,
+    ) -> Vec<(usize, RedisError)> {
+        let mut failed = Vec::new();
+        for (i, result) in results {
+            match result {
+                Ok(v) => self.values[i] = Some(v),
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        failed
+    }
+
+    /// Counts failures: the first one is the batch's error.
+    fn fail(&mut self, errors: impl IntoIterator<Item = RedisError>) {
+        for e in errors {
+            self.error.get_or_insert(e);
+        }
+    }
+
     /// Every reply, or the first error (for reads, where a partial answer is useless).
     pub(crate) fn all(self) -> Result<Vec<Value>, StoreError> {
         match self.error {
@@ -168,35 +190,30 @@ impl Store {
         }
     }
 
-    /// [`Store::exec`] on a cluster: every command on its own, concurrently.
+    /// [`Store::exec`] on a cluster: every command on its own, concurrently; those that
+    /// found no script run again once the scripts are loaded.
     async fn exec_each(&self, cmds: &[Cmd]) -> Replies {
-        let mut values = vec![None; cmds.len()];
-        let mut failed = Vec::new();
-        let mut noscript = Vec::new();
-        for (i, r) in self.run_each(cmds, 0..cmds.len()).await {
-            match r {
-                Ok(v) => values[i] = Some(v),
-                Err(e) if is_noscript(&e) => noscript.push(i),
-                Err(e) => failed.push(e),
+        let mut replies = Replies {
+            values: vec![None; cmds.len()],
+            error: None,
+        };
+        let (noscript, failed): (Vec<_>, Vec<_>) = replies
+            .record(self.run_each(cmds, 0..cmds.len()).await)
+            .into_iter()
+            .partition(|(_, e)| is_noscript(e));
+        replies.fail(failed.into_iter().map(|(_, e)| e));
+        if noscript.is_empty() {
+            return replies;
+        }
+        match self.scripts.load(&self.conn).await {
+            Ok(()) => {
+                let again = self.run_each(cmds, noscript.into_iter().map(|(i, _)| i));
+                let failed = replies.record(again.await);
+                replies.fail(failed.into_iter().map(|(_, e)| e));
             }
+            Err(e) => replies.fail([e]),
         }
-        if !noscript.is_empty() {
-            match self.scripts.load(&self.conn).await {
-                Ok(()) => {
-                    for (i, r) in self.run_each(cmds, noscript).await {
-                        match r {
-                            Ok(v) => values[i] = Some(v),
-                            Err(e) => failed.push(e),
-                        }
-                    }
-                }
-                Err(e) => failed.push(e),
-            }
-        }
-        Replies {
-            values,
-            error: failed.into_iter().next(),
-        }
+        replies
     }
 
     /// Runs the commands of `cmds` at `indexes` concurrently; each result with its index.
