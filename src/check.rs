@@ -118,9 +118,7 @@ async fn check_cluster(
     report: &mut Vec<String>,
 ) -> Result<(), Error> {
     let infos = seed_infos(urls)?;
-    let topology = cluster::discover(&infos)
-        .await
-        .map_err(|e| Error::Redis(StoreError::Protocol(e)))?;
+    let topology = cluster::discover(&infos).await.map_err(StoreError::from)?;
     let masters: Vec<_> = topology.iter().filter(|n| n.serves_slots()).collect();
     let mut checked = Vec::new();
     for node in &masters {

@@ -7,6 +7,9 @@
 //! the process are local wall-clock milliseconds; the store shifts them by the bucket's
 //! offset on the way to Redis and back, so every time written or compared in Redis is the
 //! master's.
+//!
+//! Owns [`Clock`] (the offsets and their measurement rule). Must not do I/O: the store reads
+//! the masters' `TIME` and hands the readings in.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
@@ -45,22 +48,22 @@ impl Clock {
         self.offsets[usize::from(b)].store(offset, Ordering::Relaxed);
     }
 
-    pub fn offset(&self, b: Bucket) -> i64 {
+    pub(crate) fn offset(&self, b: Bucket) -> i64 {
         self.offsets[usize::from(b)].load(Ordering::Relaxed)
     }
 
     /// A local time as bucket `b`'s master reads it.
-    pub fn to_master(&self, b: Bucket, local: Millis) -> Millis {
+    pub(crate) fn to_master(&self, b: Bucket, local: Millis) -> Millis {
         local.saturating_add_signed(self.offset(b))
     }
 
     /// A time of bucket `b`'s master as a local time.
-    pub fn to_local(&self, b: Bucket, master: Millis) -> Millis {
+    pub(crate) fn to_local(&self, b: Bucket, master: Millis) -> Millis {
         master.saturating_add_signed(-self.offset(b))
     }
 
     /// Now, as bucket `b`'s master reads it.
-    pub fn now(&self, b: Bucket) -> Millis {
+    pub(crate) fn now(&self, b: Bucket) -> Millis {
         self.to_master(b, now_ms())
     }
 }

@@ -3,14 +3,15 @@
 //! role (see `expiry`), and a probe key must be aimed at a slot of a given master.
 //!
 //! Commands are routed by redis-rs's cluster client (`store`); this module only reads
-//! `CLUSTER NODES`, which every Redis Cluster (managed ones included) answers.
+//! `CLUSTER NODES`, which every Redis Cluster (managed ones included) answers. Must not
+//! route commands: redis-rs does.
 
 use std::time::Duration;
 
-use redis::{ConnectionAddr, ConnectionInfo};
+use redis::{ConnectionAddr, ConnectionInfo, RedisError};
 
 /// Number of hash slots of a Redis Cluster.
-pub const SLOTS: u16 = 16_384;
+pub(crate) const SLOTS: u16 = 16_384;
 
 /// One node as `CLUSTER NODES` describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,55 +45,62 @@ impl Node {
 /// Parses the reply of `CLUSTER NODES`. Nodes without an address (`noaddr`) or still in
 /// the handshake are left out; migrating/importing markers (`[slot->-id]`) are ignored.
 pub fn parse_nodes(text: &str) -> Vec<Node> {
-    let mut nodes = Vec::new();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 8 {
-            continue;
-        }
-        let flags: Vec<&str> = fields[2].split(',').collect();
-        if flags.iter().any(|f| matches!(*f, "noaddr" | "handshake")) {
-            continue;
-        }
-        // ip:port@cport[,hostname]
-        let (addr, hostname) = match fields[1].split_once(',') {
-            Some((a, h)) => (a, Some(h)),
-            None => (fields[1], None),
-        };
-        let addr = addr.split('@').next().unwrap_or(addr);
-        let Some((ip, port)) = addr.rsplit_once(':') else {
-            continue;
-        };
-        let Ok(port) = port.parse::<u16>() else {
-            continue;
-        };
-        if ip.is_empty() || port == 0 {
-            continue;
-        }
-        let host = hostname
-            .filter(|h| !h.is_empty())
-            .unwrap_or(ip)
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let slots = fields[8..]
-            .iter()
-            .filter(|s| !s.starts_with('['))
-            .filter_map(|s| match s.split_once('-') {
-                Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
-                None => s.parse().ok().map(|n| (n, n)),
-            })
-            .collect();
-        nodes.push(Node {
-            id: fields[0].to_owned(),
-            host,
-            port,
-            master: flags.contains(&"master"),
-            failing: flags.iter().any(|f| f.starts_with("fail")),
-            slots,
-        });
+    text.lines().filter_map(parse_node).collect()
+}
+
+/// One line of `CLUSTER NODES`:
+/// `id ip:port@cport[,hostname] flags master ping pong epoch link slot...`.
+fn parse_node(line: &str) -> Option<Node> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    if fields.len() < 8 {
+        return None;
     }
-    nodes
+    let flags: Vec<&str> = fields[2].split(',').collect();
+    if flags.iter().any(|f| matches!(*f, "noaddr" | "handshake")) {
+        return None;
+    }
+    let (host, port) = parse_address(fields[1])?;
+    Some(Node {
+        id: fields[0].to_owned(),
+        host,
+        port,
+        master: flags.contains(&"master"),
+        failing: flags.iter().any(|f| f.starts_with("fail")),
+        slots: fields[8..].iter().filter_map(|s| parse_slots(s)).collect(),
+    })
+}
+
+/// `ip:port@cport[,hostname]` as the host to connect to (the hostname when announced) and
+/// the port; `None` without a usable address.
+fn parse_address(field: &str) -> Option<(String, u16)> {
+    let (addr, hostname) = match field.split_once(',') {
+        Some((a, h)) => (a, Some(h)),
+        None => (field, None),
+    };
+    let addr = addr.split('@').next().unwrap_or(addr);
+    let (ip, port) = addr.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok()?;
+    if ip.is_empty() || port == 0 {
+        return None;
+    }
+    let host = hostname
+        .filter(|h| !h.is_empty())
+        .unwrap_or(ip)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    Some((host, port))
+}
+
+/// A slot range (`a-b`) or a single slot; `None` for a migration marker (`[...]`).
+fn parse_slots(field: &str) -> Option<(u16, u16)> {
+    if field.starts_with('[') {
+        return None;
+    }
+    match field.split_once('-') {
+        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+        None => field.parse().ok().map(|n| (n, n)),
+    }
 }
 
 /// The hash slot of a key (CRC16/XMODEM of the key, or of its first non-empty `{tag}`).
@@ -124,7 +132,7 @@ fn crc16(data: &[u8]) -> u16 {
 
 /// A hash tag (without braces) whose slot lies in one of `slots`, for a key that must live
 /// on a given master (the notification probe).
-pub fn tag_in(slots: &[(u16, u16)]) -> Option<String> {
+pub(crate) fn tag_in(slots: &[(u16, u16)]) -> Option<String> {
     (0u32..1_000_000).map(|n| format!("p{n}")).find(|tag| {
         let slot = key_slot(tag.as_bytes());
         slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
@@ -133,7 +141,7 @@ pub fn tag_in(slots: &[(u16, u16)]) -> Option<String> {
 
 /// The connection settings of a node: those of a seed (credentials, TLS) at the node's
 /// address.
-pub fn node_info(seed: &ConnectionInfo, host: &str, port: u16) -> ConnectionInfo {
+pub(crate) fn node_info(seed: &ConnectionInfo, host: &str, port: u16) -> ConnectionInfo {
     let addr = match seed.addr() {
         ConnectionAddr::TcpTls {
             insecure,
@@ -150,21 +158,50 @@ pub fn node_info(seed: &ConnectionInfo, host: &str, port: u16) -> ConnectionInfo
     seed.clone().set_addr(addr)
 }
 
+/// Why no node told the topology: the last candidate's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoverError {
+    #[error("no node to ask")]
+    NoCandidate,
+    #[error("{addr}: {source}")]
+    Node {
+        addr: String,
+        #[source]
+        source: AskError,
+    },
+}
+
+/// Why one node did not tell the topology.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    #[error("timed out")]
+    TimedOut,
+    #[error("CLUSTER NODES listed no node")]
+    Empty,
+}
+
 /// Asks the first node that answers among `candidates` for the topology.
-pub async fn discover(candidates: &[ConnectionInfo]) -> Result<Vec<Node>, String> {
-    let mut last = "no node to ask".to_owned();
+pub(crate) async fn discover(candidates: &[ConnectionInfo]) -> Result<Vec<Node>, DiscoverError> {
+    let mut last = DiscoverError::NoCandidate;
     for info in candidates {
         match ask(info).await {
-            Ok(nodes) if !nodes.is_empty() => return Ok(nodes),
-            Ok(_) => last = format!("{}: CLUSTER NODES listed no node", info.addr()),
-            Err(e) => last = format!("{}: {e}", info.addr()),
+            Ok(nodes) => return Ok(nodes),
+            Err(source) => {
+                last = DiscoverError::Node {
+                    addr: info.addr().to_string(),
+                    source,
+                }
+            }
         }
     }
     Err(last)
 }
 
-async fn ask(info: &ConnectionInfo) -> Result<Vec<Node>, String> {
-    let client = redis::Client::open(info.clone()).map_err(|e| e.to_string())?;
+/// The topology as one node tells it (an empty one is an error: a node lists itself).
+async fn ask(info: &ConnectionInfo) -> Result<Vec<Node>, AskError> {
+    let client = redis::Client::open(info.clone())?;
     let text: String = tokio::time::timeout(Duration::from_secs(2), async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("CLUSTER")
@@ -173,9 +210,12 @@ async fn ask(info: &ConnectionInfo) -> Result<Vec<Node>, String> {
             .await
     })
     .await
-    .map_err(|_| "timed out".to_owned())?
-    .map_err(|e| e.to_string())?;
-    Ok(parse_nodes(&text))
+    .map_err(|_| AskError::TimedOut)??;
+    let nodes = parse_nodes(&text);
+    if nodes.is_empty() {
+        return Err(AskError::Empty);
+    }
+    Ok(nodes)
 }
 
 #[cfg(test)]

@@ -365,7 +365,7 @@ impl Reading<'_> {
             Event::SubAck { granted } => {
                 self.last_message = Instant::now();
                 if !granted.iter().all(|g| *g) || granted.len() != self.filters.len() {
-                    return Err(RebuildError::Refused(self.filters.clone()));
+                    return Err(RebuildError::Refused(self.filters.to_vec()));
                 }
                 self.client.try_publish(
                     &self.marker_topic,

@@ -5,6 +5,9 @@
 //! then fails every heartbeat at run time; so the version is checked before anything else,
 //! at start and on every reconnection of a keyspace listener (the server may have been
 //! replaced).
+//!
+//! Owns [`RedisVersion`], [`MINIMUM`] and the check's errors. Must not connect by itself: it
+//! asks on the connection it is given.
 
 use std::fmt;
 
@@ -90,7 +93,7 @@ pub enum CheckError {
 
 /// Reads `INFO server` on `conn` and accepts the server only if it is recent enough. `addr`
 /// names the server in the error.
-pub async fn check<C: ConnectionLike>(
+pub(crate) async fn check<C: ConnectionLike>(
     conn: &mut C,
     addr: &str,
 ) -> Result<RedisVersion, CheckError> {

@@ -1,0 +1,187 @@
+//! Reading devices: one record, the fleet counts, and id-ordered pages (`/devices`).
+//!
+//! Owns [`ListFilter`], [`Page`], [`LIST_BUDGET`] and the reads of the state indexes and
+//! records. Must not write anything.
+
+use redis::Cmd;
+
+use super::error::StoreError;
+use super::handle::Store;
+use super::keys::Key;
+use super::reply::decode;
+use crate::bucket::{bucket_of, Bucket, BUCKETS};
+use crate::device::{DeviceId, DeviceRecord, State};
+
+/// Most ids one `/devices` page examines (see [`Store::list`]).
+pub const LIST_BUDGET: usize = 10_000;
+/// Fewest ids read per round of a page, so a short remainder does not cost a round trip per
+/// non-matching id.
+const LIST_MIN_BATCH: usize = 100;
+
+/// Which records a listing keeps.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ListFilter {
+    pub state: Option<State>,
+}
+
+impl ListFilter {
+    pub(crate) fn matches(&self, record: &DeviceRecord) -> bool {
+        self.state.is_none_or(|s| record.state == s)
+    }
+
+    /// The state indexes that hold the ids the filter may keep.
+    fn states(&self) -> &'static [State] {
+        match self.state {
+            Some(State::Online) => &[State::Online],
+            Some(State::Offline) => &[State::Offline],
+            None => &[State::Online, State::Offline],
+        }
+    }
+}
+
+/// One page of a listing: its records, and the id to continue after when more may follow.
+#[derive(Debug, Default)]
+pub(crate) struct Page {
+    pub records: Vec<DeviceRecord>,
+    pub next: Option<String>,
+}
+
+/// `ZCARD key`.
+pub(crate) fn zcard(key: String) -> Cmd {
+    let mut cmd = redis::cmd("ZCARD");
+    cmd.arg(key);
+    cmd
+}
+
+/// `HGET` of one device's record.
+fn record(store: &Store, id: &str) -> Cmd {
+    let mut cmd = redis::cmd("HGET");
+    cmd.arg(store.keys.of(bucket_of(id), Key::Records)).arg(id);
+    cmd
+}
+
+impl Store {
+    /// The current record of one device.
+    pub(crate) async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let raw: Option<String> = record(self, id.as_str())
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(raw.and_then(|r| DeviceRecord::parse(id.clone(), &r)))
+    }
+
+    /// Fleet-wide counts `(online, offline)`, summed over the buckets.
+    pub(crate) async fn counts(&self) -> Result<(i64, i64), StoreError> {
+        let cmds = (0..BUCKETS)
+            .flat_map(|b| [State::Online, State::Offline].map(|s| zcard(self.keys.index(b, s))))
+            .collect();
+        let cards: Vec<i64> = decode(self.exec(cmds).await.all()?)?;
+        let online = cards.iter().step_by(2).sum();
+        let offline = cards.iter().skip(1).step_by(2).sum();
+        Ok((online, offline))
+    }
+
+    /// One page of devices in id order, after `after` (exclusive), holding at most `limit`
+    /// records that match `filter`.
+    ///
+    /// Paging by id (not by a scan cursor) lists every device of an unchanging fleet exactly
+    /// once. The state index narrows the ids read, but the filter is judged on the records:
+    /// a device may change state between the index read and the record read. So the page
+    /// keeps reading past ids whose records do not match until it holds `limit` records or
+    /// the index ends, and its cursor is the last id *examined*, not the last one kept: a
+    /// stretch of non-matching ids never ends the listing early, nor is it read again. The
+    /// reading stops after [`LIST_BUDGET`] ids even if the page is short (possibly empty),
+    /// so a rare match costs a client more pages, never one unbounded request.
+    pub(crate) async fn list(
+        &self,
+        filter: &ListFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let mut page = Page::default();
+        let mut after = after.map(str::to_owned);
+        let mut examined = 0;
+        loop {
+            let want = (limit - page.records.len()).max(LIST_MIN_BATCH);
+            let (ids, index_more) = self.index_ids(filter, after.as_deref(), want).await?;
+            let records = self.records_of(&ids).await?;
+            for (i, (id, record)) in ids.iter().zip(records).enumerate() {
+                examined += 1;
+                after = Some(id.clone());
+                page.records.extend(record.filter(|r| filter.matches(r)));
+                if page.records.len() == limit {
+                    let more = index_more || i + 1 < ids.len();
+                    page.next = after.filter(|_| more);
+                    return Ok(page);
+                }
+            }
+            if !index_more {
+                return Ok(page);
+            }
+            if examined >= LIST_BUDGET {
+                page.next = after;
+                return Ok(page);
+            }
+        }
+    }
+
+    /// `ZRANGE … BYLEX`: at most `count` ids of bucket `b`'s `state` index after `after`.
+    pub(crate) fn index_range(
+        &self,
+        b: Bucket,
+        state: State,
+        after: Option<&str>,
+        count: usize,
+    ) -> Cmd {
+        let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(self.keys.index(b, state))
+            .arg(start)
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(count);
+        cmd
+    }
+
+    /// The smallest `limit` ids after `after` in the state indexes `filter` may keep, and
+    /// whether more follow. Each bucket's index is read from `after` on, at most `limit + 1`
+    /// ids each; the smallest `limit` overall are the answer.
+    async fn index_ids(
+        &self,
+        filter: &ListFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, bool), StoreError> {
+        let cmds = (0..BUCKETS)
+            .flat_map(|b| {
+                filter
+                    .states()
+                    .iter()
+                    .map(move |&s| self.index_range(b, s, after, limit + 1))
+            })
+            .collect();
+        let pages: Vec<Vec<String>> = decode(self.exec(cmds).await.all()?)?;
+        let mut ids: Vec<String> = pages.into_iter().flatten().collect();
+        // Redis orders BYLEX by bytes (memcmp); so does String's Ord.
+        ids.sort_unstable();
+        ids.dedup();
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        Ok((ids, more))
+    }
+
+    /// The records of `ids`, in order; `None` for an id without a (valid) record.
+    async fn records_of(&self, ids: &[String]) -> Result<Vec<Option<DeviceRecord>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cmds = ids.iter().map(|id| record(self, id)).collect();
+        let raws: Vec<Option<String>> = decode(self.exec(cmds).await.all()?)?;
+        Ok(ids
+            .iter()
+            .zip(raws)
+            .map(|(id, raw)| DeviceRecord::parse(DeviceId::parse(id).ok()?, &raw?))
+            .collect())
+    }
+}
