@@ -2,7 +2,7 @@
 //! loopback, every figure next to a reference measured in the same run.
 //!
 //!     cargo bench --bench presence            # full run, writes benches/RESULTS.md + lag CSVs
-//!     cargo bench --bench presence -- --quick # small smoke run (CI), writes target/bench-quick.md
+//!     cargo bench --bench presence -- --quick # small smoke run (CI), writes target/tmp/bench-quick.md
 //!
 //! 1. Ingest ceiling: heartbeats/s presenced applies to Redis, vs the raw broker delivery rate
 //!    to a plain subscriber, vs a naive monitor doing one Redis round trip per heartbeat.
@@ -75,8 +75,10 @@ fn main() {
         return; // a partial run does not replace the results
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Quick results go to Cargo's scratch folder for benches, which exists wherever
+    // `CARGO_TARGET_DIR` points.
     let out = if quick {
-        root.join("target/bench-quick.md")
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-quick.md")
     } else {
         root.join("benches/RESULTS.md")
     };

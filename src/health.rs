@@ -13,7 +13,6 @@ use crate::metrics::Metrics;
 #[error("{}", .0.join("\n"))]
 pub(crate) struct NotReady(Vec<&'static str>);
 
-
 /// How far the MQTT side is up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MqttLink {

@@ -234,7 +234,7 @@ impl Topology {
     }
 
     /// The topology could not be read: unready, and read again after a backoff.
-    fn unreadable(&mut self, e: &str) -> Duration {
+    fn unreadable(&mut self, e: &cluster::DiscoverError) -> Duration {
         self.health.set_redis_listener(false);
         if let Some(n) = self.limiter.check() {
             warn!(error = %e, suppressed = n, "Cannot read the Redis Cluster topology; retrying.");

@@ -40,6 +40,18 @@ pub fn history(msgs: &[Value]) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// The device statuses among `seen`, per device in the order seen (one pass, for checks
+/// over many devices).
+pub fn by_device(seen: &[Seen]) -> std::collections::HashMap<String, Vec<Value>> {
+    let mut out: std::collections::HashMap<String, Vec<Value>> = Default::default();
+    for s in seen {
+        if let Some(d) = s.json["device"].as_str() {
+            out.entry(d.to_owned()).or_default().push(s.json.clone());
+        }
+    }
+    out
+}
+
 /// Checks the contract's guarantees over everything a subscriber saw, once quiet: per
 /// device (after keeping the highest seq) seq starts at 1 and grows by 1, states alternate
 /// starting online; the retained status a late subscriber gets, the HTTP API and the last
