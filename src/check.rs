@@ -2,8 +2,9 @@
 //! reachable, recent enough and its notification setting; every master of a cluster; the
 //! broker reachable) and reports one line per check.
 //!
-//! It must not change anything: no script loaded, no `CONFIG SET`, no subscription, and
-//! its MQTT client uses a clean session under its own random id.
+//! It must not change the monitor's state: no key written, no `CONFIG SET`, no
+//! subscription, and its MQTT client uses a clean session under its own random id. (Its
+//! Redis connection loads the monitor's scripts into the script cache, as every start does.)
 
 use std::time::Duration;
 

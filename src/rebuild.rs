@@ -60,9 +60,9 @@ pub(crate) struct Rebuilder {
 enum RebuildError {
     #[error("reading the retained statuses: {0}")]
     Mqtt(#[from] mqtt::Error),
-    #[error("the broker refused the subscription to {0:?}")]
+    #[error("reading the retained statuses: the broker refused the subscription to {0:?}")]
     Refused(Vec<String>),
-    #[error("no progress reading the retained statuses")]
+    #[error("reading the retained statuses: no progress")]
     Stalled,
     #[error(transparent)]
     Redis(#[from] StoreError),

@@ -1,7 +1,7 @@
 //! Keyspace notifications on one node: the `notify-keyspace-events` setting, the probe key
 //! and the touch that makes Redis notify an overdue key at once.
 //!
-//! Owns [`NotifyConfig`] and these commands (the listening is `expiry.rs`'s). Must not
+//! Owns [`NotifyConfig`] and these commands (the listening is `expiry/`'s). Must not
 //! subscribe or wait for events.
 
 use std::time::Duration;
