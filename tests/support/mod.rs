@@ -214,10 +214,14 @@ impl RedisServer {
         .ok()
     }
 
+    /// A connection for the test's own commands. Its replies may wait as long as the
+    /// harness's patience: a pipeline of thousands of writes on a loaded machine outlasts
+    /// redis-rs's default response timeout (500 ms).
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(patience()));
         redis::Client::open(self.url())
             .unwrap()
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .unwrap()
     }
