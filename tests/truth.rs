@@ -436,10 +436,11 @@ async fn a_broker_that_lost_its_state_is_republished_once_and_resumed_after_a_cr
 }
 
 /// Queued heartbeats behind the sync marker's timeout: the monitor is down longer than the
-/// TTL while 200,000 heartbeats queue for its session, then 1,000 devices each send one (in
+/// TTL (30 s) while 200,000 heartbeats queue for its session, then 1,000 devices each send one (in
 /// time). On restart the backlog crosses a slow link (at least 16 s, several times the
 /// marker's 5 s wait): the gate stays closed while it drains, so none of the 1,000 goes
 /// offline, and the one device that really went silent is reported once the backlog is in.
+/// The TTL leaves room for publishing the backlog (about 4 s here) on a loaded machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_draining_longer_than_the_sync_wait_expires_nobody_behind_it() {
     const FILLER: u64 = 200_000;
@@ -450,7 +451,7 @@ async fn a_backlog_draining_longer_than_the_sync_wait_expires_nobody_behind_it()
     let cfg = config(
         &redis,
         &mqtt,
-        &[("mqtt.url", &url), ("presence.ttl", "20s")],
+        &[("mqtt.url", &url), ("presence.ttl", "30s")],
     );
     let app = TestApp::spawn(cfg.clone()).await;
     let statuses = Collector::start(&mqtt, "devices/+/status").await;
@@ -461,9 +462,11 @@ async fn a_backlog_draining_longer_than_the_sync_wait_expires_nobody_behind_it()
     }
     devices.heartbeat("filler", b"").await;
     devices.heartbeat("silent", br#"{"ttl_s": 1}"#).await;
-    statuses.wait_for("all online", |s| s.len() == 1_002).await;
+    statuses
+        .wait_for("all online", |s| by_device(s).len() == 1_002)
+        .await;
     let (_, first) = get_json(app.http(), &format!("/devices/{}", late[0])).await;
-    let deadline = ms(&first["last_seen"]) + 20_000;
+    let deadline = ms(&first["last_seen"]) + 30_000;
     app.stop().await.unwrap();
 
     // While the monitor is down: the backlog, then one heartbeat from each late device, in
@@ -566,10 +569,10 @@ async fn a_mass_expiry_is_neither_a_stall_nor_missed() {
     })
     .await;
     let m = scrape(addr).await;
-    assert_eq!(metric(&m, "presenced_missed_expirations_total"), Some(0.0));
     let text = std::fs::read_to_string(&log).unwrap();
     let stalls: Vec<&str> = text.lines().filter(|l| l.contains("stalled")).collect();
     assert!(stalls.is_empty(), "{stalls:?}");
+    assert_eq!(metric(&m, "presenced_missed_expirations_total"), Some(0.0));
     let finals = check_invariants(&mqtt, addr, &statuses).await;
     assert!(finals.values().all(|s| s == "offline"));
 }

@@ -17,6 +17,10 @@ pub const LIST_BUDGET: usize = 10_000;
 /// Fewest ids read per round of a page, so a short remainder does not cost a round trip per
 /// non-matching id.
 const LIST_MIN_BATCH: usize = 100;
+/// How long one page may keep reading past non-matching ids before it ends early with a
+/// cursor: well inside the HTTP answer's wait for Redis (2 s), so a slow Redis or a loaded
+/// machine shortens pages instead of failing them.
+const LIST_TIME_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Which records a listing keeps.
 #[derive(Clone, Debug, Default)]
@@ -89,8 +93,9 @@ impl Store {
     /// keeps reading past ids whose records do not match until it holds `limit` records or
     /// the index ends, and its cursor is the last id *examined*, not the last one kept: a
     /// stretch of non-matching ids never ends the listing early, nor is it read again. The
-    /// reading stops after [`LIST_BUDGET`] ids even if the page is short (possibly empty),
-    /// so a rare match costs a client more pages, never one unbounded request.
+    /// reading stops after [`LIST_BUDGET`] ids, or after 500 ms of reading, even if the page
+    /// is short (possibly empty), so a rare match costs a client more pages, never one
+    /// unbounded (or timed-out) request.
     pub(crate) async fn list(
         &self,
         filter: &ListFilter,
@@ -100,6 +105,7 @@ impl Store {
         let mut page = Page::default();
         let mut after = after.map(str::to_owned);
         let mut examined = 0;
+        let started = std::time::Instant::now();
         loop {
             let want = (limit - page.records.len()).max(LIST_MIN_BATCH);
             let (ids, index_more) = self.index_ids(filter, after.as_deref(), want).await?;
@@ -117,7 +123,7 @@ impl Store {
             if !index_more {
                 return Ok(page);
             }
-            if examined >= LIST_BUDGET {
+            if examined >= LIST_BUDGET || started.elapsed() >= LIST_TIME_BUDGET {
                 page.next = after;
                 return Ok(page);
             }

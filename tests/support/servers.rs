@@ -5,6 +5,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::wait::patience;
+
 pub fn free_port() -> u16 {
     // Racy (another process may take it before the server binds), as redis-rs's harness
     // admits; servers below retry on a new port if the bind fails.
@@ -144,10 +146,14 @@ impl RedisServer {
         .ok()
     }
 
+    /// A connection for the test's own commands. Its replies may wait as long as the
+    /// harness's patience: a pipeline of thousands of writes on a loaded machine outlasts
+    /// redis-rs's default response timeout (500 ms).
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(patience()));
         redis::Client::open(self.url())
             .unwrap()
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .unwrap()
     }
