@@ -8,19 +8,21 @@
 //! * [`config`]: the contract's configuration keys, from file, environment and flags.
 //! * [`device`]: pure domain types (ids, topics, payloads, records); no I/O.
 //! * [`store`]: every Redis command and Lua script; the key layout.
-//! * [`expiry`]: the keyspace-notification listeners (the fast path), one per Redis node.
+//! * `expiry`: the keyspace-notification listeners (the fast path), one per Redis node.
 //! * [`redis_version`]: the oldest supported Redis (6.2) and the check against it.
 //! * [`cluster`]: Redis Cluster topology (`CLUSTER NODES`) and key slots, for the listeners.
-//! * [`presence`]: where transitions are decided: heartbeats, deadlines, reconciliation,
+//! * `presence`: where transitions are decided: heartbeats, deadlines, reconciliation,
 //!   the outbox.
-//! * [`forget`]: forgets devices offline for longer than `presence.forget_after`.
-//! * [`mqtt`]: all MQTT I/O: heartbeat ingest and acknowledged status publishing.
-//! * [`rebuild`]: notices a Redis that lost its data and rebuilds it from the retained
+//! * `forget`: forgets devices offline for longer than `presence.forget_after`.
+//! * `mqtt`: all MQTT I/O: heartbeat ingest and acknowledged status publishing.
+//! * `rebuild`: notices a Redis that lost its data and rebuilds it from the retained
 //!   statuses on the broker.
-//! * [`http`]: `/metrics`, `/healthz`, `/readyz`, `/devices`.
-//! * [`metrics`], [`health`], [`telemetry`]: what operators see.
+//! * `http`: `/metrics`, `/healthz`, `/readyz`, `/devices`.
+//! * [`metrics`], `health`, [`telemetry`]: what operators see.
 //! * [`simulate`]: the fleet simulator behind `presenced simulate`.
 //! * [`check`]: `presenced check-config`, the read-only checks of Redis and the broker.
+//! * [`bucket`], [`beat`], `held`, [`status`]: the values the tasks hand each other (the
+//!   fleet's partition, heartbeats as received and as applied, statuses to publish).
 //!
 //! [`run`] wires them together and owns the shutdown order.
 

@@ -216,7 +216,7 @@ impl Metrics {
 /// Registers the `process_*` collector in the default registry, once per process.
 ///
 /// The process collector describes the whole process, so it belongs to the binary, not to
-/// each monitor instance; [`Metrics::render`] merges the default registry in.
+/// each monitor instance; `Metrics::render` merges the default registry in.
 pub fn register_process_collector() {
     #[cfg(target_os = "linux")]
     {

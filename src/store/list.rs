@@ -12,7 +12,7 @@ use super::reply::decode;
 use crate::bucket::{bucket_of, Bucket, BUCKETS};
 use crate::device::{DeviceId, DeviceRecord, State};
 
-/// Most ids one `/devices` page examines (see [`Store::list`]).
+/// Most ids one `/devices` page examines (see `Store::list`).
 pub const LIST_BUDGET: usize = 10_000;
 /// Fewest ids read per round of a page, so a short remainder does not cost a round trip per
 /// non-matching id.
