@@ -11,18 +11,15 @@
 //! transition (the outbox lease). Until the broker acknowledges a device's last status, the
 //! device is not forgotten: that status could otherwise overwrite the clear.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::bucket::{Bucket, BUCKETS};
-use crate::device::{now_ms, Millis};
-use crate::held::Held;
 use crate::metrics::Metrics;
-use crate::presence::gate::{cutoff, gate, Gate};
+use crate::presence::gate::{Backlog, Gate};
 use crate::presence::handoff::{publish, Handed};
 use crate::presence::CommitOrder;
 use crate::status::{Lag, StatusOut};
@@ -38,14 +35,13 @@ const FORGET_LIMIT: usize = 500;
 /// Forgets devices offline for longer than `after`.
 pub(crate) struct Forgetter {
     pub(crate) store: Store,
-    pub(crate) held: Arc<Held>,
     pub(crate) metrics: Metrics,
     pub(crate) out: mpsc::Sender<StatusOut>,
     /// A clear and the device's new seq 1 are queued in the order they were committed.
     pub(crate) order: CommitOrder,
-    /// The MQTT task's sync barrier (see `presence::gate`): nothing is forgotten while
-    /// heartbeats may still be on their way.
-    pub(crate) ingest: watch::Receiver<Option<Millis>>,
+    /// The backlog gate (see `presence::gate`): nothing is forgotten while heartbeats may
+    /// still be on their way.
+    pub(crate) backlog: Backlog,
     pub(crate) after: Duration,
     /// How long another replica's floor stands without renewal (see `presence::Stamper`).
     pub(crate) floor_lease: Duration,
@@ -88,7 +84,7 @@ impl Forgetter {
     /// Whether every heartbeat the broker queued for us is in, and applied: a device whose
     /// heartbeat is on its way came back, and must not be forgotten.
     fn open(&self) -> bool {
-        gate(&self.ingest, &self.held, 0) == Gate::Open
+        self.backlog.gate() == Gate::Open
     }
 
     /// Indexes devices that went offline before the offline-since index existed (a bucket
@@ -116,7 +112,10 @@ impl Forgetter {
         let mut buckets: Vec<Bucket> = (0..BUCKETS).collect();
         while !buckets.is_empty() {
             // Never past a heartbeat this replica holds (other replicas' are in their floors).
-            let cutoff = cutoff(&self.held, self.floor_lease, now_ms());
+            let Ok(cutoff) = self.backlog.cutoff(self.floor_lease) else {
+                // Closed meanwhile (a stall): the next pass goes on.
+                return Ok(());
+            };
             let turn = self.order.turn().await;
             let forgot = self
                 .store

@@ -41,6 +41,7 @@ pub(crate) mod http;
 pub mod metrics;
 pub(crate) mod mqtt;
 pub(crate) mod presence;
+pub(crate) mod pulse;
 pub(crate) mod rebuild;
 pub mod redis_version;
 pub mod shutdown;

@@ -13,13 +13,16 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::device::{self, DeviceId, Millis};
+use crate::device::{self, DeviceId};
 use crate::expiry::{Listener, Nodes, Refused};
 use crate::forget;
 use crate::held::{Held, HELD_CAP};
 use crate::http;
 use crate::mqtt::MqttTask;
-use crate::presence::{Applier, CommitOrder, Committer, DueTable, Expirer, Outbox, Stamper};
+use crate::presence::{
+    Applier, Backlog, CommitOrder, Committer, DueTable, Expirer, Outbox, Stamper,
+};
+use crate::pulse::{Pulse, Synced};
 use crate::rebuild;
 use crate::startup::{watch_redis, Base, Common};
 use crate::status::{Delivered, StatusOut};
@@ -124,8 +127,9 @@ struct Links {
     due: Arc<DueTable>,
     order: CommitOrder,
     out_tx: mpsc::Sender<StatusOut>,
-    ingest_rx: watch::Receiver<Option<Millis>>,
-    resync: Arc<Notify>,
+    pulse: Arc<Pulse>,
+    /// The MQTT task's sync marker, the held heartbeats and the pulse, as deciders see them.
+    backlog: Backlog,
 }
 
 /// The ends of the links only one worker takes.
@@ -133,7 +137,7 @@ struct Ends {
     out_rx: mpsc::Receiver<StatusOut>,
     ack_tx: mpsc::Sender<Delivered>,
     ack_rx: mpsc::Receiver<Delivered>,
-    ingest_tx: watch::Sender<Option<Millis>>,
+    ingest_tx: watch::Sender<Option<Synced>>,
     republish: Arc<Notify>,
 }
 
@@ -141,13 +145,15 @@ fn links() -> (Links, Ends) {
     let (out_tx, out_rx) = mpsc::channel(STATUS_QUEUE);
     let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE);
     let (ingest_tx, ingest_rx) = watch::channel(None);
+    let held = Arc::new(Held::new(HELD_CAP));
+    let pulse = Arc::new(Pulse::default());
     let links = Links {
-        held: Arc::new(Held::new(HELD_CAP)),
+        backlog: Backlog::new(ingest_rx, held.clone(), pulse.clone()),
+        held,
         due: Arc::new(DueTable::default()),
         order: CommitOrder::default(),
         out_tx,
-        ingest_rx,
-        resync: Arc::new(Notify::new()),
+        pulse,
     };
     let ends = Ends {
         out_rx,
@@ -174,16 +180,20 @@ pub(crate) async fn spawn_workers(common: &Common, redis: RedisSide, workers: &m
     let (gone_tx, gone_rx) = mpsc::channel(GONE_QUEUE);
     let (redis_ok_tx, redis_ok_rx) = watch::channel(true);
     let cfg = &common.cfg;
+    let pulse = links.pulse.clone();
+    let pulse_token = token.child_token();
+    workers.spawn(
+        "pulse",
+        async move { pulse.run(pulse_token).await }.instrument(tracing::info_span!("pulse")),
+    );
     let stamper = Stamper {
         store: common.store.clone(),
-        held: links.held.clone(),
         floor_of: cfg
             .mqtt
             .shared_group
             .as_ref()
             .map(|_| cfg.mqtt.client_id.clone()),
-        ingest: links.ingest_rx.clone(),
-        resync: links.resync.clone(),
+        backlog: links.backlog.clone(),
         gone: gone_rx,
         redis_ok: redis_ok_tx,
     };
@@ -207,7 +217,7 @@ pub(crate) async fn spawn_workers(common: &Common, redis: RedisSide, workers: &m
         ack_tx,
         republish: republish.clone(),
         ingest: ingest_tx,
-        resync: links.resync.clone(),
+        pulse: links.pulse.clone(),
     };
     let closer = CloseOnDrop(links.held.clone());
     let mqtt_token = token.child_token();
@@ -277,8 +287,7 @@ fn spawn_deciders(common: &Common, links: &Links, redis: RedisSide, workers: &mu
             commit,
             expired_rx,
             reconcile,
-            ingest: links.ingest_rx.clone(),
-            resync: links.resync.clone(),
+            backlog: links.backlog.clone(),
             floor_lease: common.floor_lease(),
             floor_wait: tokio::time::Instant::now(),
         }
@@ -301,11 +310,10 @@ fn spawn_forgetter(
         "forget",
         forget::Forgetter {
             store: common.store.clone(),
-            held: links.held.clone(),
             metrics: common.metrics.clone(),
             out: links.out_tx.clone(),
             order: links.order.clone(),
-            ingest: links.ingest_rx.clone(),
+            backlog: links.backlog.clone(),
             after,
             floor_lease: common.floor_lease(),
         }

@@ -317,6 +317,36 @@ async fn frozen_monitor_publishes_no_false_offline() {
     let _ = child.wait();
 }
 
+/// The same freeze, but caught in the middle of a Redis call: Redis is stopped first, so the
+/// monitor's calls hang and heartbeats pile up unapplied; the monitor is frozen, Redis
+/// resumed (and expires the TTL keys of every steady device meanwhile), and the monitor
+/// resumed last. No task of the monitor was waiting on a timer through the freeze, yet the
+/// expired events it finds must wait for the heartbeats queued behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_frozen_inside_a_redis_call_publishes_no_false_offline() {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let (mut child, addr, _) = spawn_replica(&redis, &mqtt, &[]);
+    wait_ready(addr).await;
+    let fleet = SteadyAndQuiet::start(
+        &mqtt,
+        (30, 5),
+        Duration::from_millis(250),
+        br#"{"ttl_s": 2}"#,
+    )
+    .await;
+    signal(redis.pid(), "-STOP");
+    tokio::time::sleep(Duration::from_millis(1200)).await; // the safety net's call hangs
+    kill(&child, "-STOP");
+    signal(redis.pid(), "-CONT");
+    tokio::time::sleep(Duration::from_secs(3)).await; // every steady TTL key expires
+    kill(&child, "-CONT");
+    fleet.check(Duration::from_secs(2)).await;
+    check_invariants(&mqtt, addr, &fleet.statuses).await;
+    kill(&child, "-TERM");
+    let _ = child.wait();
+}
+
 /// A replica that committed transitions in Redis and died before publishing them (here: the
 /// store used directly, no publisher at all): a running replica publishes them once their
 /// lease runs out, and a replica that starts publishes what was left at once.

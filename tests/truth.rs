@@ -357,15 +357,6 @@ fn rss_kib(p: &Proc) -> u64 {
         .unwrap()
 }
 
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 /// `presenced simulate` against the broker, killed on drop.
 fn simulate(mqtt: &Mosquitto, args: &[&str]) -> Proc {
     let child = std::process::Command::new(presenced_bin())

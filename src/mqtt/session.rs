@@ -1,7 +1,7 @@
 //! The MQTT task: one session with the broker, kept across reconnections. [`MqttTask::run`]
 //! is a short loop that waits for the next thing to happen and hands it to one handler of
 //! [`Session`] (a ConnAck, a SUBACK, a message, a PUBACK, a lost connection, a status to
-//! publish, the stall watchdog, the sync marker's timeout, the shutdown's steps). It must
+//! publish, the watchdog, the sync marker's timeout, the shutdown's steps). It must
 //! not speak Redis: heartbeats go into `Held`, statuses come in on a bounded channel,
 //! acknowledgements go out on another.
 //!
@@ -32,18 +32,19 @@ use super::topics::{instance_topic, BEACONS, BROKER_TOPIC, INSTANCES};
 use super::tracker::Tracker;
 use crate::clock::Clock;
 use crate::config::{MqttConfig, PresenceConfig};
-use crate::device::{now_ms, Millis, TopicTemplate};
+use crate::device::{now_ms, TopicTemplate};
 use crate::health::{Health, MqttLink};
 use crate::held::Held;
 use crate::metrics::Metrics;
+use crate::pulse::{Pulse, Synced};
 use crate::status::{Delivered, StatusOut};
 use crate::telemetry::{Backoff, LogLimiter};
 
 /// Statuses in flight (queued in the client or awaiting PUBACK) at most.
 const INFLIGHT: usize = 100;
-/// How often the task checks that it was not stalled, and what counts as a stall.
+/// How often the task looks at the shared subscription and at the process's stalls while no
+/// message comes.
 const WATCHDOG: Duration = Duration::from_millis(200);
-const STALL: Duration = Duration::from_millis(500);
 /// Short: with a shared subscription (clean sessions) heartbeats sent while no replica is
 /// connected are dropped by the broker, so reconnecting fast after a broker restart matters.
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
@@ -67,11 +68,11 @@ pub(crate) struct MqttTask {
     pub(crate) ack_tx: mpsc::Sender<Delivered>,
     /// Woken when the broker lost our session: every device's status is published again.
     pub(crate) republish: Arc<Notify>,
-    /// `Some(t)`: connected, and every heartbeat queued for us before `t` has been received.
-    pub(crate) ingest: watch::Sender<Option<Millis>>,
-    /// Asks for a fresh sync marker (the expirer noticed the process was stalled, so
-    /// heartbeats may wait unread in the socket).
-    pub(crate) resync: Arc<Notify>,
+    /// `Some(t)`: connected, and every heartbeat queued for us before `t.at` has been
+    /// received.
+    pub(crate) ingest: watch::Sender<Option<Synced>>,
+    /// The process's stalls: after one, heartbeats may wait unread in the socket.
+    pub(crate) pulse: Arc<Pulse>,
 }
 
 /// What the loop does after a handler.
@@ -86,7 +87,7 @@ enum Flow {
 impl MqttTask {
     pub(crate) async fn run(mut self, token: CancellationToken) {
         let (mut session, mut eventloop) = Session::connect(&self);
-        let (out_rx, resync) = (&mut self.out_rx, &self.resync);
+        let out_rx = &mut self.out_rx;
         loop {
             if let Flow::Stop = session.prepare(out_rx) {
                 break;
@@ -97,7 +98,6 @@ impl MqttTask {
                 () = token.cancelled(), if session.shutdown.phase() == Phase::Running => session.on_cancel(),
                 () = tokio::time::sleep_until(tick) => session.on_tick(),
                 () = tokio::time::sleep_until(watch_at) => session.on_watchdog(),
-                () = resync.notified(), if session.live() => session.on_resync(),
                 () = tokio::time::sleep_until(sync_at), if session.sync.outstanding() => session.on_sync_timeout(),
                 ev = eventloop.poll() => session.on_event(ev),
                 out = out_rx.recv(), if session.can_take() => session.on_status(out),
@@ -133,9 +133,10 @@ struct Session {
     sync: SyncMarker,
     share: Option<Share>,
     ingest: Ingest,
-    /// Our own stall detector: a timer firing far too late means the process was stopped
-    /// and heartbeats may wait unread in the socket.
     watch_at: Instant,
+    pulse: Arc<Pulse>,
+    /// The process's stall count when we last looked.
+    stalls: u64,
     health: Arc<Health>,
     metrics: Metrics,
     clock: Arc<Clock>,
@@ -197,6 +198,8 @@ impl Session {
             share,
             ingest,
             watch_at: Instant::now() + WATCHDOG,
+            pulse: task.pulse.clone(),
+            stalls: task.pulse.beat(),
             health: task.health.clone(),
             metrics: task.metrics.clone(),
             clock: task.clock.clone(),
@@ -290,24 +293,31 @@ impl Session {
     }
 
     fn on_watchdog(&mut self) -> Flow {
-        let late = Instant::now().saturating_duration_since(self.watch_at);
         self.watch_at = Instant::now() + WATCHDOG;
+        self.look_for_a_stall();
         if !self.live() {
             return Flow::Continue;
         }
         if let Some(share) = self.share.as_mut() {
             share.tick(&self.client);
         }
-        if late > STALL && !self.sync.outstanding() {
-            warn!(late_ms = late.as_millis() as u64, "The process was stalled; heartbeats read until the sync marker is back count as on time.");
-            self.resend.push_front(self.sync.restart());
-        }
         Flow::Continue
     }
 
-    fn on_resync(&mut self) -> Flow {
-        self.resend.push_front(self.sync.restart());
-        Flow::Continue
+    /// Before a message is handled (and at every watchdog tick): if the process stalled
+    /// since we last looked, heartbeats may wait unread behind our last sync marker. Those
+    /// read from now on count as on time, and a fresh marker tells when they are in. Asked
+    /// *before* the message is stamped, so that no task's timer has to fire first.
+    fn look_for_a_stall(&mut self) {
+        let stalls = self.pulse.beat();
+        if stalls == self.stalls {
+            return;
+        }
+        self.stalls = stalls;
+        if self.live() {
+            warn!("The process was stalled; heartbeats read until the sync marker is back count as on time.");
+            self.resend.push_front(self.sync.restart(stalls));
+        }
     }
 
     fn on_sync_timeout(&mut self) -> Flow {
@@ -375,7 +385,8 @@ impl Session {
             self.resend
                 .extend(dropped.filter(|o| matches!(o.kind, Kind::Status { .. })));
         }
-        let marker = self.sync.connected(session_present);
+        self.stalls = self.pulse.beat();
+        let marker = self.sync.connected(session_present, self.stalls);
         if let Some(share) = self.share.as_mut() {
             share.joined();
         }
@@ -400,6 +411,7 @@ impl Session {
     }
 
     fn on_publish(&mut self, topic: &Bytes, payload: &Bytes, retained: bool) {
+        self.look_for_a_stall();
         if topic.as_ref() == BROKER_TOPIC.as_bytes() {
             self.sync.broker_marker_seen();
         } else if topic.starts_with(BEACONS.as_bytes()) {

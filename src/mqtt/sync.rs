@@ -1,6 +1,6 @@
 //! The sync marker, and how heartbeats are stamped meanwhile.
 //!
-//! After every connection (and when the process was stalled) the session publishes a marker
+//! After every connection (and when the process was stalled, see `crate::pulse`) the session publishes a marker
 //! to a topic only this replica subscribes to. The broker delivers a session's queued
 //! messages in order, so once the marker comes back, every heartbeat queued while the
 //! monitor was away has arrived: only then does `ingest` say the backlog is in, and expiries
@@ -24,6 +24,7 @@ use super::outgoing::Outgoing;
 use super::topics::sync_topic;
 use crate::beat::Stamp;
 use crate::device::{now_ms, Millis};
+use crate::pulse::Synced;
 
 /// How long to wait for our own sync marker, after it was sent or after the last heartbeat
 /// read, before assuming the backlog was delivered.
@@ -40,10 +41,14 @@ enum BrokerCheck {
 /// The outstanding sync marker, the stamp, and the gate it opens.
 pub(super) struct SyncMarker {
     topic: String,
-    /// `Some(t)`: connected, and every heartbeat queued for us before `t` has been received.
-    ingest: watch::Sender<Option<Millis>>,
+    /// `Some(t)`: connected, and every heartbeat queued for us before `t.at` has been
+    /// received.
+    ingest: watch::Sender<Option<Synced>>,
     /// The outstanding marker's token and when it was sent.
     outstanding: Option<(Bytes, Instant)>,
+    /// The process's stall count when the latest marker was sent: the marker proves nothing
+    /// about a later stall.
+    stalls: u64,
     /// The last heartbeat read while a marker is outstanding.
     progress: Instant,
     stamp: Stamp,
@@ -53,11 +58,12 @@ pub(super) struct SyncMarker {
 }
 
 impl SyncMarker {
-    pub(super) fn new(instance: &str, ingest: watch::Sender<Option<Millis>>) -> SyncMarker {
+    pub(super) fn new(instance: &str, ingest: watch::Sender<Option<Synced>>) -> SyncMarker {
         SyncMarker {
             topic: sync_topic(instance),
             ingest,
             outstanding: None,
+            stalls: 0,
             progress: Instant::now(),
             stamp: Stamp::OnTime,
             refused_at: None,
@@ -88,9 +94,9 @@ impl SyncMarker {
 
     /// Connected: what the broker queued for us while it refused our connections reached it
     /// after it came back; anything else queued, in time. Without a session, the broker may
-    /// have lost its retained messages too: its retained marker says. Returns the marker
-    /// to publish.
-    pub(super) fn connected(&mut self, session_present: bool) -> Outgoing {
+    /// have lost its retained messages too: its retained marker says. `stalls` is the
+    /// process's stall count now. Returns the marker to publish.
+    pub(super) fn connected(&mut self, session_present: bool, stalls: u64) -> Outgoing {
         self.stamp = self
             .refused_at
             .take()
@@ -98,21 +104,24 @@ impl SyncMarker {
         if !session_present {
             self.broker = BrokerCheck::Awaiting;
         }
-        self.fresh_marker()
+        self.fresh_marker(stalls)
     }
 
-    /// Heartbeats may wait unread (the process was stalled, or the expirer asks): until a
-    /// fresh marker is back they count as on time and the gate is closed. Returns the
-    /// marker to publish.
-    pub(super) fn restart(&mut self) -> Outgoing {
-        self.stamp = Stamp::OnTime;
-        let _ = self.ingest.send(None);
-        self.fresh_marker()
+    /// The process stalled (its count is now `stalls`): heartbeats may wait unread behind
+    /// the last marker. Until a fresh one is back they count as on time (or as queued while
+    /// the broker was down, if that backlog is still being read), and the gate stays closed
+    /// (it sees the stall itself). Returns the marker to publish.
+    pub(super) fn restart(&mut self, stalls: u64) -> Outgoing {
+        if !matches!(self.stamp, Stamp::BrokerReturned(_)) {
+            self.stamp = Stamp::OnTime;
+        }
+        self.fresh_marker(stalls)
     }
 
-    fn fresh_marker(&mut self) -> Outgoing {
+    fn fresh_marker(&mut self, stalls: u64) -> Outgoing {
         let (out, token) = Outgoing::marker(&self.topic);
         self.outstanding = Some((token, Instant::now()));
+        self.stalls = stalls;
         out
     }
 
@@ -162,9 +171,13 @@ impl SyncMarker {
         lost
     }
 
-    /// Everything queued before now has been received: the gate opens.
+    /// Everything queued before now has been received: the gate opens (unless the process
+    /// stalled after the marker was sent).
     pub(super) fn open(&self) {
-        let _ = self.ingest.send(Some(now_ms()));
+        let _ = self.ingest.send(Some(Synced {
+            at: now_ms(),
+            stalls: self.stalls,
+        }));
     }
 }
 
@@ -172,7 +185,7 @@ impl SyncMarker {
 mod tests {
     use super::*;
 
-    fn marker() -> (SyncMarker, watch::Receiver<Option<Millis>>) {
+    fn marker() -> (SyncMarker, watch::Receiver<Option<Synced>>) {
         let (tx, rx) = watch::channel(None);
         (SyncMarker::new("a", tx), rx)
     }
@@ -180,7 +193,7 @@ mod tests {
     #[test]
     fn heartbeats_count_as_on_time_until_the_marker_is_back() {
         let (mut s, rx) = marker();
-        let out = s.connected(true);
+        let out = s.connected(true, 0);
         assert_eq!(out.topic, "presenced/sync/a");
         assert_eq!(s.stamp(), Stamp::OnTime);
         assert!(s.outstanding());
@@ -190,23 +203,36 @@ mod tests {
         s.open();
         assert_eq!(s.stamp(), Stamp::Live);
         assert!(!s.outstanding());
-        assert!(rx.borrow().is_some());
-        // A stall: the gate closes and a fresh marker is due.
-        let again = s.restart();
+        assert_eq!(rx.borrow().map(|m| m.stalls), Some(0));
+        // A stall: a fresh marker is due; the old one proves nothing any more.
+        let again = s.restart(1);
         assert_ne!(again.payload, out.payload);
+        assert!(!s.is_back(&out.payload));
         assert_eq!(s.stamp(), Stamp::OnTime);
-        assert!(rx.borrow().is_none());
+        assert!(s.is_back(&again.payload));
+        assert!(!s.finish());
+        s.open();
+        assert_eq!(
+            rx.borrow().map(|m| m.stalls),
+            Some(1),
+            "the gate knows which stall it covers"
+        );
     }
 
     #[test]
     fn refused_connections_stamp_the_backlog_with_the_brokers_return() {
         let (mut s, _rx) = marker();
         s.refused();
-        let _ = s.connected(true);
+        let _ = s.connected(true, 0);
         assert!(matches!(s.stamp(), Stamp::BrokerReturned(_)));
+        let _ = s.restart(1);
+        assert!(
+            matches!(s.stamp(), Stamp::BrokerReturned(_)),
+            "a stall while that backlog is read keeps its stamp"
+        );
         s.lost();
         assert!(!s.outstanding());
-        let _ = s.connected(true);
+        let _ = s.connected(true, 0);
         assert_eq!(
             s.stamp(),
             Stamp::OnTime,
@@ -217,21 +243,21 @@ mod tests {
     #[test]
     fn the_broker_lost_its_retained_messages_when_its_marker_did_not_come() {
         let (mut s, _rx) = marker();
-        let _ = s.connected(false);
+        let _ = s.connected(false, 0);
         assert!(s.finish());
-        let _ = s.connected(false);
+        let _ = s.connected(false, 0);
         s.broker_marker_seen();
         assert!(!s.finish());
         // Seen before the session-less ConnAck's check began: not counted.
         s.broker_marker_seen();
-        let _ = s.connected(false);
+        let _ = s.connected(false, 0);
         assert!(s.finish());
     }
 
     #[test]
     fn the_wait_is_bounded_by_progress() {
         let (mut s, _rx) = marker();
-        let _ = s.connected(true);
+        let _ = s.connected(true, 0);
         let first = s.deadline();
         std::thread::sleep(Duration::from_millis(5));
         s.heartbeat_read();

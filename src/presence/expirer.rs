@@ -1,22 +1,22 @@
 //! When offline transitions are decided: the expirer's loop, one handler per event (the
 //! gate closed, a reconciliation owed, an `expired` event, the safety net, a bucket's
 //! deadline, a failed Redis call). The Redis calls themselves are `sweep`'s; this must not
-//! decide anything while the backlog gate (`gate`) is closed, and never counts a wait for
-//! anything but its own timers as a stall.
+//! decide anything while the backlog gate (`gate`) is closed: a stall of the process closes
+//! it, whenever it happened (see `crate::pulse`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::gate::{gate, Gate, STALL};
+use super::gate::{Backlog, Gate};
 use super::handoff::Committer;
 use super::stamper::FLOOR_EVERY;
-use super::sweep::{Progress, Source, Sweeper, SWEEP_LIMIT};
-use crate::device::{now_ms, DeviceId, Millis};
+use super::sweep::{Progress, Source, SweepError, Sweeper, SWEEP_LIMIT};
+use crate::device::{now_ms, DeviceId};
 use crate::store::StoreError;
 use crate::telemetry::{Backoff, LogLimiter};
 
@@ -35,9 +35,7 @@ pub(crate) struct Expirer {
     pub(crate) commit: Committer,
     pub(crate) expired_rx: mpsc::Receiver<DeviceId>,
     pub(crate) reconcile: Arc<Notify>,
-    pub(crate) ingest: watch::Receiver<Option<Millis>>,
-    /// Asks the MQTT task for a fresh sync marker after a stall.
-    pub(crate) resync: Arc<Notify>,
+    pub(crate) backlog: Backlog,
     /// How long another replica's floor stands without renewal (see `Stamper`).
     pub(crate) floor_lease: Duration,
     /// Due deadlines wait for another replica's floor until then.
@@ -48,6 +46,7 @@ impl Expirer {
     pub(crate) async fn run(self, token: CancellationToken) {
         let sweeper = Sweeper {
             commit: self.commit,
+            backlog: self.backlog.clone(),
             floor_lease: self.floor_lease,
             floor_wait: self.floor_wait,
         };
@@ -56,14 +55,12 @@ impl Expirer {
             sweeper,
             expired_rx: self.expired_rx,
             reconcile: self.reconcile,
-            ingest: self.ingest,
-            resync: self.resync,
+            backlog: self.backlog,
             token,
             limiter: LogLimiter::new(Duration::from_secs(10)),
             backoff: Backoff::new(Duration::from_secs(2)),
             reconcile_owed: true,
             next_safety: now + SAFETY_EVERY,
-            stalled_at: 0,
             last_sweep: now,
         };
         state.run().await;
@@ -84,10 +81,10 @@ enum Wake {
 enum Turn {
     /// Cancelled (or the MQTT task is gone).
     Stop,
-    /// Waited without asking Redis anything (gate closed, a stall): the backoff stands.
+    /// Waited without asking Redis anything (gate closed): the backoff stands.
     Waited,
     /// Handled an event: success resets the backoff, an error is backed off from.
-    Done(Result<(), StoreError>),
+    Done(Result<(), SweepError>),
 }
 
 /// Whether a pause ran to its end.
@@ -96,30 +93,18 @@ enum Flow {
     Stop,
 }
 
-/// When the next wait of an open gate ends.
-struct Plan {
-    /// When the due buckets are swept.
-    due: Instant,
-    /// When the wait is planned to end (the earlier timer), as planned before it began: a
-    /// wake-up much later than this is a stall.
-    planned: Instant,
-}
-
 /// The expirer between two events.
 struct State {
     sweeper: Sweeper,
     expired_rx: mpsc::Receiver<DeviceId>,
     reconcile: Arc<Notify>,
-    ingest: watch::Receiver<Option<Millis>>,
-    resync: Arc<Notify>,
+    backlog: Backlog,
     token: CancellationToken,
     limiter: LogLimiter,
     backoff: Backoff,
     /// A reconciliation is owed at start and after every gap.
     reconcile_owed: bool,
     next_safety: Instant,
-    /// After a stall, only a sync marker newer than this opens the gate again.
-    stalled_at: Millis,
     last_sweep: Instant,
 }
 
@@ -128,7 +113,7 @@ impl State {
         loop {
             // Expiries wait while heartbeats may still be on their way: until the MQTT
             // backlog is in (the sync marker) and everything received before it is applied.
-            let turn = match gate(&self.ingest, &self.sweeper.commit.held, self.stalled_at) {
+            let turn = match self.backlog.gate() {
                 Gate::Open if self.reconcile_owed => self.reconcile().await,
                 Gate::Open => self.next_event().await,
                 closed => self.gate_closed(closed).await,
@@ -137,7 +122,8 @@ impl State {
                 Turn::Stop => break,
                 Turn::Waited => {}
                 Turn::Done(Ok(())) => self.backoff.reset(),
-                Turn::Done(Err(e)) => {
+                Turn::Done(Err(SweepError::Closed(gate))) => self.closed_before_the_call(gate),
+                Turn::Done(Err(SweepError::Store(e))) => {
                     if let Flow::Stop = self.failed(e).await {
                         break;
                     }
@@ -147,16 +133,27 @@ impl State {
         debug!("Expirer stopped.");
     }
 
-    /// Waits for the gate to open; a gap in listening (no sync marker) owes a reconcile.
+    /// Waits for the gate to open; a gap in listening (no sync marker, a stall) owes a
+    /// reconcile.
     async fn gate_closed(&mut self, gate: Gate) -> Turn {
-        if gate == Gate::NoMarker {
+        if matches!(gate, Gate::NoMarker | Gate::Stalled) {
             self.reconcile_owed = true;
         }
         tokio::select! {
             () = self.token.cancelled() => Turn::Stop,
-            r = self.ingest.changed() => if r.is_err() { Turn::Stop } else { Turn::Waited },
+            open = self.backlog.changed() => if open { Turn::Waited } else { Turn::Stop },
             () = tokio::time::sleep(RECHECK) => Turn::Waited,
         }
+    }
+
+    /// The gate closed between the event and its Redis call (the process stalled, say):
+    /// nothing was decided, and what the event named is found by the reconciliation.
+    fn closed_before_the_call(&mut self, gate: Gate) {
+        debug!(
+            ?gate,
+            "The backlog gate closed before the call; reconciling once it opens."
+        );
+        self.reconcile_owed = true;
     }
 
     /// Sweeps every bucket until nothing overdue is left. Not done until every overdue
@@ -179,22 +176,18 @@ impl State {
 
     /// Waits for the next event and handles it.
     async fn next_event(&mut self) -> Turn {
-        let plan = self.plan();
+        let due = self.due_at();
         // Due deadlines come before notifications: during a mass expiry Redis notifies at
         // its own (slow) pace, and must not hold the sweep back.
         let woke = tokio::select! {
             biased;
             () = self.token.cancelled() => return Turn::Stop,
             () = self.reconcile.notified() => Wake::Reconcile,
-            () = tokio::time::sleep_until(plan.due) => Wake::Due,
+            () = tokio::time::sleep_until(due) => Wake::Due,
             () = tokio::time::sleep_until(self.next_safety) => Wake::SafetyNet,
             Some(id) = self.expired_rx.recv() => Wake::Expired(id),
             () = self.sweeper.commit.due.wake.notified() => Wake::Recompute,
         };
-        // A wake-up far later than any timer we set: the process was stopped (or starved).
-        if Instant::now() > plan.planned + STALL {
-            return self.stalled(plan.planned);
-        }
         match woke {
             Wake::Reconcile => {
                 self.reconcile_owed = true;
@@ -207,12 +200,12 @@ impl State {
         }
     }
 
-    /// Plans the wait for the next due sweep (and the safety net).
-    fn plan(&self) -> Plan {
+    /// When the due buckets are swept next.
+    fn due_at(&self) -> Instant {
         let now = now_ms();
-        let cutoff = self.sweeper.cutoff(now).before;
+        let cutoff = self.sweeper.commit.held.cutoff(now);
         let earliest = self.sweeper.commit.due.earliest();
-        let due = if earliest <= cutoff {
+        if earliest <= cutoff {
             (self.last_sweep + MIN_SWEEP_GAP).max(self.sweeper.floor_wait)
         } else if earliest <= now {
             // Due, but a heartbeat older than it is still being applied.
@@ -220,30 +213,12 @@ impl State {
         } else {
             let ms = (earliest - now).min(SAFETY_EVERY.as_millis() as u64);
             Instant::now() + Duration::from_millis(ms)
-        };
-        // A wake-up already due (e.g. a deadline left overdue while held heartbeats pinned
-        // the cutoff) is planned for now, not for when it became due: it is no sign of a
-        // stall.
-        let planned = due.min(self.next_safety).max(Instant::now());
-        Plan { due, planned }
-    }
-
-    /// Decides nothing until a fresh sync marker proves the heartbeats that arrived during
-    /// the stall are in.
-    fn stalled(&mut self, planned: Instant) -> Turn {
-        warn!(
-            late_ms = (Instant::now() - planned).as_millis() as u64,
-            "The process was stalled; waiting for queued heartbeats before deciding expiries."
-        );
-        self.stalled_at = now_ms();
-        self.reconcile_owed = true;
-        self.resync.notify_one();
-        Turn::Waited
+        }
     }
 
     /// Expires the devices of the queued `expired` events (this one and what else is queued,
     /// up to a sweep's worth).
-    async fn expired(&mut self, first: DeviceId) -> Result<(), StoreError> {
+    async fn expired(&mut self, first: DeviceId) -> Result<(), SweepError> {
         let mut ids = vec![first];
         while ids.len() < SWEEP_LIMIT {
             match self.expired_rx.try_recv() {
@@ -254,12 +229,12 @@ impl State {
         self.sweeper.expire(&ids).await
     }
 
-    async fn safety_net(&mut self) -> Result<(), StoreError> {
+    async fn safety_net(&mut self) -> Result<(), SweepError> {
         self.next_safety = Instant::now() + SAFETY_EVERY;
         self.sweeper.sweep_all(Source::SafetyNet).await.map(|_| ())
     }
 
-    async fn due_sweep(&mut self) -> Result<(), StoreError> {
+    async fn due_sweep(&mut self) -> Result<(), SweepError> {
         self.last_sweep = Instant::now();
         self.sweeper.sweep_due().await
     }

@@ -1,49 +1,146 @@
 //! The backlog gate: whether every heartbeat that may still be on its way to us is in and
 //! applied, and the cutoff below the ones we hold, so that an expiry (or forgetting)
-//! decided now cannot overtake one (ARCHITECTURE.md, invariant 3). Pure reads of the MQTT task's sync marker and of the
-//! held heartbeats' watermark; it must not wait or decide anything itself.
+//! decided now cannot overtake one (ARCHITECTURE.md, invariant 3). Reads the MQTT task's
+//! sync marker, the held heartbeats' watermark and the process's [`Pulse`]; it must not wait
+//! or decide anything itself.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::device::Millis;
+use crate::device::now_ms;
 use crate::held::Held;
+use crate::pulse::{Pulse, Synced};
 use crate::store::Cutoff;
-
-/// A timer that fires this much later than planned means the process was stalled (e.g.
-/// SIGSTOP, a VM pause): heartbeats may be waiting unread, so expiries wait for a resync.
-pub(crate) const STALL: Duration = Duration::from_millis(500);
 
 /// Where the backlog gate stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Gate {
     /// The sync marker is back and everything received before it is applied.
     Open,
-    /// The sync marker is back, but it is older than a stall, or heartbeats received
-    /// before it are not applied yet.
+    /// The sync marker is back, but heartbeats received before it are not applied yet.
     Draining,
+    /// The process stalled after the marker was sent: heartbeats may wait unread behind
+    /// it, until a fresh marker is back.
+    Stalled,
     /// No sync marker since the last (re)connection to the broker: a gap in listening.
     NoMarker,
 }
 
-/// The gate for decisions that must not overtake a heartbeat: `ingest` is the MQTT task's
-/// sync marker (the time it came back, `None` until it has since the last connection), and
-/// only a marker at or after `since` counts (after a stall: one sent after it).
-pub(crate) fn gate(ingest: &watch::Receiver<Option<Millis>>, held: &Held, since: Millis) -> Gate {
-    let marker = *ingest.borrow();
-    match marker {
-        None => Gate::NoMarker,
-        Some(t) if t >= since && held.watermark().is_none_or(|w| w > t) => Gate::Open,
-        Some(_) => Gate::Draining,
+/// The gate, as every decider sees it.
+#[derive(Clone)]
+pub(crate) struct Backlog {
+    /// The MQTT task's sync marker (`None` until it is back since the last connection).
+    ingest: watch::Receiver<Option<Synced>>,
+    held: Arc<Held>,
+    pulse: Arc<Pulse>,
+}
+
+impl Backlog {
+    pub(crate) fn new(
+        ingest: watch::Receiver<Option<Synced>>,
+        held: Arc<Held>,
+        pulse: Arc<Pulse>,
+    ) -> Backlog {
+        Backlog {
+            ingest,
+            held,
+            pulse,
+        }
+    }
+
+    /// Where the gate stands now. A stall nobody has noticed yet is noticed here.
+    pub(crate) fn gate(&self) -> Gate {
+        let stalls = self.pulse.beat();
+        let marker = *self.ingest.borrow();
+        match marker {
+            None => Gate::NoMarker,
+            Some(m) if m.stalls != stalls => Gate::Stalled,
+            Some(m) if self.held.watermark().is_none_or(|w| w > m.at) => Gate::Open,
+            Some(_) => Gate::Draining,
+        }
+    }
+
+    /// The latest deadline an expiry may be decided for now (before any heartbeat this
+    /// replica has not applied yet; the other replicas' are in their floors, `floor_lease`
+    /// long), if the gate is open. The gate is asked *after* the clock is read: a stall
+    /// before that moment closes it, so a cutoff never reaches into a pause whose heartbeats
+    /// are unread.
+    pub(crate) fn cutoff(&self, floor_lease: Duration) -> Result<Cutoff, Gate> {
+        let before = self.held.cutoff(now_ms());
+        match self.gate() {
+            Gate::Open => Ok(Cutoff {
+                before,
+                floor_lease_ms: floor_lease.as_millis() as u64,
+            }),
+            closed => Err(closed),
+        }
+    }
+
+    /// Waits for the sync marker to change; `false` once the MQTT task is gone.
+    pub(crate) async fn changed(&mut self) -> bool {
+        self.ingest.changed().await.is_ok()
+    }
+
+    pub(crate) fn held(&self) -> &Arc<Held> {
+        &self.held
     }
 }
 
-/// The latest deadline an expiry may be decided for now: before any heartbeat this replica
-/// has not applied yet (the other replicas' are in their floors, `floor_lease` long).
-pub(crate) fn cutoff(held: &Held, floor_lease: Duration, now: Millis) -> Cutoff {
-    Cutoff {
-        before: held.cutoff(now),
-        floor_lease_ms: floor_lease.as_millis() as u64,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::beat::Stamp;
+    use crate::device::DeviceId;
+
+    fn backlog() -> (watch::Sender<Option<Synced>>, Backlog) {
+        let (tx, rx) = watch::channel(None);
+        let held = Arc::new(Held::new(16));
+        (tx, Backlog::new(rx, held, Arc::new(Pulse::default())))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_with_the_marker_and_closes_at_a_stall_after_it() {
+        let (tx, backlog) = backlog();
+        assert_eq!(backlog.gate(), Gate::NoMarker);
+        assert!(backlog.cutoff(Duration::from_secs(1)).is_err());
+        tx.send_replace(Some(Synced {
+            at: now_ms(),
+            stalls: 0,
+        }));
+        assert_eq!(backlog.gate(), Gate::Open);
+        assert!(backlog.cutoff(Duration::from_secs(1)).is_ok());
+
+        // Paused: nothing noted that the process ran, as after SIGSTOP.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(
+            matches!(backlog.cutoff(Duration::from_secs(1)), Err(Gate::Stalled)),
+            "the first look after the pause sees it"
+        );
+        assert_eq!(backlog.gate(), Gate::Stalled, "and it stays closed");
+        tx.send_replace(Some(Synced {
+            at: now_ms(),
+            stalls: 1,
+        }));
+        assert_eq!(
+            backlog.gate(),
+            Gate::Open,
+            "until a marker sent after it is back"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_read_before_the_marker_hold_it_until_applied() {
+        let (tx, backlog) = backlog();
+        let id = DeviceId::parse("d").unwrap();
+        backlog
+            .held()
+            .insert(id, Duration::from_secs(60), Stamp::Live);
+        tx.send_replace(Some(Synced {
+            at: now_ms() + 1,
+            stalls: 0,
+        }));
+        assert_eq!(backlog.gate(), Gate::Draining);
     }
 }

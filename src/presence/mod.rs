@@ -44,6 +44,7 @@ pub(crate) mod sweep;
 pub(crate) use applier::Applier;
 pub(crate) use due::DueTable;
 pub(crate) use expirer::Expirer;
+pub(crate) use gate::Backlog;
 pub(crate) use handoff::Committer;
 pub(crate) use order::CommitOrder;
 pub(crate) use outbox::Outbox;

@@ -3,17 +3,15 @@
 //! applied. Decides nothing; it must not write anything but its own floor (and remove the
 //! floors of replicas seen gone).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::gate::{gate, Gate, STALL};
+use super::gate::{Backlog, Gate};
 use crate::device::{now_ms, Millis};
-use crate::held::Held;
 use crate::store::{Floor, Store, StoreError};
 use crate::telemetry::LogLimiter;
 
@@ -36,11 +34,9 @@ const STOP_WAIT: Duration = Duration::from_secs(10);
 /// taken for dead (stopped, partitioned for longer) and its floor ignored.
 pub(crate) struct Stamper {
     pub(crate) store: Store,
-    pub(crate) held: Arc<Held>,
     /// Our name in the floors, with a shared subscription.
     pub(crate) floor_of: Option<String>,
-    pub(crate) ingest: watch::Receiver<Option<Millis>>,
-    pub(crate) resync: Arc<Notify>,
+    pub(crate) backlog: Backlog,
     /// Replicas whose presence went offline (their will, or a clean stop): their floors
     /// go at once instead of at the end of their lease.
     pub(crate) gone: mpsc::Receiver<String>,
@@ -55,14 +51,6 @@ enum ClockError {
     Redis(#[from] StoreError),
     #[error("timed out")]
     TimedOut,
-}
-
-/// An unresolved stall: heartbeats may wait unread in our socket.
-#[derive(Clone, Copy)]
-struct Stall {
-    /// When it was noticed (local wall clock): a sync marker after it ends it.
-    at: Millis,
-    since: Instant,
 }
 
 impl Stamper {
@@ -96,7 +84,7 @@ impl Stamper {
             every,
             limiter: LogLimiter::new(Duration::from_secs(10)),
             floor: now_ms(),
-            stall: None,
+            stalled_since: None,
             planned: Instant::now(),
             stopping: None,
             stamper: self,
@@ -112,7 +100,9 @@ struct State {
     limiter: LogLimiter,
     /// The floor we record; it only moves forward.
     floor: Millis,
-    stall: Option<Stall>,
+    /// Since when the backlog gate says the process stalled (heartbeats may wait unread in
+    /// our socket) without a fresh sync marker back.
+    stalled_since: Option<Instant>,
     /// When the current timer wait is planned to end.
     planned: Instant,
     /// When we were asked to stop.
@@ -122,9 +112,9 @@ struct State {
 impl State {
     async fn run(mut self, token: CancellationToken) {
         loop {
-            let stopped = self
-                .stopping
-                .is_some_and(|at| self.stamper.held.is_drained() || at.elapsed() > STOP_WAIT);
+            let stopped = self.stopping.is_some_and(|at| {
+                self.stamper.backlog.held().is_drained() || at.elapsed() > STOP_WAIT
+            });
             if stopped {
                 break;
             }
@@ -154,26 +144,21 @@ impl State {
 
     /// The timer came: renews the floor (frozen during a stall) and measures the clocks.
     async fn tick(&mut self) {
-        if Instant::now() > self.planned + STALL {
-            // Stalled: heartbeats may be unread in the socket. Keep renewing the old floor
-            // until the MQTT task has read them (a fresh sync marker), for a while.
-            self.stall = Some(Stall {
-                at: now_ms(),
-                since: Instant::now(),
-            });
-            self.stamper.resync.notify_one();
-        }
         self.planned = Instant::now() + self.every;
-        if let Some(stall) = self.stall {
-            let read = gate(&self.stamper.ingest, &self.stamper.held, stall.at) == Gate::Open;
-            if read || stall.since.elapsed() > STALL_FREEZE {
-                self.stall = None;
+        // The clock first, then the gate: a stall before the reading is seen.
+        let held = self.stamper.backlog.held().cutoff(now_ms());
+        if self.stamper.backlog.gate() == Gate::Stalled {
+            // Heartbeats may be unread in the socket: keep renewing the old floor until the
+            // MQTT task has read them (a fresh sync marker), for a while.
+            let since = *self.stalled_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > STALL_FREEZE {
+                self.floor = self.floor.max(held);
             }
-        }
-        // Disconnected from the broker, nothing is queued for us (clean sessions): the
-        // floor follows what we hold.
-        if self.stall.is_none() {
-            self.floor = self.floor.max(self.stamper.held.cutoff(now_ms()));
+        } else {
+            // Disconnected from the broker, nothing is queued for us (clean sessions): the
+            // floor follows what we hold.
+            self.stalled_since = None;
+            self.floor = self.floor.max(held);
         }
         let result = self.stamper.sync(self.stamper.floor(self.floor)).await;
         let ok = result.is_ok();

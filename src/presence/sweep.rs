@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::gate::cutoff;
+use super::gate::{Backlog, Gate};
 use super::handoff::Committer;
 use super::stamper::FLOOR_EVERY;
 use crate::bucket::{Bucket, BUCKETS};
@@ -44,35 +44,47 @@ pub(crate) enum Progress {
     Blocked,
 }
 
+/// Why a sweep decided nothing (or not everything).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SweepError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The backlog gate closed before the call (e.g. the process was stalled): heartbeats
+    /// may be unread.
+    #[error("the backlog gate is closed ({0:?})")]
+    Closed(Gate),
+}
+
 /// Decides offline transitions in Redis.
 pub(crate) struct Sweeper {
     pub(crate) commit: Committer,
+    pub(crate) backlog: Backlog,
     pub(crate) floor_lease: Duration,
     /// Due deadlines wait for another replica's floor until then.
     pub(crate) floor_wait: Instant,
 }
 
 impl Sweeper {
-    pub(crate) fn cutoff(&self, now: Millis) -> Cutoff {
-        cutoff(&self.commit.held, self.floor_lease, now)
+    /// The cutoff for a decision now; an error if the backlog gate is not open.
+    fn cutoff(&self) -> Result<Cutoff, SweepError> {
+        self.backlog
+            .cutoff(self.floor_lease)
+            .map_err(SweepError::Closed)
     }
 
     /// Expires the devices keyspace notifications named (if they are still overdue).
-    pub(crate) async fn expire(&self, ids: &[DeviceId]) -> Result<(), StoreError> {
+    pub(crate) async fn expire(&self, ids: &[DeviceId]) -> Result<(), SweepError> {
         let _turn = self.commit.order.turn().await;
-        let expired = self
-            .commit
-            .store
-            .expire_devices(ids, self.cutoff(now_ms()))
-            .await;
+        let cutoff = self.cutoff()?;
+        let expired = self.commit.store.expire_devices(ids, cutoff).await;
         self.decided(Source::Notification, expired.done).await;
-        expired.error.map_or(Ok(()), Err)
+        expired.error.map_or(Ok(()), |e| Err(e.into()))
     }
 
     /// Sweeps the buckets whose known deadline has come.
-    pub(crate) async fn sweep_due(&mut self) -> Result<(), StoreError> {
+    pub(crate) async fn sweep_due(&mut self) -> Result<(), SweepError> {
+        let cutoff = self.cutoff()?;
         let now = now_ms();
-        let cutoff = self.cutoff(now);
         let seen: Vec<(Bucket, Millis)> = (0..BUCKETS)
             .map(|b| (b, self.commit.due.get(b)))
             .filter(|(_, d)| *d <= cutoff.before)
@@ -104,18 +116,18 @@ impl Sweeper {
                 self.commit.health.set_redis_commands(true);
                 Ok(())
             }
-            Some(e) => Err(e),
+            Some(e) => Err(e.into()),
         }
     }
 
     /// Sweeps every bucket until nothing overdue is left (reconcile) or once (safety net).
-    pub(crate) async fn sweep_all(&mut self, source: Source) -> Result<Progress, StoreError> {
+    pub(crate) async fn sweep_all(&mut self, source: Source) -> Result<Progress, SweepError> {
         let mut buckets: Vec<Bucket> = (0..BUCKETS).collect();
         let started = Instant::now();
         let mut total = 0usize;
         let mut progress = Progress::Complete;
         while !buckets.is_empty() {
-            let mut cutoff = self.cutoff(now_ms());
+            let mut cutoff = self.cutoff()?;
             if source == Source::SafetyNet {
                 cutoff.before = cutoff.before.saturating_sub(MISSED_GRACE_MS);
             }
@@ -146,7 +158,7 @@ impl Sweeper {
             if let Some(e) = swept.error {
                 // The buckets that failed are swept again by the reconciliation this error
                 // asks for.
-                return Err(e);
+                return Err(e.into());
             }
             self.commit.health.set_redis_commands(true);
             buckets = again;

@@ -130,10 +130,15 @@ fn replica_log(id: &str) -> Stdio {
 }
 
 pub fn kill(child: &Child, sig: &str) {
+    signal(child.id(), sig);
+}
+
+/// Sends `sig` (`-STOP`, `-CONT`, ...) to a process.
+pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
+        .args([sig, &pid.to_string()])
         .status()
         .unwrap()
         .success();
-    assert!(ok, "kill {sig}");
+    assert!(ok, "kill {sig} {pid}");
 }
