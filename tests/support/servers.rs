@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::wait::patience;
+use super::wait::{eventually, patience};
 
 pub fn free_port() -> u16 {
     // Racy (another process may take it before the server binds), as redis-rs's harness
@@ -235,6 +235,20 @@ impl Drop for Mosquitto {
 }
 
 impl Mosquitto {
+    /// Waits until a broker with persistence has saved its state after `after` (its
+    /// autosave), so that a crash from now on keeps what it held then.
+    pub async fn saved_since(&self, after: std::time::SystemTime) {
+        let db = self.dir.path().join("mosquitto.db");
+        eventually("the broker saved its state", || {
+            let db = db.clone();
+            async move {
+                let modified = std::fs::metadata(&db).and_then(|m| m.modified()).ok()?;
+                (modified > after).then_some(())
+            }
+        })
+        .await;
+    }
+
     /// Kills the broker (like a crash); [`Mosquitto::restart`] brings it back.
     pub fn stop(&mut self) {
         let _ = self.child.kill();
