@@ -24,7 +24,7 @@ pub async fn report(cfg: &Config) -> Result<Vec<String>, Error> {
     let (_client, mut eventloop) = mqtt::client(mqtt::ConnectOptions {
         cfg: &cfg.mqtt,
         client_id: format!("{}-check-{:08x}", cfg.mqtt.client_id, fastrand::u32(..)),
-        persistent: false,
+        session: mqtt::SessionMode::Clean,
         will: None,
         inflight: 10,
         keep_alive: Duration::from_secs(5),
@@ -85,7 +85,7 @@ async fn describe_notifications(
     node: &str,
     conn: &mut redis::aio::MultiplexedConnection,
 ) -> String {
-    match store::ensure_notifications(conn, false).await {
+    match store::ensure_notifications(conn, store::Configure::Leave).await {
         store::NotifyConfig::AlreadyOn => {
             format!("redis: {node}notify-keyspace-events has E and x")
         }

@@ -298,7 +298,7 @@ async fn collect(cfg: &MqttConfig, token: &CancellationToken) -> Result<Snapshot
     let (client, mut eventloop) = mqtt::client(ConnectOptions {
         cfg,
         client_id,
-        persistent: false,
+        session: mqtt::SessionMode::Clean,
         will: None,
         inflight: 100,
         keep_alive: Duration::from_secs(15),

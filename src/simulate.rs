@@ -132,7 +132,7 @@ fn connect(
             let (client, eventloop) = mqtt::client(ConnectOptions {
                 cfg,
                 client_id: format!("{}-sim-{run_id:08x}-{c}", opts.prefix),
-                persistent: false,
+                session: mqtt::SessionMode::Clean,
                 will: None,
                 inflight: 100,
                 keep_alive: Duration::from_secs(30),

@@ -26,6 +26,7 @@ use crate::pulse::{Pulse, Synced};
 use crate::rebuild;
 use crate::startup::{watch_redis, Base, Common};
 use crate::status::{Delivered, StatusOut};
+use crate::store::Configure;
 use crate::supervisor::Supervisor;
 
 /// How long a replica's floor stands without renewal before the others take it for gone
@@ -101,7 +102,11 @@ pub(crate) fn spawn_redis_side(
         Listener {
             nodes,
             keys: store.keys().clone(),
-            configure: cfg.redis.configure_notifications,
+            configure: if cfg.redis.configure_notifications {
+                Configure::Enable
+            } else {
+                Configure::Leave
+            },
             health: health.clone(),
             expired_tx,
             reconcile: reconcile.clone(),

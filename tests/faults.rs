@@ -297,33 +297,27 @@ async fn broker_that_lost_its_state_gets_every_status_again() {
 /// so the steady devices are never published offline; the silent ones are, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_monitor_publishes_no_false_offline() {
-    let redis = RedisServer::start();
-    let mqtt = Mosquitto::start();
-    let (mut child, addr, _) = spawn_replica(&redis, &mqtt, &[]);
-    wait_ready(addr).await;
-    let fleet = SteadyAndQuiet::start(
-        &mqtt,
-        (30, 5),
-        Duration::from_millis(250),
-        br#"{"ttl_s": 2}"#,
-    )
-    .await;
-    kill(&child, "-STOP");
-    tokio::time::sleep(Duration::from_secs(3)).await; // three TTLs of the steady devices
-    kill(&child, "-CONT");
-    fleet.check(Duration::from_secs(2)).await;
-    check_invariants(&mqtt, addr, &fleet.statuses).await;
-    kill(&child, "-TERM");
-    let _ = child.wait();
+    frozen_monitor(Freeze::Idle).await;
 }
 
-/// The same freeze, but caught in the middle of a Redis call: Redis is stopped first, so the
-/// monitor's calls hang and heartbeats pile up unapplied; the monitor is frozen, Redis
-/// resumed (and expires the TTL keys of every steady device meanwhile), and the monitor
-/// resumed last. No task of the monitor was waiting on a timer through the freeze, yet the
-/// expired events it finds must wait for the heartbeats queued behind them.
+/// The same freeze, caught in the middle of Redis calls: Redis is stopped first, so the
+/// monitor's calls hang (within a second the safety net's is among them) and heartbeats pile
+/// up unapplied; then the monitor is frozen, Redis resumed (it expires the TTL key of every
+/// steady device meanwhile), and the monitor resumed last. Tasks inside a call through the
+/// freeze never see a timer fire late, yet the expired events they find must wait for the
+/// heartbeats queued behind them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitor_frozen_inside_a_redis_call_publishes_no_false_offline() {
+    frozen_monitor(Freeze::InsideRedisCalls).await;
+}
+
+/// How the monitor is frozen.
+enum Freeze {
+    Idle,
+    InsideRedisCalls,
+}
+
+async fn frozen_monitor(freeze: Freeze) {
     let redis = RedisServer::start();
     let mqtt = Mosquitto::start();
     let (mut child, addr, _) = spawn_replica(&redis, &mqtt, &[]);
@@ -335,11 +329,16 @@ async fn monitor_frozen_inside_a_redis_call_publishes_no_false_offline() {
         br#"{"ttl_s": 2}"#,
     )
     .await;
-    signal(redis.pid(), "-STOP");
-    tokio::time::sleep(Duration::from_millis(1200)).await; // the safety net's call hangs
-    kill(&child, "-STOP");
-    signal(redis.pid(), "-CONT");
-    tokio::time::sleep(Duration::from_secs(3)).await; // every steady TTL key expires
+    match freeze {
+        Freeze::Idle => kill(&child, "-STOP"),
+        Freeze::InsideRedisCalls => {
+            signal(redis.pid(), "-STOP");
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            kill(&child, "-STOP");
+            signal(redis.pid(), "-CONT");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await; // every steady device's TTL passes
     kill(&child, "-CONT");
     fleet.check(Duration::from_secs(2)).await;
     check_invariants(&mqtt, addr, &fleet.statuses).await;

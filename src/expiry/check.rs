@@ -15,7 +15,7 @@ use tracing::{debug, info};
 use crate::cluster;
 use crate::device::DeviceId;
 use crate::redis_version::{self, CheckError, Unsupported};
-use crate::store::{self, Keys, NotifyConfig, StoreError};
+use crate::store::{self, Configure, Keys, NotifyConfig, StoreError};
 
 /// How long the probe waits for its key's `expired` event (up to 5 s, ARCHITECTURE.md,
 /// *Notifications setup*).
@@ -76,15 +76,6 @@ impl Role {
     }
 }
 
-/// Whether the listener turns notifications on where they are off.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Configure {
-    /// `CONFIG SET` the union of the current flags with `Ex`.
-    Enable,
-    /// Leave the setting alone (a managed Redis): only probe.
-    Leave,
-}
-
 /// A node, with what its checks need; it also forwards the `expired` events it sees.
 pub(crate) struct Target {
     pub(crate) info: ConnectionInfo,
@@ -130,8 +121,7 @@ impl Target {
         stream: &mut PubSubStream,
         role: &Role,
     ) -> Result<(), NotificationsOff> {
-        let configure = self.configure == Configure::Enable;
-        match store::ensure_notifications(conn, configure).await {
+        match store::ensure_notifications(conn, self.configure).await {
             NotifyConfig::AlreadyOn => Ok(()),
             NotifyConfig::Enabled { from } => {
                 info!(previous = %from, "Enabled E and x in notify-keyspace-events.");

@@ -8,11 +8,12 @@ use redis::ConnectionInfo;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::check::{Configure, Role};
+use super::check::Role;
 use super::node::{First, FirstSession, Reports, Shared};
 use super::topology::Topology;
 use crate::device::DeviceId;
 use crate::health::Health;
+use crate::store::Configure;
 use crate::store::Keys;
 
 /// Where to listen.
@@ -28,7 +29,7 @@ pub(crate) struct Listener {
     pub(crate) nodes: Nodes,
     pub(crate) keys: Keys,
     /// Whether notifications are turned on where they are off (`CONFIG SET`).
-    pub(crate) configure: bool,
+    pub(crate) configure: Configure,
     pub(crate) health: Arc<Health>,
     /// Devices whose TTL key expired. Bounded; overflow is dropped (see the module docs).
     pub(crate) expired_tx: mpsc::Sender<DeviceId>,
@@ -42,11 +43,7 @@ impl Listener {
     pub(crate) async fn run(self, token: CancellationToken, first: First) {
         let shared = Shared {
             keys: self.keys,
-            configure: if self.configure {
-                Configure::Enable
-            } else {
-                Configure::Leave
-            },
+            configure: self.configure,
             expired_tx: self.expired_tx,
             reconcile: self.reconcile,
         };

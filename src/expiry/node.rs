@@ -15,10 +15,11 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::check::{Configure, Refused, Role, Target};
+use super::check::{Refused, Role, Target};
 use crate::device::DeviceId;
 use crate::health::Health;
 use crate::redis_version::CheckError;
+use crate::store::Configure;
 use crate::store::Keys;
 use crate::telemetry::{Backoff, LogLimiter};
 

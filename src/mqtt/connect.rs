@@ -15,11 +15,22 @@ use crate::config::{MqttConfig, Protocol, MQTT_MAX_PACKET};
 /// Session expiry asked for with v5 (the interface promises at least 1 hour).
 const SESSION_EXPIRY_S: u32 = 24 * 3600;
 
+/// Whether the broker keeps the session (subscriptions, queued messages) across
+/// connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SessionMode {
+    /// Kept (v5: with a session expiry of [`SESSION_EXPIRY_S`]): what is queued while we
+    /// are away is delivered when we are back.
+    Persistent,
+    /// A new session on every connection.
+    Clean,
+}
+
 /// How a client connects.
 pub(crate) struct ConnectOptions<'a> {
     pub(crate) cfg: &'a MqttConfig,
     pub(crate) client_id: String,
-    pub(crate) persistent: bool,
+    pub(crate) session: SessionMode,
     /// `(topic, payload)` of a retained QoS 1 last will.
     pub(crate) will: Option<(String, Bytes)>,
     pub(crate) inflight: u16,
@@ -83,14 +94,15 @@ macro_rules! options {
 fn v5(mut o: ConnectOptions<'_>) -> (Client, EventLoop) {
     use rumqttc::v5::{mqttbytes::v5::LastWill, MqttOptions};
     let mut opts = options!(MqttOptions, o);
-    opts.set_clean_start(!o.persistent)
+    let persistent = o.session == SessionMode::Persistent;
+    opts.set_clean_start(!persistent)
         .set_outgoing_inflight_upper_limit(o.inflight)
         // Announced on purpose, at the protocol maximum: without it rumqttc refuses packets
         // over 10 KiB; a smaller announced size makes mosquitto silently drop larger
         // messages yet keep them in flight, which stalls the session. Oversized heartbeats
         // are counted and skipped by us instead.
         .set_max_packet_size(Some(MQTT_MAX_PACKET as u32));
-    if o.persistent {
+    if persistent {
         opts.set_session_expiry_interval(Some(SESSION_EXPIRY_S));
     }
     if let Some((topic, payload)) = o.will.take() {
@@ -104,7 +116,7 @@ fn v5(mut o: ConnectOptions<'_>) -> (Client, EventLoop) {
 fn v4(mut o: ConnectOptions<'_>) -> (Client, EventLoop) {
     use rumqttc::{LastWill, MqttOptions};
     let mut opts = options!(MqttOptions, o);
-    opts.set_clean_session(!o.persistent)
+    opts.set_clean_session(o.session == SessionMode::Clean)
         .set_inflight(o.inflight)
         // Above anything a broker can send (see `v5`).
         .set_max_packet_size(MQTT_MAX_PACKET + 16, MQTT_MAX_PACKET + 16);

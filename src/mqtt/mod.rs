@@ -32,7 +32,7 @@ mod topics;
 mod tracker;
 
 pub(crate) use client::{Client, Qos, Retain};
-pub(crate) use connect::{client, ConnectOptions};
+pub(crate) use connect::{client, ConnectOptions, SessionMode};
 pub use error::Error;
 pub(crate) use events::{Event, EventLoop};
 pub(crate) use session::MqttTask;

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::client::{Client, Qos};
-use super::connect::{client, ConnectOptions};
+use super::connect::{client, ConnectOptions, SessionMode};
 use super::drain::{Outstanding, Phase, Shutdown, Step};
 use super::error::Error;
 use super::events::{Event, EventLoop};
@@ -155,7 +155,11 @@ impl Session {
         let (client, eventloop) = client(ConnectOptions {
             cfg,
             client_id: instance.clone(),
-            persistent: cfg.persistent_session(),
+            session: if cfg.persistent_session() {
+                SessionMode::Persistent
+            } else {
+                SessionMode::Clean
+            },
             will: Some((instance_topic(&instance), offline_payload(&instance))),
             inflight: INFLIGHT as u16,
             // A shared-subscription member that stops must lose its share soon (the broker

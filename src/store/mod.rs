@@ -59,4 +59,4 @@ pub use reply::Committed;
 pub(crate) use floor::Floor;
 pub(crate) use import::{ImportChunk, Imported};
 pub(crate) use list::ListFilter;
-pub(crate) use notify::{ensure_notifications, touch, write_probe, NotifyConfig};
+pub(crate) use notify::{ensure_notifications, touch, write_probe, Configure, NotifyConfig};

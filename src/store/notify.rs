@@ -21,12 +21,22 @@ pub(crate) enum NotifyConfig {
     Unknown { reason: String },
 }
 
+/// Whether notifications are turned on where they are off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Configure {
+    /// `CONFIG SET` the union of the current flags with `Ex`.
+    Enable,
+    /// Leave the setting alone (a managed Redis): only read it.
+    Leave,
+}
+
 /// Makes sure `notify-keyspace-events` has `E` and `x` on the node behind `conn`, merging
-/// with the flags already set (CONFIG SET replaces the whole set). With `configure = false`
-/// it only reads. The setting is per node: in a cluster every master is asked.
+/// with the flags already set (CONFIG SET replaces the whole set). With
+/// [`Configure::Leave`] it only reads. The setting is per node: in a cluster every master
+/// is asked.
 pub(crate) async fn ensure_notifications(
     conn: &mut MultiplexedConnection,
-    configure: bool,
+    configure: Configure,
 ) -> NotifyConfig {
     let current = match read_flags(conn).await {
         Ok(current) => current,
@@ -35,7 +45,7 @@ pub(crate) async fn ensure_notifications(
     if has_expired_events(&current) {
         return NotifyConfig::AlreadyOn;
     }
-    if !configure {
+    if configure == Configure::Leave {
         return NotifyConfig::Unknown {
             reason: format!(
                 "notify-keyspace-events is {current:?} and redis.configure_notifications is false"
