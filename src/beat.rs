@@ -17,6 +17,18 @@ pub enum Stamp {
     OnTime,
 }
 
+impl Stamp {
+    /// The stamp once the process stalled: what is read now may have waited through the
+    /// stall, so it counts as on time, unless it is a backlog the broker queued while it
+    /// was down (that stays as late as it was).
+    pub fn after_stall(self) -> Stamp {
+        match self {
+            Stamp::BrokerReturned(at) => Stamp::BrokerReturned(at),
+            Stamp::Live | Stamp::OnTime => Stamp::OnTime,
+        }
+    }
+}
+
 /// What is known of when a heartbeat reached the broker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Timing {

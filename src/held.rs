@@ -111,15 +111,21 @@ impl Held {
     /// Holds a heartbeat that arrives now. `false` if it was dropped (at capacity).
     ///
     /// The arrival time is taken under the lock, so the watermark can never pass a
-    /// heartbeat that is on its way in. At most one entry per device is held, however long
-    /// Redis is away.
-    pub fn insert(&self, device: DeviceId, ttl: Duration, stamp: Stamp) -> bool {
+    /// heartbeat that is on its way in; `stamp` is asked after it, so that a stall of the
+    /// process before that moment can still make the heartbeat count as on time. At most
+    /// one entry per device is held, however long Redis is away.
+    ///
+    /// A heartbeat the broker queued while it was down reached it when it came back (that
+    /// is its arrival, for lateness), but may have reached it any time since: its deadline
+    /// counts from now, so that a long backlog never sets one that has passed already.
+    pub fn insert(&self, device: DeviceId, ttl: Duration, stamp: impl FnOnce() -> Stamp) -> bool {
         let mut inner = self.lock();
         let now = now_ms();
-        let (arrival, timing) = match stamp {
-            Stamp::Live => (now, Timing::Known),
-            Stamp::BrokerReturned(at) => (at.min(now), Timing::Known),
-            Stamp::OnTime => (now, Timing::OnTime),
+        let ttl_ms = ttl.as_millis() as u64;
+        let (arrival, deadline, timing) = match stamp() {
+            Stamp::Live => (now, now + ttl_ms, Timing::Known),
+            Stamp::BrokerReturned(at) => (at.min(now), now + ttl_ms, Timing::Known),
+            Stamp::OnTime => (now, now + ttl_ms, Timing::OnTime),
         };
         if inner.map.len() >= self.cap && !inner.map.contains_key(&device) {
             return false;
@@ -127,7 +133,7 @@ impl Held {
         let entry = Entry {
             first: arrival,
             arrival,
-            deadline: arrival + ttl.as_millis() as u64,
+            deadline,
             lapse: None,
             timing,
         };
@@ -241,13 +247,13 @@ mod tests {
         let held = Held::new(2);
         assert_eq!(held.watermark(), None);
         assert_eq!(held.cutoff(1_000), 1_000);
-        assert!(held.insert(id("a"), Duration::from_secs(10), Stamp::Live));
+        assert!(held.insert(id("a"), Duration::from_secs(10), || Stamp::Live));
         let w = held.watermark().unwrap();
-        assert!(held.insert(id("a"), Duration::from_secs(1), Stamp::Live));
-        assert!(held.insert(id("b"), Duration::from_secs(1), Stamp::Live));
+        assert!(held.insert(id("a"), Duration::from_secs(1), || Stamp::Live));
+        assert!(held.insert(id("b"), Duration::from_secs(1), || Stamp::Live));
         // Capacity counts devices, not heartbeats.
-        assert!(!held.insert(id("c"), Duration::from_secs(1), Stamp::Live));
-        assert!(held.insert(id("a"), Duration::from_secs(1), Stamp::Live));
+        assert!(!held.insert(id("c"), Duration::from_secs(1), || Stamp::Live));
+        assert!(held.insert(id("a"), Duration::from_secs(1), || Stamp::Live));
         assert_eq!(held.watermark(), Some(w));
         assert_eq!(held.cutoff(w + 100), w - 1);
 
@@ -301,10 +307,10 @@ mod tests {
     fn a_failed_batch_is_held_again_as_one_entry_per_device() {
         let held = Held::new(10);
         for _ in 0..3 {
-            assert!(held.insert(id("a"), Duration::from_secs(5), Stamp::Live));
+            assert!(held.insert(id("a"), Duration::from_secs(5), || Stamp::Live));
         }
         let batch = held.take();
-        assert!(held.insert(id("a"), Duration::from_secs(7), Stamp::Live));
+        assert!(held.insert(id("a"), Duration::from_secs(7), || Stamp::Live));
         held.restore(batch);
         assert_eq!(held.len(), 1);
         let again = held.take();
@@ -316,10 +322,18 @@ mod tests {
     fn heartbeats_queued_while_the_broker_was_down_arrive_when_it_came_back() {
         let held = Held::new(10);
         let back = now_ms() - 5_000;
-        assert!(held.insert(id("a"), Duration::from_secs(1), Stamp::BrokerReturned(back)));
+        assert!(
+            held.insert(id("a"), Duration::from_secs(1), || Stamp::BrokerReturned(
+                back
+            ))
+        );
         let beat = &held.take()[0];
         assert_eq!((beat.first, beat.timing), (back, Timing::Known));
-        assert!(held.insert(id("b"), Duration::from_secs(1), Stamp::OnTime));
+        assert!(
+            beat.deadline >= now_ms() + 500,
+            "its deadline counts from its reading, not from the broker's return: {beat:?}"
+        );
+        assert!(held.insert(id("b"), Duration::from_secs(1), || Stamp::OnTime));
         assert_eq!(held.take()[0].timing, Timing::OnTime);
     }
 }

@@ -46,8 +46,9 @@ impl Ingest {
         }
     }
 
-    /// One message on the heartbeat subscription: validated, counted, held for Redis.
-    pub(super) fn heartbeat(&self, topic: &[u8], payload: &[u8], stamp: Stamp) {
+    /// One message on the heartbeat subscription: validated, counted, held for Redis with
+    /// the stamp `stamp` gives once its arrival time is read (see [`Held::insert`]).
+    pub(super) fn heartbeat(&self, topic: &[u8], payload: &[u8], stamp: impl FnOnce() -> Stamp) {
         let Some(device) = self.device(topic) else {
             self.metrics.heartbeat_rejected(Rejected::InvalidId);
             return;

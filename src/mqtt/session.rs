@@ -203,7 +203,7 @@ impl Session {
             ingest,
             watch_at: Instant::now() + WATCHDOG,
             pulse: task.pulse.clone(),
-            stalls: task.pulse.beat(),
+            stalls: task.pulse.reader_beat(),
             health: task.health.clone(),
             metrics: task.metrics.clone(),
             clock: task.clock.clone(),
@@ -313,12 +313,14 @@ impl Session {
     /// read from now on count as on time, and a fresh marker tells when they are in. Asked
     /// *before* the message is stamped, so that no task's timer has to fire first.
     fn look_for_a_stall(&mut self) {
-        let stalls = self.pulse.beat();
+        let stalls = self.pulse.reader_beat();
         if stalls == self.stalls {
             return;
         }
         self.stalls = stalls;
-        if self.live() {
+        // Disconnected: the next connection's marker carries the count. Shutting down, the
+        // marker still goes out with the flush.
+        if self.connected && self.shutdown.phase() != Phase::Disconnecting {
             warn!("The process was stalled; heartbeats read until the sync marker is back count as on time.");
             self.resend.push_front(self.sync.restart(stalls));
         }
@@ -389,7 +391,7 @@ impl Session {
             self.resend
                 .extend(dropped.filter(|o| matches!(o.kind, Kind::Status { .. })));
         }
-        self.stalls = self.pulse.beat();
+        self.stalls = self.pulse.reader_beat();
         let marker = self.sync.connected(session_present, self.stalls);
         if let Some(share) = self.share.as_mut() {
             share.joined();
@@ -436,7 +438,26 @@ impl Session {
             }
         } else {
             self.sync.heartbeat_read();
-            self.ingest.heartbeat(topic, payload, self.sync.stamp());
+            self.heartbeat(topic, payload);
+        }
+    }
+
+    /// Holds a heartbeat. Its stamp is chosen after its arrival time is read (see
+    /// `Held::insert`), with a last look at the pulse: a stall between the look before this
+    /// message and that reading makes it count as on time too.
+    fn heartbeat(&mut self, topic: &Bytes, payload: &Bytes) {
+        let (pulse, seen, stamp) = (&self.pulse, self.stalls, self.sync.stamp());
+        let mut stalled = false;
+        self.ingest.heartbeat(topic, payload, || {
+            if pulse.reader_beat() == seen {
+                stamp
+            } else {
+                stalled = true;
+                stamp.after_stall()
+            }
+        });
+        if stalled {
+            self.look_for_a_stall();
         }
     }
 

@@ -112,9 +112,7 @@ impl SyncMarker {
     /// the broker was down, if that backlog is still being read), and the gate stays closed
     /// (it sees the stall itself). Returns the marker to publish.
     pub(super) fn restart(&mut self, stalls: u64) -> Outgoing {
-        if !matches!(self.stamp, Stamp::BrokerReturned(_)) {
-            self.stamp = Stamp::OnTime;
-        }
+        self.stamp = self.stamp.after_stall();
         self.fresh_marker(stalls)
     }
 

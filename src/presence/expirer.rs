@@ -59,7 +59,7 @@ impl Expirer {
             token,
             limiter: LogLimiter::new(Duration::from_secs(10)),
             backoff: Backoff::new(Duration::from_secs(2)),
-            reconcile_owed: true,
+            owed: Some(Source::Reconcile),
             next_safety: now + SAFETY_EVERY,
             last_sweep: now,
         };
@@ -103,7 +103,7 @@ struct State {
     limiter: LogLimiter,
     backoff: Backoff,
     /// A reconciliation is owed at start and after every gap.
-    reconcile_owed: bool,
+    owed: Option<Source>,
     next_safety: Instant,
     last_sweep: Instant,
 }
@@ -114,7 +114,7 @@ impl State {
             // Expiries wait while heartbeats may still be on their way: until the MQTT
             // backlog is in (the sync marker) and everything received before it is applied.
             let turn = match self.backlog.gate() {
-                Gate::Open if self.reconcile_owed => self.reconcile().await,
+                Gate::Open if self.owed.is_some() => self.reconcile().await,
                 Gate::Open => self.next_event().await,
                 closed => self.gate_closed(closed).await,
             };
@@ -136,8 +136,10 @@ impl State {
     /// Waits for the gate to open; a gap in listening (no sync marker, a stall) owes a
     /// reconcile.
     async fn gate_closed(&mut self, gate: Gate) -> Turn {
-        if matches!(gate, Gate::NoMarker | Gate::Stalled) {
-            self.reconcile_owed = true;
+        match gate {
+            Gate::NoMarker => self.owe(Source::Reconcile),
+            Gate::Stalled => self.owe(Source::AfterStall),
+            Gate::Open | Gate::Draining => {}
         }
         tokio::select! {
             () = self.token.cancelled() => Turn::Stop,
@@ -153,16 +155,28 @@ impl State {
             ?gate,
             "The backlog gate closed before the call; reconciling once it opens."
         );
-        self.reconcile_owed = true;
+        self.owe(match gate {
+            Gate::Stalled => Source::AfterStall,
+            _ => Source::Reconcile,
+        });
+    }
+
+    /// A reconciliation is owed: after a gap in listening (all it finds was missed), or
+    /// after a stall (only what is long overdue was); the first kind wins.
+    fn owe(&mut self, source: Source) {
+        if self.owed != Some(Source::Reconcile) {
+            self.owed = Some(source);
+        }
     }
 
     /// Sweeps every bucket until nothing overdue is left. Not done until every overdue
     /// device is decided: blocked by other replicas' floors, it tries again when they have
     /// moved (or their leases ran out).
     async fn reconcile(&mut self) -> Turn {
-        match self.sweeper.sweep_all(Source::Reconcile).await {
+        let source = self.owed.unwrap_or(Source::Reconcile);
+        match self.sweeper.sweep_all(source).await {
             Ok(Progress::Complete) => {
-                self.reconcile_owed = false;
+                self.owed = None;
                 self.next_safety = Instant::now() + SAFETY_EVERY;
                 Turn::Done(Ok(()))
             }
@@ -190,7 +204,7 @@ impl State {
         };
         match woke {
             Wake::Reconcile => {
-                self.reconcile_owed = true;
+                self.owe(Source::Reconcile);
                 Turn::Done(Ok(()))
             }
             Wake::Expired(id) => Turn::Done(self.expired(id).await),
@@ -246,7 +260,7 @@ impl State {
         if let Some(n) = self.limiter.check() {
             warn!(error = %e, suppressed = n, "Cannot decide expiries in Redis; retrying.");
         }
-        self.reconcile_owed = true;
+        self.owe(Source::Reconcile);
         let delay = self.backoff.next_delay();
         self.pause(delay).await
     }

@@ -21,8 +21,8 @@ pub(crate) enum Gate {
     Open,
     /// The sync marker is back, but heartbeats received before it are not applied yet.
     Draining,
-    /// The process stalled after the marker was sent: heartbeats may wait unread behind
-    /// it, until a fresh marker is back.
+    /// The process stalled after the marker was sent (or the heartbeat reader is held up
+    /// now): heartbeats may wait unread behind it, until a fresh marker is back.
     Stalled,
     /// No sync marker since the last (re)connection to the broker: a gap in listening.
     NoMarker,
@@ -56,7 +56,7 @@ impl Backlog {
         let marker = *self.ingest.borrow();
         match marker {
             None => Gate::NoMarker,
-            Some(m) if m.stalls != stalls => Gate::Stalled,
+            Some(m) if m.stalls != stalls || !self.pulse.reader_fresh() => Gate::Stalled,
             Some(m) if self.held.watermark().is_none_or(|w| w > m.at) => Gate::Open,
             Some(_) => Gate::Draining,
         }
@@ -76,6 +76,11 @@ impl Backlog {
             }),
             closed => Err(closed),
         }
+    }
+
+    /// The process's stall count now (see [`Pulse::beat`]).
+    pub(crate) fn stalls(&self) -> u64 {
+        self.pulse.beat()
     }
 
     /// Waits for the sync marker to change; `false` once the MQTT task is gone.
@@ -101,6 +106,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_reader_held_up_closes_it() {
+        let (tx, backlog) = backlog();
+        tx.send_replace(Some(Synced {
+            at: now_ms(),
+            stalls: 0,
+        }));
+        backlog.pulse.reader_beat();
+        for _ in 0..8 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            backlog.pulse.beat(); // the rest of the process runs
+        }
+        assert_eq!(backlog.gate(), Gate::Stalled);
+        assert_eq!(backlog.pulse.reader_beat(), 1, "the reader counts its own gap");
+        assert_eq!(backlog.gate(), Gate::Stalled, "until a fresh marker is back");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn opens_with_the_marker_and_closes_at_a_stall_after_it() {
         let (tx, backlog) = backlog();
         assert_eq!(backlog.gate(), Gate::NoMarker);
@@ -119,6 +141,7 @@ mod tests {
             "the first look after the pause sees it"
         );
         assert_eq!(backlog.gate(), Gate::Stalled, "and it stays closed");
+        backlog.pulse.reader_beat(); // the MQTT task reads again, and sends a marker
         tx.send_replace(Some(Synced {
             at: now_ms(),
             stalls: 1,
@@ -136,7 +159,7 @@ mod tests {
         let id = DeviceId::parse("d").unwrap();
         backlog
             .held()
-            .insert(id, Duration::from_secs(60), Stamp::Live);
+            .insert(id, Duration::from_secs(60), || Stamp::Live);
         tx.send_replace(Some(Synced {
             at: now_ms() + 1,
             stalls: 0,

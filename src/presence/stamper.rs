@@ -85,6 +85,7 @@ impl Stamper {
             limiter: LogLimiter::new(Duration::from_secs(10)),
             floor: now_ms(),
             stalled_since: None,
+            stalls: self.backlog.stalls(),
             planned: Instant::now(),
             stopping: None,
             stamper: self,
@@ -100,9 +101,11 @@ struct State {
     limiter: LogLimiter,
     /// The floor we record; it only moves forward.
     floor: Millis,
-    /// Since when the backlog gate says the process stalled (heartbeats may wait unread in
-    /// our socket) without a fresh sync marker back.
+    /// Since when the process stalled (heartbeats may wait unread in our socket) without
+    /// the gate open again since.
     stalled_since: Option<Instant>,
+    /// The process's stall count when we last looked.
+    stalls: u64,
     /// When the current timer wait is planned to end.
     planned: Instant,
     /// When we were asked to stop.
@@ -146,15 +149,20 @@ impl State {
     async fn tick(&mut self) {
         self.planned = Instant::now() + self.every;
         // The clock first, then the gate: a stall before the reading is seen.
-        let held = self.stamper.backlog.held().cutoff(now_ms());
-        if self.stamper.backlog.gate() == Gate::Stalled {
+        let backlog = &self.stamper.backlog;
+        let held = backlog.held().cutoff(now_ms());
+        let (stalls, gate) = (backlog.stalls(), backlog.gate());
+        if stalls != self.stalls || gate == Gate::Stalled {
             // Heartbeats may be unread in the socket: keep renewing the old floor until the
-            // MQTT task has read them (a fresh sync marker), for a while.
-            let since = *self.stalled_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > STALL_FREEZE {
-                self.floor = self.floor.max(held);
-            }
-        } else {
+            // MQTT task has read them (a fresh sync marker back, everything before it
+            // applied), for a while.
+            self.stalls = stalls;
+            self.stalled_since.get_or_insert_with(Instant::now);
+        }
+        let frozen = self
+            .stalled_since
+            .is_some_and(|since| gate != Gate::Open && since.elapsed() <= STALL_FREEZE);
+        if !frozen {
             // Disconnected from the broker, nothing is queued for us (clean sessions): the
             // floor follows what we hold.
             self.stalled_since = None;

@@ -32,6 +32,10 @@ pub(crate) enum Source {
     Deadline,
     /// After a gap in listening (start, reconnect): everything found was missed.
     Reconcile,
+    /// After a stall of this process: every bucket swept as after a gap, but only what was
+    /// overdue by more than the safety net's grace counts as missed (a short stall, even a
+    /// spurious one of a loaded machine, delays an expiry; it does not miss it).
+    AfterStall,
     /// The periodic pass: what it finds long overdue was missed.
     SafetyNet,
 }
@@ -163,7 +167,9 @@ impl Sweeper {
             self.commit.health.set_redis_commands(true);
             buckets = again;
         }
-        if source == Source::Reconcile && progress == Progress::Complete {
+        if matches!(source, Source::Reconcile | Source::AfterStall)
+            && progress == Progress::Complete
+        {
             info!(
                 missed = total,
                 took_ms = started.elapsed().as_millis() as u64,
@@ -177,10 +183,16 @@ impl Sweeper {
         if committed.is_empty() {
             return;
         }
-        if matches!(source, Source::Reconcile | Source::SafetyNet) {
-            self.commit
-                .metrics
-                .missed_expiration(committed.len() as u64);
+        let missed = match source {
+            Source::Reconcile | Source::SafetyNet => committed.len(),
+            Source::AfterStall => committed
+                .iter()
+                .filter(|c| c.event.detected_at > c.event.since + MISSED_GRACE_MS)
+                .count(),
+            Source::Notification | Source::Deadline => 0,
+        };
+        if missed > 0 {
+            self.commit.metrics.missed_expiration(missed as u64);
         }
         debug!(?source, n = committed.len(), "Offline transitions decided.");
         self.commit.hand_on(committed).await;
