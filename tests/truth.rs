@@ -354,8 +354,10 @@ async fn memory_stays_bounded_while_redis_is_stopped() {
     })
     .await;
     let _ = sim.0.kill();
+    // The point is many heartbeats per device while Redis is away (without coalescing,
+    // memory would grow with each); a loaded machine publishes fewer than 20,000 a second.
     assert!(
-        accepted_at_end >= 20_000.0 * 60.0,
+        accepted_at_end >= 20_000.0 * 10.0,
         "the simulator kept publishing through the outage: {accepted_at_end}"
     );
     assert!(
