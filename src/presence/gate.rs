@@ -118,8 +118,16 @@ mod tests {
             backlog.pulse.beat(); // the rest of the process runs
         }
         assert_eq!(backlog.gate(), Gate::Stalled);
-        assert_eq!(backlog.pulse.reader_beat(), 1, "the reader counts its own gap");
-        assert_eq!(backlog.gate(), Gate::Stalled, "until a fresh marker is back");
+        assert_eq!(
+            backlog.pulse.reader_beat(),
+            1,
+            "the reader counts its own gap"
+        );
+        assert_eq!(
+            backlog.gate(),
+            Gate::Stalled,
+            "until a fresh marker is back"
+        );
     }
 
     #[tokio::test(start_paused = true)]
