@@ -122,16 +122,19 @@ impl Held {
         let mut inner = self.lock();
         let now = now_ms();
         let ttl_ms = ttl.as_millis() as u64;
-        let (arrival, deadline, timing) = match stamp() {
-            Stamp::Live => (now, now + ttl_ms, Timing::Known),
-            Stamp::BrokerReturned(at) => (at.min(now), now + ttl_ms, Timing::Known),
-            Stamp::OnTime => (now, now + ttl_ms, Timing::OnTime),
+        // `first` judges lateness; `arrival` orders heartbeats (the latest wins), so a
+        // backlog read over many batches still moves the deadline with each.
+        let (first, timing) = match stamp() {
+            Stamp::Live => (now, Timing::Known),
+            Stamp::BrokerReturned(at) => (at.min(now), Timing::Known),
+            Stamp::OnTime => (now, Timing::OnTime),
         };
+        let (arrival, deadline) = (now, now + ttl_ms);
         if inner.map.len() >= self.cap && !inner.map.contains_key(&device) {
             return false;
         }
         let entry = Entry {
-            first: arrival,
+            first,
             arrival,
             deadline,
             lapse: None,

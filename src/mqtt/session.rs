@@ -105,10 +105,11 @@ impl MqttTask {
             match flow {
                 Flow::Continue => {}
                 Flow::Stop => break,
-                Flow::Pause(delay) => tokio::select! {
-                    () = token.cancelled() => break,
-                    () = tokio::time::sleep(delay) => {}
-                },
+                Flow::Pause(delay) => {
+                    if let Flow::Stop = session.pause(delay, &token).await {
+                        break;
+                    }
+                }
             }
         }
         session.stopped();
@@ -216,6 +217,20 @@ impl Session {
         (session, eventloop)
     }
 
+    /// Waits `delay` before reconnecting (unless cancelled: [`Flow::Stop`]), noting for the
+    /// pulse meanwhile: a reader that waits on purpose is not a reader held up.
+    async fn pause(&mut self, delay: Duration, token: &CancellationToken) -> Flow {
+        let until = Instant::now() + delay;
+        while Instant::now() < until {
+            tokio::select! {
+                () = token.cancelled() => return Flow::Stop,
+                () = tokio::time::sleep_until(until.min(Instant::now() + WATCHDOG)) => {}
+            }
+            self.look_for_a_stall();
+        }
+        Flow::Continue
+    }
+
     /// Connected and not shutting down.
     fn live(&self) -> bool {
         self.connected && self.shutdown.phase() == Phase::Running
@@ -319,9 +334,14 @@ impl Session {
         }
         self.stalls = stalls;
         // Disconnected: the next connection's marker carries the count. Shutting down, the
-        // marker still goes out with the flush.
-        if self.connected && self.shutdown.phase() != Phase::Disconnecting {
-            warn!("The process was stalled; heartbeats read until the sync marker is back count as on time.");
+        // marker still goes out with the flush, until the DISCONNECT is queued.
+        if !self.connected {
+            return;
+        }
+        warn!("The process was stalled; heartbeats read until the sync marker is back count as on time.");
+        if self.shutdown.phase() == Phase::Disconnecting {
+            self.sync.stalled();
+        } else {
             self.resend.push_front(self.sync.restart(stalls));
         }
     }

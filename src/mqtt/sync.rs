@@ -112,8 +112,14 @@ impl SyncMarker {
     /// the broker was down, if that backlog is still being read), and the gate stays closed
     /// (it sees the stall itself). Returns the marker to publish.
     pub(super) fn restart(&mut self, stalls: u64) -> Outgoing {
-        self.stamp = self.stamp.after_stall();
+        self.stalled();
         self.fresh_marker(stalls)
+    }
+
+    /// The process stalled and no marker can be sent (disconnecting): what is read from now
+    /// on counts as on time all the same.
+    pub(super) fn stalled(&mut self) {
+        self.stamp = self.stamp.after_stall();
     }
 
     fn fresh_marker(&mut self, stalls: u64) -> Outgoing {

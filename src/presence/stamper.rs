@@ -152,20 +152,25 @@ impl State {
         let backlog = &self.stamper.backlog;
         let held = backlog.held().cutoff(now_ms());
         let (stalls, gate) = (backlog.stalls(), backlog.gate());
-        if stalls != self.stalls || gate == Gate::Stalled {
+        if stalls != self.stalls {
             // Heartbeats may be unread in the socket: keep renewing the old floor until the
             // MQTT task has read them (a fresh sync marker back, everything before it
-            // applied), for a while.
+            // applied), for a while: each stall once.
             self.stalls = stalls;
-            self.stalled_since.get_or_insert_with(Instant::now);
+            self.stalled_since = Some(Instant::now());
         }
-        let frozen = self
-            .stalled_since
-            .is_some_and(|since| gate != Gate::Open && since.elapsed() <= STALL_FREEZE);
+        if gate == Gate::Open
+            || self
+                .stalled_since
+                .is_some_and(|s| s.elapsed() > STALL_FREEZE)
+        {
+            self.stalled_since = None;
+        }
+        // A reader held up right now leaves heartbeats unread just the same.
+        let frozen = self.stalled_since.is_some() || !backlog.reader_fresh();
         if !frozen {
             // Disconnected from the broker, nothing is queued for us (clean sessions): the
             // floor follows what we hold.
-            self.stalled_since = None;
             self.floor = self.floor.max(held);
         }
         let result = self.stamper.sync(self.stamper.floor(self.floor)).await;

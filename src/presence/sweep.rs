@@ -156,8 +156,7 @@ impl Sweeper {
                     .replace(s.bucket, seen[usize::from(s.bucket)], s.next_deadline);
                 all.extend(s.committed);
             }
-            total += all.len();
-            self.decided(source, all).await;
+            total += self.decided(source, all).await;
             drop(turn);
             if let Some(e) = swept.error {
                 // The buckets that failed are swept again by the reconciliation this error
@@ -179,9 +178,10 @@ impl Sweeper {
         Ok(progress)
     }
 
-    async fn decided(&self, source: Source, committed: Vec<Committed>) {
+    /// Counts what `source` found that was missed (returned) and hands it all on.
+    async fn decided(&self, source: Source, committed: Vec<Committed>) -> usize {
         if committed.is_empty() {
-            return;
+            return 0;
         }
         let missed = match source {
             Source::Reconcile | Source::SafetyNet => committed.len(),
@@ -196,5 +196,6 @@ impl Sweeper {
         }
         debug!(?source, n = committed.len(), "Offline transitions decided.");
         self.commit.hand_on(committed).await;
+        missed
     }
 }
