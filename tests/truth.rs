@@ -229,21 +229,7 @@ async fn a_replica_partitioned_from_redis_lets_no_device_go_falsely_offline() {
             "{id}"
         );
     }
-    // Nothing claimed early: a replica claiming another's outbox entry before its lease ran
-    // out publishes that status a second time.
-    let mut published = std::collections::HashMap::<String, usize>::new();
-    for m in statuses.all().iter().filter(|m| !m.retain) {
-        *published
-            .entry(m.json["device"].as_str().unwrap_or_default().to_owned())
-            .or_default() += 1;
-    }
-    for id in &keep {
-        assert_eq!(
-            published.get(id),
-            Some(&1),
-            "{id}: its one status published once"
-        );
-    }
+    each_published_once(&statuses, &keep);
     check_invariants(&mqtt, b_http, &statuses).await;
 }
 
@@ -285,21 +271,7 @@ async fn a_replica_with_a_skewed_clock_changes_no_decision_and_no_time() {
             "{id}"
         );
     }
-    // Nothing claimed early: a replica claiming another's outbox entry before its lease ran
-    // out publishes that status a second time.
-    let mut published = std::collections::HashMap::<String, usize>::new();
-    for m in statuses.all().iter().filter(|m| !m.retain) {
-        *published
-            .entry(m.json["device"].as_str().unwrap_or_default().to_owned())
-            .or_default() += 1;
-    }
-    for id in &keep {
-        assert_eq!(
-            published.get(id),
-            Some(&1),
-            "{id}: its one status published once"
-        );
-    }
+    each_published_once(&statuses, &keep);
     // Every published time is on one clock: an offline is since its deadline (the last
     // heartbeat plus the TTL) and detected after it, and nothing is 15 s in the future.
     for id in &stopped {
@@ -373,6 +345,25 @@ async fn memory_stays_bounded_while_redis_is_stopped() {
         metric(&m, r#"presenced_devices{state="online"}"#),
         Some(20_000.0)
     );
+}
+
+/// Each of `ids` had exactly one status published (its online). A replica claiming another's
+/// outbox entry before its lease ran out (a skewed clock, a partitioned replica) would
+/// publish it a second time.
+fn each_published_once(statuses: &Collector, ids: &[String]) {
+    let mut published = std::collections::HashMap::<String, usize>::new();
+    for m in statuses.all().iter().filter(|m| !m.retain) {
+        *published
+            .entry(m.json["device"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    for id in ids {
+        assert_eq!(
+            published.get(id),
+            Some(&1),
+            "{id}: its one status published once"
+        );
+    }
 }
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {
