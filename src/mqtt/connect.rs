@@ -74,6 +74,16 @@ fn capacity(o: &ConnectOptions<'_>) -> usize {
     usize::from(o.inflight) + 16
 }
 
+/// rumqttc's packet-id space: twice our window of publishes in flight. rumqttc hands out
+/// ids round-robin within its inflight limit, SUBSCRIBEs included, and with the space equal
+/// to the window a new publish can get the id of one still unacknowledged: rumqttc then parks
+/// it (a "collision") outside its replay state, so a connection reset can lose it or send a
+/// later request first, and PUBACKs pair with the wrong publishes. With twice the room, the
+/// id handed out next is always free (at most one window is outstanding).
+fn id_space(o: &ConnectOptions<'_>) -> u16 {
+    o.inflight.saturating_mul(2)
+}
+
 /// Either protocol's `MqttOptions` (two types without a common trait) with what both set
 /// the same way: client id, address, keep-alive, credentials, TLS.
 macro_rules! options {
@@ -96,7 +106,7 @@ fn v5(mut o: ConnectOptions<'_>) -> (Client, EventLoop) {
     let mut opts = options!(MqttOptions, o);
     let persistent = o.session == SessionMode::Persistent;
     opts.set_clean_start(!persistent)
-        .set_outgoing_inflight_upper_limit(o.inflight)
+        .set_outgoing_inflight_upper_limit(id_space(&o))
         // Announced on purpose, at the protocol maximum: without it rumqttc refuses packets
         // over 10 KiB; a smaller announced size makes mosquitto silently drop larger
         // messages yet keep them in flight, which stalls the session. Oversized heartbeats
@@ -117,7 +127,7 @@ fn v4(mut o: ConnectOptions<'_>) -> (Client, EventLoop) {
     use rumqttc::{LastWill, MqttOptions};
     let mut opts = options!(MqttOptions, o);
     opts.set_clean_session(o.session == SessionMode::Clean)
-        .set_inflight(o.inflight)
+        .set_inflight(id_space(&o))
         // Above anything a broker can send (see `v5`).
         .set_max_packet_size(MQTT_MAX_PACKET + 16, MQTT_MAX_PACKET + 16);
     if let Some((topic, payload)) = o.will.take() {
