@@ -2,7 +2,7 @@
 //! [`Timing`] as applied) and the coalesced heartbeats of one device on their way to Redis
 //! ([`Beat`]). Pure: no I/O.
 
-use crate::device::{DeviceId, Millis};
+use crate::device::{DeviceId, GroupName, Millis};
 
 /// How a received heartbeat is stamped (see `Held::insert`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +53,8 @@ pub struct Beat {
     /// that ended it.
     pub lapse: Option<(Millis, Millis)>,
     pub timing: Timing,
+    /// The group named by the latest heartbeat that named one.
+    pub group: Option<GroupName>,
 }
 
 impl Beat {
@@ -65,6 +67,7 @@ impl Beat {
             deadline: arrival + ttl_ms,
             lapse: None,
             timing: Timing::Known,
+            group: None,
         }
     }
 }

@@ -16,6 +16,12 @@ pub const MAX_DEVICE_ID_LEN: usize = 128;
 /// The placeholder for the device id in topic templates.
 pub const DEVICE_PLACEHOLDER: &str = "{device}";
 
+/// The placeholder for the device's group in a heartbeat (or will) topic template.
+pub const GROUP_PLACEHOLDER: &str = "{group}";
+
+/// The longest group name accepted, in bytes (contract: 1 to 64 bytes of UTF-8).
+pub const MAX_GROUP_LEN: usize = 64;
+
 /// Milliseconds since the Unix epoch: the one time unit used across the crate and in Redis.
 pub type Millis = u64;
 
@@ -90,13 +96,92 @@ impl fmt::Display for DeviceId {
     }
 }
 
+// === impl GroupName ===
+
+/// A validated group name: 1 to 64 bytes of UTF-8 without control characters, `/`, `+` or
+/// `#`. Cheap to clone (held heartbeats carry one each).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupName(std::sync::Arc<str>);
+
+/// Why a group name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidGroup {
+    #[error("group name is empty")]
+    Empty,
+    #[error("group name is {0} bytes long, more than {MAX_GROUP_LEN}")]
+    TooLong(usize),
+    #[error("group name contains a control character")]
+    ControlCharacter,
+    #[error("group name contains /, + or #")]
+    TopicCharacter,
+}
+
+impl GroupName {
+    pub fn parse(s: &str) -> Result<Self, InvalidGroup> {
+        if s.is_empty() {
+            return Err(InvalidGroup::Empty);
+        }
+        if s.len() > MAX_GROUP_LEN {
+            return Err(InvalidGroup::TooLong(s.len()));
+        }
+        if s.chars().any(char::is_control) {
+            return Err(InvalidGroup::ControlCharacter);
+        }
+        if s.contains(['/', '+', '#']) {
+            return Err(InvalidGroup::TopicCharacter);
+        }
+        Ok(GroupName(s.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GroupName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The group a JSON object payload names in `"group"`: `None` if it names none; an error
+/// if it names an invalid one (a heartbeat all the same).
+pub fn payload_group(payload: &[u8]) -> Option<Result<GroupName, InvalidGroup>> {
+    let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct Payload {
+        group: Option<serde_json::Value>,
+    }
+    let Ok(Payload { group: Some(v) }) = serde_json::from_slice::<Payload>(payload) else {
+        return None;
+    };
+    match v.as_str() {
+        Some(s) => Some(GroupName::parse(s)),
+        None => Some(Err(InvalidGroup::Empty)),
+    }
+}
+
 // === impl TopicTemplate ===
 
-/// A topic with exactly one level that is `{device}`, e.g. `devices/{device}/heartbeat`.
+/// A topic with exactly one level that is `{device}`, e.g. `devices/{device}/heartbeat`,
+/// and (where [`Levels::DeviceAndGroup`] allows it) at most one other that is `{group}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TopicTemplate {
     levels: Vec<String>,
     device_level: usize,
+    group_level: Option<usize>,
+}
+
+/// Which placeholders a template may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Levels {
+    /// `{device}` only (a topic the monitor publishes to).
+    Device,
+    /// `{device}` and optionally `{group}` (a topic devices publish to).
+    DeviceAndGroup,
 }
 
 /// Why a topic template was refused (the message does not name the config key).
@@ -114,21 +199,42 @@ pub enum BadTemplate {
     Nul,
     #[error("must contain {DEVICE_PLACEHOLDER} as one level")]
     NoDevice,
+    #[error("{GROUP_PLACEHOLDER} appears more than once")]
+    GroupTwice,
+    #[error("{GROUP_PLACEHOLDER} must be a whole topic level")]
+    GroupInsideLevel,
+    #[error("{GROUP_PLACEHOLDER} is not allowed in this topic")]
+    GroupNotAllowed,
 }
 
 impl TopicTemplate {
-    /// Parses a template.
+    /// Parses a template with `{device}` only.
     pub fn parse(template: &str) -> Result<Self, BadTemplate> {
+        Self::parse_with(template, Levels::Device)
+    }
+
+    /// Parses a template with the placeholders `levels` allows.
+    pub fn parse_with(template: &str, allowed: Levels) -> Result<Self, BadTemplate> {
         if template.is_empty() {
             return Err(BadTemplate::Empty);
         }
         let levels: Vec<String> = template.split('/').map(str::to_owned).collect();
         let mut device_level = None;
+        let mut group_level = None;
         for (i, level) in levels.iter().enumerate() {
             if level == DEVICE_PLACEHOLDER {
                 if device_level.replace(i).is_some() {
                     return Err(BadTemplate::DeviceTwice);
                 }
+            } else if level == GROUP_PLACEHOLDER {
+                if allowed == Levels::Device {
+                    return Err(BadTemplate::GroupNotAllowed);
+                }
+                if group_level.replace(i).is_some() {
+                    return Err(BadTemplate::GroupTwice);
+                }
+            } else if level.contains(GROUP_PLACEHOLDER) {
+                return Err(BadTemplate::GroupInsideLevel);
             } else if level.contains(DEVICE_PLACEHOLDER) {
                 return Err(BadTemplate::DeviceInsideLevel);
             } else if level.contains(['+', '#']) {
@@ -141,22 +247,33 @@ impl TopicTemplate {
             Some(device_level) => Ok(TopicTemplate {
                 levels,
                 device_level,
+                group_level,
             }),
             None => Err(BadTemplate::NoDevice),
         }
     }
 
-    /// The subscription filter: the template with `{device}` replaced by `+`.
+    /// The subscription filter: the template with `{device}` (and `{group}`) replaced by `+`.
     pub fn filter(&self) -> String {
-        self.render_with("+")
+        self.render_with("+", "+")
     }
 
-    /// The topic for one device.
+    /// The topic for one device (a template without `{group}`).
     pub fn render(&self, device: &DeviceId) -> String {
-        self.render_with(device.as_str())
+        self.render_with(device.as_str(), GROUP_PLACEHOLDER)
     }
 
-    fn render_with(&self, device: &str) -> String {
+    /// The topic for one device of a group (a template with `{group}`; tests, simulator).
+    pub fn render_in(&self, device: &DeviceId, group: &GroupName) -> String {
+        self.render_with(device.as_str(), group.as_str())
+    }
+
+    /// Whether the template has a `{group}` level.
+    pub fn has_group(&self) -> bool {
+        self.group_level.is_some()
+    }
+
+    fn render_with(&self, device: &str, group: &str) -> String {
         let mut out = String::new();
         for (i, level) in self.levels.iter().enumerate() {
             if i > 0 {
@@ -164,6 +281,8 @@ impl TopicTemplate {
             }
             out.push_str(if i == self.device_level {
                 device
+            } else if Some(i) == self.group_level {
+                group
             } else {
                 level
             });
@@ -174,22 +293,39 @@ impl TopicTemplate {
     /// Extracts the raw device level from a topic that matches the template, or `None` if the
     /// topic does not match it.
     pub fn extract<'a>(&self, topic: &'a str) -> Option<&'a str> {
-        let mut device = None;
+        self.extract_levels(topic).map(|(device, _)| device)
+    }
+
+    /// The raw device level and the raw group level (if the template has one) of a topic that
+    /// matches the template.
+    pub fn extract_levels<'a>(&self, topic: &'a str) -> Option<(&'a str, Option<&'a str>)> {
+        let (mut device, mut group) = (None, None);
         let mut n = 0;
         for (i, level) in topic.split('/').enumerate() {
             let expected = self.levels.get(i)?;
             if i == self.device_level {
                 device = Some(level);
+            } else if Some(i) == self.group_level {
+                group = Some(level);
             } else if level != expected {
                 return None;
             }
             n += 1;
         }
         if n == self.levels.len() {
-            device
+            Some((device?, group))
         } else {
             None
         }
+    }
+
+    /// Whether a topic could match both templates (used to refuse a heartbeat topic that
+    /// overlaps the status topic: the monitor would hear its own statuses as heartbeats).
+    pub fn overlaps(&self, other: &TopicTemplate) -> bool {
+        let wild = |t: &TopicTemplate, i: usize| i == t.device_level || Some(i) == t.group_level;
+        self.levels.len() == other.levels.len()
+            && (0..self.levels.len())
+                .all(|i| wild(self, i) || wild(other, i) || self.levels[i] == other.levels[i])
     }
 }
 
@@ -265,7 +401,8 @@ impl State {
 /// One transition as committed in Redis: what the status payload says.
 ///
 /// Its wire form in Redis (the outbox member) is `seq|state|since|last_seen|detected_at|id`,
-/// id last because it may contain `|`. The same string identifies the outbox entry.
+/// id last because it may contain `|`, prefixed by `g<length>|<group>|` for a device with a
+/// group. The same string identifies the outbox entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatusEvent {
     pub device: DeviceId,
@@ -275,6 +412,7 @@ pub struct StatusEvent {
     /// For an online status equal to `since`; for offline the last heartbeat before it.
     pub last_seen: Millis,
     pub detected_at: Millis,
+    pub group: Option<GroupName>,
 }
 
 /// The JSON of a status (MQTT payload) and of a device record (HTTP API): the same fields.
@@ -287,6 +425,8 @@ pub struct StatusJson<'a> {
     detected_at: String,
     reason: &'static str,
     seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<&'a str>,
 }
 
 impl<'a> StatusJson<'a> {
@@ -297,8 +437,10 @@ impl<'a> StatusJson<'a> {
         since: Millis,
         last_seen: Millis,
         detected_at: Millis,
+        group: Option<&'a GroupName>,
     ) -> Self {
         StatusJson {
+            group: group.map(GroupName::as_str),
             device: device.as_str(),
             state: state.as_str(),
             since: format_time(since),
@@ -313,6 +455,15 @@ impl<'a> StatusJson<'a> {
 impl StatusEvent {
     /// Parses an outbox member; `None` if it is malformed (never produced by our scripts).
     pub fn parse_member(member: &str) -> Option<StatusEvent> {
+        let (group, member) = match member.strip_prefix('g') {
+            Some(rest) => {
+                let (len, rest) = rest.split_once('|')?;
+                let len: usize = len.parse().ok()?;
+                let group = GroupName::parse(rest.get(..len)?).ok()?;
+                (Some(group), rest.get(len..)?.strip_prefix('|')?)
+            }
+            None => (None, member),
+        };
         let mut parts = member.splitn(6, '|');
         let seq = parts.next()?.parse().ok()?;
         let state = State::from_flag(parts.next()?)?;
@@ -327,6 +478,7 @@ impl StatusEvent {
             since,
             last_seen,
             detected_at,
+            group,
         })
     }
 
@@ -347,6 +499,7 @@ impl StatusEvent {
             since: String,
             last_seen: String,
             detected_at: String,
+            group: Option<String>,
         }
         let w: Wire = serde_json::from_slice(payload).ok()?;
         let state = match w.state.as_str() {
@@ -361,12 +514,18 @@ impl StatusEvent {
             since: parse_time(&w.since)?,
             last_seen: parse_time(&w.last_seen)?,
             detected_at: parse_time(&w.detected_at)?,
+            // A status with a malformed group is still a status (of a device without one).
+            group: w.group.and_then(|g| GroupName::parse(&g).ok()),
         })
     }
 
     pub fn member(&self) -> String {
+        let prefix = match &self.group {
+            Some(g) => format!("g{}|{g}|", g.as_str().len()),
+            None => String::new(),
+        };
         format!(
-            "{}|{}|{}|{}|{}|{}",
+            "{prefix}{}|{}|{}|{}|{}|{}",
             self.seq,
             self.state.flag(),
             self.since,
@@ -385,6 +544,7 @@ impl StatusEvent {
             self.since,
             self.last_seen,
             self.detected_at,
+            self.group.as_ref(),
         );
         // Serializing a struct of strings and integers cannot fail.
         serde_json::to_vec(&json).unwrap_or_default()
@@ -394,7 +554,8 @@ impl StatusEvent {
 /// The current record of a device as kept in Redis: the fields of its last status, except
 /// `last_seen`, which is its latest heartbeat.
 ///
-/// Wire form: `state|seq|since|last_seen|detected_at`.
+/// Wire form: `state|seq|since|last_seen|detected_at`, then `|group` for a device with one
+/// (last: a group name may hold `|`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceRecord {
     pub device: DeviceId,
@@ -403,19 +564,21 @@ pub struct DeviceRecord {
     pub since: Millis,
     pub last_seen: Millis,
     pub detected_at: Millis,
+    pub group: Option<GroupName>,
 }
 
 impl DeviceRecord {
     pub fn parse(device: DeviceId, raw: &str) -> Option<DeviceRecord> {
-        let mut parts = raw.split('|');
+        let mut parts = raw.splitn(6, '|');
         let state = State::from_flag(parts.next()?)?;
         let seq = parts.next()?.parse().ok()?;
         let since = parts.next()?.parse().ok()?;
         let last_seen = parts.next()?.parse().ok()?;
         let detected_at = parts.next()?.parse().ok()?;
-        if parts.next().is_some() {
-            return None;
-        }
+        let group = match parts.next() {
+            Some(g) => Some(GroupName::parse(g).ok()?),
+            None => None,
+        };
         Some(DeviceRecord {
             device,
             state,
@@ -423,6 +586,7 @@ impl DeviceRecord {
             since,
             last_seen,
             detected_at,
+            group,
         })
     }
 
@@ -435,6 +599,7 @@ impl DeviceRecord {
             self.since,
             self.last_seen,
             self.detected_at,
+            self.group.as_ref(),
         )
     }
 
@@ -451,6 +616,7 @@ impl DeviceRecord {
                 State::Offline => self.last_seen,
             },
             detected_at: self.detected_at,
+            group: self.group.clone(),
         }
     }
 }
@@ -553,6 +719,7 @@ mod tests {
             since: 1_000,
             last_seen: 500,
             detected_at: 1_008,
+            group: None,
         };
         let m = ev.member();
         assert_eq!(m, "42|0|1000|500|1008|a|b");
@@ -578,6 +745,89 @@ mod tests {
     }
 
     #[test]
+    fn a_status_with_a_group_carries_it_in_its_member_and_json() {
+        let ev = StatusEvent {
+            device: DeviceId::parse("d|1").unwrap(),
+            state: State::Online,
+            seq: 3,
+            since: 10,
+            last_seen: 10,
+            detected_at: 11,
+            group: Some(GroupName::parse("site|7").unwrap()),
+        };
+        let m = ev.member();
+        assert_eq!(m, "g6|site|7|3|1|10|10|11|d|1");
+        assert_eq!(StatusEvent::parse_member(&m), Some(ev.clone()));
+        let v: serde_json::Value = serde_json::from_slice(&ev.to_json()).unwrap();
+        assert_eq!(v["group"], "site|7");
+        assert_eq!(StatusEvent::from_json(&ev.to_json()), Some(ev.clone()));
+        // Without a group there is no "group" field at all.
+        let plain = StatusEvent { group: None, ..ev };
+        let v: serde_json::Value = serde_json::from_slice(&plain.to_json()).unwrap();
+        assert!(v.get("group").is_none());
+        assert_eq!(StatusEvent::parse_member("g9|ab|1|1|1|1|1|d"), None);
+        assert_eq!(StatusEvent::parse_member("gx|a|1|1|1|1|1|d"), None);
+    }
+
+    #[test]
+    fn group_names_are_validated() {
+        assert!(GroupName::parse("site-7").is_ok());
+        assert!(GroupName::parse(&"g".repeat(64)).is_ok());
+        assert_eq!(GroupName::parse(""), Err(InvalidGroup::Empty));
+        assert_eq!(
+            GroupName::parse(&"g".repeat(65)),
+            Err(InvalidGroup::TooLong(65))
+        );
+        assert_eq!(
+            GroupName::parse("a\nb"),
+            Err(InvalidGroup::ControlCharacter)
+        );
+        for bad in ["a/b", "a+", "#"] {
+            assert_eq!(GroupName::parse(bad), Err(InvalidGroup::TopicCharacter));
+        }
+        let named = |p: &str| payload_group(p.as_bytes()).map(|r| r.map(|g| g.to_string()));
+        assert_eq!(named(r#"{"group":"lab"}"#), Some(Ok("lab".into())));
+        assert_eq!(
+            named(r#"{"group":"a/b"}"#),
+            Some(Err(InvalidGroup::TopicCharacter))
+        );
+        assert_eq!(named(r#"{"group":7}"#), Some(Err(InvalidGroup::Empty)));
+        assert_eq!(named(r#"{"ttl_s":5}"#), None);
+        assert_eq!(named("lab"), None);
+    }
+
+    #[test]
+    fn a_template_may_name_the_group_as_one_level() {
+        let t =
+            TopicTemplate::parse_with("sites/{group}/{device}/hb", Levels::DeviceAndGroup).unwrap();
+        assert!(t.has_group());
+        assert_eq!(t.filter(), "sites/+/+/hb");
+        assert_eq!(t.extract_levels("sites/s7/d1/hb"), Some(("d1", Some("s7"))));
+        assert_eq!(t.extract("sites/s7/d1/hb"), Some("d1"));
+        assert_eq!(t.extract_levels("sites/s7/d1"), None);
+        let id = DeviceId::parse("d1").unwrap();
+        let g = GroupName::parse("s7").unwrap();
+        assert_eq!(t.render_in(&id, &g), "sites/s7/d1/hb");
+        assert_eq!(
+            TopicTemplate::parse("sites/{group}/{device}"),
+            Err(BadTemplate::GroupNotAllowed)
+        );
+        assert_eq!(
+            TopicTemplate::parse_with("{group}/{group}/{device}", Levels::DeviceAndGroup),
+            Err(BadTemplate::GroupTwice)
+        );
+        assert_eq!(
+            TopicTemplate::parse_with("g{group}/{device}", Levels::DeviceAndGroup),
+            Err(BadTemplate::GroupInsideLevel)
+        );
+        // Overlap: some topic matches both templates.
+        let status = TopicTemplate::parse("sites/x/{device}/hb").unwrap();
+        assert!(t.overlaps(&status));
+        let status = TopicTemplate::parse("devices/{device}/status").unwrap();
+        assert!(!t.overlaps(&status));
+    }
+
+    #[test]
     fn record_parse() {
         let id = DeviceId::parse("d").unwrap();
         let r = DeviceRecord::parse(id.clone(), "1|3|10|20|11").unwrap();
@@ -587,6 +837,8 @@ mod tests {
             (3, 10, 20, 11)
         );
         assert!(DeviceRecord::parse(id.clone(), "1|3|10|20").is_none());
-        assert!(DeviceRecord::parse(id, "1|3|10|20|11|9").is_none());
+        let r = DeviceRecord::parse(id.clone(), "0|3|10|20|11|site|7").unwrap();
+        assert_eq!(r.group.as_ref().map(GroupName::as_str), Some("site|7"));
+        assert!(DeviceRecord::parse(id, "1|3|10|20|11|a/b").is_none());
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::beat::{Beat, Stamp, Timing};
-use crate::device::{now_ms, DeviceId, Millis};
+use crate::device::{now_ms, DeviceId, GroupName, Millis};
 
 /// Most devices held for Redis at once (coalesced: one entry per device). Beyond it new
 /// devices' heartbeats are dropped (and logged); known ones still refresh their entry.
@@ -26,20 +26,21 @@ pub struct Held {
 }
 
 /// What is held of one device: its heartbeats coalesced into one entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Entry {
     first: Millis,
     arrival: Millis,
     deadline: Millis,
     lapse: Option<(Millis, Millis)>,
     timing: Timing,
+    group: Option<GroupName>,
 }
 
 impl Entry {
     /// Two entries of one device as one: the latest heartbeat's deadline wins, the earliest
     /// arrival is kept (for the late rule and the watermark), and a silence between them
-    /// longer than the earlier one's deadline is kept as a lapse. On equal arrivals `other`
-    /// counts as the later one.
+    /// longer than the earlier one's deadline is kept as a lapse, and the later one's group
+    /// wins if it names one. On equal arrivals `other` counts as the later one.
     fn merge(self, other: Entry) -> Entry {
         let (a, b) = if self.arrival <= other.arrival {
             (self, other)
@@ -58,6 +59,7 @@ impl Entry {
             } else {
                 b.timing
             },
+            group: b.group.or(a.group),
         }
     }
 }
@@ -84,12 +86,12 @@ enum Tie {
 impl HeldInner {
     fn hold(&mut self, device: DeviceId, entry: Entry, tie: Tie) {
         let merged = match (self.map.get(&device), tie) {
-            (Some(held), Tie::Incoming) => held.merge(entry),
-            (Some(held), Tie::Held) => entry.merge(*held),
+            (Some(held), Tie::Incoming) => held.clone().merge(entry),
+            (Some(held), Tie::Held) => entry.merge(held.clone()),
             (None, _) => entry,
         };
+        self.oldest = Some(self.oldest.map_or(merged.first, |o| o.min(merged.first)));
         self.map.insert(device, merged);
-        self.oldest = Some(self.oldest.map_or(entry.first, |o| o.min(entry.first)));
     }
 }
 
@@ -118,7 +120,13 @@ impl Held {
     /// A heartbeat the broker queued while it was down reached it when it came back (that
     /// is its arrival, for lateness), but may have reached it any time since: its deadline
     /// counts from now, so that a long backlog never sets one that has passed already.
-    pub fn insert(&self, device: DeviceId, ttl: Duration, stamp: impl FnOnce() -> Stamp) -> bool {
+    pub fn insert(
+        &self,
+        device: DeviceId,
+        group: Option<GroupName>,
+        ttl: Duration,
+        stamp: impl FnOnce() -> Stamp,
+    ) -> bool {
         let mut inner = self.lock();
         let now = now_ms();
         let ttl_ms = ttl.as_millis() as u64;
@@ -139,6 +147,7 @@ impl Held {
             deadline,
             lapse: None,
             timing,
+            group,
         };
         inner.hold(device, entry, Tie::Incoming);
         drop(inner);
@@ -162,6 +171,7 @@ impl Held {
                 deadline: e.deadline,
                 lapse: e.lapse,
                 timing: e.timing,
+                group: e.group,
             })
             .collect()
     }
@@ -182,6 +192,7 @@ impl Held {
                 deadline: beat.deadline,
                 lapse: beat.lapse,
                 timing: beat.timing,
+                group: beat.group,
             };
             inner.hold(beat.device, entry, Tie::Held);
         }
@@ -250,13 +261,13 @@ mod tests {
         let held = Held::new(2);
         assert_eq!(held.watermark(), None);
         assert_eq!(held.cutoff(1_000), 1_000);
-        assert!(held.insert(id("a"), Duration::from_secs(10), || Stamp::Live));
+        assert!(held.insert(id("a"), None, Duration::from_secs(10), || Stamp::Live));
         let w = held.watermark().unwrap();
-        assert!(held.insert(id("a"), Duration::from_secs(1), || Stamp::Live));
-        assert!(held.insert(id("b"), Duration::from_secs(1), || Stamp::Live));
+        assert!(held.insert(id("a"), None, Duration::from_secs(1), || Stamp::Live));
+        assert!(held.insert(id("b"), None, Duration::from_secs(1), || Stamp::Live));
         // Capacity counts devices, not heartbeats.
-        assert!(!held.insert(id("c"), Duration::from_secs(1), || Stamp::Live));
-        assert!(held.insert(id("a"), Duration::from_secs(1), || Stamp::Live));
+        assert!(!held.insert(id("c"), None, Duration::from_secs(1), || Stamp::Live));
+        assert!(held.insert(id("a"), None, Duration::from_secs(1), || Stamp::Live));
         assert_eq!(held.watermark(), Some(w));
         assert_eq!(held.cutoff(w + 100), w - 1);
 
@@ -279,6 +290,7 @@ mod tests {
             deadline: arrival + ttl,
             lapse: None,
             timing,
+            group: None,
         }
     }
 
@@ -287,7 +299,7 @@ mod tests {
         let a = entry(100, 100, 30, Timing::Known);
         let b = entry(120, 120, 5, Timing::Known);
         // In either order: the later arrival's (shorter) deadline wins, the first stays.
-        for m in [a.merge(b), b.merge(a)] {
+        for m in [a.clone().merge(b.clone()), b.clone().merge(a.clone())] {
             assert_eq!(
                 (m.first, m.arrival, m.deadline, m.lapse),
                 (100, 120, 125, None)
@@ -295,7 +307,7 @@ mod tests {
         }
         // A heartbeat after the earlier one's deadline: the silence between them is kept.
         let late = entry(200, 200, 30, Timing::Known);
-        let m = a.merge(late);
+        let m = a.clone().merge(late);
         assert_eq!(m.lapse, Some((130, 200)));
         assert_eq!((m.first, m.deadline), (100, 230));
         // Queued heartbeats (on time whatever their arrival) never make a silence.
@@ -307,13 +319,32 @@ mod tests {
     }
 
     #[test]
+    fn the_latest_heartbeat_that_names_a_group_wins() {
+        let named = |at, g: &str| Entry {
+            group: Some(GroupName::parse(g).unwrap()),
+            ..entry(at, at, 30, Timing::Known)
+        };
+        let plain = entry(300, 300, 30, Timing::Known);
+        let (first, second) = (named(100, "a"), named(200, "b"));
+        for m in [
+            first.clone().merge(second.clone()),
+            second.clone().merge(first),
+        ] {
+            assert_eq!(m.group.as_ref().map(GroupName::as_str), Some("b"));
+        }
+        // A later heartbeat that names none leaves the group as named before.
+        let m = second.merge(plain);
+        assert_eq!(m.group.as_ref().map(GroupName::as_str), Some("b"));
+    }
+
+    #[test]
     fn a_failed_batch_is_held_again_as_one_entry_per_device() {
         let held = Held::new(10);
         for _ in 0..3 {
-            assert!(held.insert(id("a"), Duration::from_secs(5), || Stamp::Live));
+            assert!(held.insert(id("a"), None, Duration::from_secs(5), || Stamp::Live));
         }
         let batch = held.take();
-        assert!(held.insert(id("a"), Duration::from_secs(7), || Stamp::Live));
+        assert!(held.insert(id("a"), None, Duration::from_secs(7), || Stamp::Live));
         held.restore(batch);
         assert_eq!(held.len(), 1);
         let again = held.take();
@@ -325,18 +356,16 @@ mod tests {
     fn heartbeats_queued_while_the_broker_was_down_arrive_when_it_came_back() {
         let held = Held::new(10);
         let back = now_ms() - 5_000;
-        assert!(
-            held.insert(id("a"), Duration::from_secs(1), || Stamp::BrokerReturned(
-                back
-            ))
-        );
+        assert!(held.insert(id("a"), None, Duration::from_secs(1), || {
+            Stamp::BrokerReturned(back)
+        }));
         let beat = &held.take()[0];
         assert_eq!((beat.first, beat.timing), (back, Timing::Known));
         assert!(
             beat.deadline >= now_ms() + 500,
             "its deadline counts from its reading, not from the broker's return: {beat:?}"
         );
-        assert!(held.insert(id("b"), Duration::from_secs(1), || Stamp::OnTime));
+        assert!(held.insert(id("b"), None, Duration::from_secs(1), || Stamp::OnTime));
         assert_eq!(held.take()[0].timing, Timing::OnTime);
     }
 }

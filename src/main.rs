@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{value_parser, Arg, ArgMatches, Command};
 use presenced::config::{self, Config, Sources, KEYS};
-use presenced::simulate::SimOptions;
+use presenced::simulate::{Outage, SimOptions};
 use presenced::telemetry::LogFormat;
 
 const EXIT_RUNTIME: u8 = 1;
@@ -117,6 +117,21 @@ fn cli() -> Command {
                         .long("prefix")
                         .default_value("sim")
                         .help("Device id prefix"),
+                )
+                .arg(
+                    Arg::new("groups")
+                        .long("groups")
+                        .default_value("0")
+                        .value_parser(value_parser!(usize))
+                        .help("Spread the devices over this many groups (<prefix>-g001 ...), named in their heartbeats"),
+                )
+                .arg(
+                    Arg::new("outage")
+                        .long("outage")
+                        .action(clap::ArgAction::Append)
+                        .value_name("GROUP@DELAY+LENGTH")
+                        .value_parser(|s: &str| Outage::parse(s).map_err(|e| e.to_string()))
+                        .help("Silence every device of GROUP after DELAY for LENGTH, e.g. sim-g003@60s+30s (repeatable)"),
                 ),
         )
         .subcommand(
@@ -156,6 +171,11 @@ fn sim_options(sub: &ArgMatches) -> SimOptions {
             .get_one::<String>("prefix")
             .cloned()
             .unwrap_or_else(|| "sim".into()),
+        groups: sub.get_one::<usize>("groups").copied().unwrap_or(0),
+        outages: sub
+            .get_many::<Outage>("outage")
+            .map(|o| o.cloned().collect())
+            .unwrap_or_default(),
     }
 }
 

@@ -2,17 +2,26 @@
 //! registry, so tests can run several monitors in one process).
 //!
 //! Label values come from enums, never from a device id: cardinality is fixed by
-//! construction. Every labelled series is created at start, at 0.
+//! construction. Every labelled series is created at start, at 0. The one label with values
+//! from outside, `group`, is bounded by `groups.max_series` (the rest are summed under
+//! `_other`), see [`GroupSeries`].
 //!
 //! It must not decide what to count: the tasks call it; fleet counts are set by `http` at
 //! scrape time from Redis.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
-use crate::device::State;
+use crate::device::{GroupName, State};
+use crate::store::GroupCounts;
+
+/// The `group` label of the devices of every group without series of its own.
+pub(crate) const OTHER_GROUP: &str = "_other";
 
 /// Buckets for the notification lag, in seconds: dense below 1 s, up to 10 minutes.
 const LAG_BUCKETS: &[f64] = &[
@@ -41,12 +50,64 @@ pub(crate) struct Metrics {
     redis_up: IntGauge,
     mqtt_up: IntGauge,
     build_info: IntGaugeVec,
+    groups: IntGaugeVec,
+    group_devices: IntGaugeVec,
+    outages: IntCounter,
+    series: Arc<Mutex<GroupSeries>>,
+}
+
+/// Which groups have their own `presenced_group_devices` series: the first `max` seen (in
+/// name order within a scrape); once a group has series it keeps them, so a series never
+/// changes meaning. Bounds the label's cardinality however many groups devices name.
+#[derive(Debug)]
+pub(crate) struct GroupSeries {
+    max: usize,
+    with_series: BTreeSet<GroupName>,
+}
+
+impl GroupSeries {
+    fn new(max: usize) -> GroupSeries {
+        GroupSeries {
+            max,
+            with_series: BTreeSet::new(),
+        }
+    }
+
+    /// The figures to set: per group with series (0 for one without devices now), and the
+    /// sum of the others.
+    fn split(
+        &mut self,
+        all: &BTreeMap<GroupName, GroupCounts>,
+    ) -> (Vec<(GroupName, GroupCounts)>, GroupCounts) {
+        let mut other = GroupCounts::default();
+        for (group, counts) in all {
+            if self.with_series.contains(group) {
+                continue;
+            }
+            if self.with_series.len() < self.max {
+                self.with_series.insert(group.clone());
+            } else {
+                other.online += counts.online;
+                other.offline += counts.offline;
+            }
+        }
+        let own = self
+            .with_series
+            .iter()
+            .map(|g| (g.clone(), all.get(g).copied().unwrap_or_default()))
+            .collect();
+        (own, other)
+    }
 }
 
 impl Metrics {
-    /// Registers every metric into `registry`, every labelled series at 0.
-    pub(crate) fn register(registry: &Registry) -> prometheus::Result<Metrics> {
-        let m = Metrics::new(registry)?;
+    /// Registers every metric into `registry`, every labelled series at 0; at most
+    /// `max_group_series` groups get series of their own.
+    pub(crate) fn register(
+        registry: &Registry,
+        max_group_series: usize,
+    ) -> prometheus::Result<Metrics> {
+        let m = Metrics::new(registry, max_group_series)?;
         for collector in m.collectors() {
             registry.register(collector)?;
         }
@@ -56,6 +117,14 @@ impl Metrics {
         }
         for reason in ["invalid_id", "too_large"] {
             m.rejected.with_label_values(&[reason]).reset();
+        }
+        for state in ["ok", "outage"] {
+            m.groups.with_label_values(&[state]).set(0);
+        }
+        for state in ["online", "offline"] {
+            m.group_devices
+                .with_label_values(&[OTHER_GROUP, state])
+                .set(0);
         }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -77,11 +146,14 @@ impl Metrics {
             Box::new(self.redis_up.clone()),
             Box::new(self.mqtt_up.clone()),
             Box::new(self.build_info.clone()),
+            Box::new(self.groups.clone()),
+            Box::new(self.group_devices.clone()),
+            Box::new(self.outages.clone()),
         ]
     }
 
     /// Every metric with its name and help, not registered yet.
-    fn new(registry: &Registry) -> prometheus::Result<Metrics> {
+    fn new(registry: &Registry, max_group_series: usize) -> prometheus::Result<Metrics> {
         let devices = IntGaugeVec::new(
             Opts::new(
                 "presenced_devices",
@@ -138,6 +210,24 @@ impl Metrics {
             Opts::new("presenced_build_info", "Build information; always 1."),
             &["version"],
         )?;
+        let groups = IntGaugeVec::new(
+            Opts::new(
+                "presenced_groups",
+                "Groups with devices, fleet-wide, by state (ok or outage).",
+            ),
+            &["state"],
+        )?;
+        let group_devices = IntGaugeVec::new(
+            Opts::new(
+                "presenced_group_devices",
+                "Devices per group and state, for at most groups.max_series groups; the others summed under group=\"_other\".",
+            ),
+            &["group", "state"],
+        )?;
+        let outages = IntCounter::new(
+            "presenced_group_outages_total",
+            "Group outages this replica opened.",
+        )?;
 
         Ok(Metrics {
             registry: registry.clone(),
@@ -152,6 +242,10 @@ impl Metrics {
             redis_up,
             mqtt_up,
             build_info,
+            groups,
+            group_devices,
+            outages,
+            series: Arc::new(Mutex::new(GroupSeries::new(max_group_series))),
         })
     }
 
@@ -190,6 +284,26 @@ impl Metrics {
     pub(crate) fn set_fleet(&self, online: i64, offline: i64) {
         self.devices.with_label_values(&["online"]).set(online);
         self.devices.with_label_values(&["offline"]).set(offline);
+    }
+
+    /// The group gauges, from every group's counts (fleet-wide, read from Redis).
+    pub(crate) fn set_groups(&self, all: &BTreeMap<GroupName, GroupCounts>) {
+        let (own, other) = self
+            .series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .split(all);
+        for (group, counts) in &own {
+            self.set_group_devices(group.as_str(), *counts);
+        }
+        self.set_group_devices(OTHER_GROUP, other);
+        self.groups.with_label_values(&["ok"]).set(all.len() as i64);
+    }
+
+    fn set_group_devices(&self, group: &str, counts: GroupCounts) {
+        let set = |state, n| self.group_devices.with_label_values(&[group, state]).set(n);
+        set("online", counts.online);
+        set("offline", counts.offline);
     }
 
     pub(crate) fn set_redis_up(&self, up: bool) {

@@ -257,6 +257,7 @@ impl Snapshot {
                     since: ev.since,
                     last_seen: ev.last_seen,
                     detected_at: ev.detected_at,
+                    group: ev.group.clone(),
                 });
             }
         }
@@ -419,6 +420,7 @@ mod tests {
             since: 1_000 * seq,
             last_seen: 900,
             detected_at: 1_000 * seq + 5,
+            group: None,
         };
         let mut s = Snapshot::default();
         s.add(&t, b"devices/d1/status", &ev(3, State::Online).to_json());

@@ -56,7 +56,7 @@ impl Base {
     pub(crate) async fn open(cfg: Config) -> Result<Base, StartError> {
         let cfg = Arc::new(cfg);
         let registry = prometheus::Registry::new();
-        let metrics = Metrics::register(&registry)?;
+        let metrics = Metrics::register(&registry, cfg.groups.max_series)?;
         let health = Arc::new(Health::new(metrics.clone()));
         let listener =
             TcpListener::bind(cfg.http.listen)

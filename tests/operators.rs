@@ -138,6 +138,8 @@ async fn dashboard_and_alerts_evaluate_against_real_prometheus() {
             offline_fraction: 0.25,
             duration: Some(Duration::from_secs(60)),
             prefix: "sim".into(),
+            groups: 4,
+            outages: Vec::new(),
         };
         let _ = presenced::simulate::run(&mqtt_cfg, opts, std::future::pending()).await;
     });

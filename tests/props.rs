@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use presenced::config::{parse_duration, parse_size, Config, Sources};
-use presenced::device::{heartbeat_ttl, DeviceId, State, StatusEvent, TopicTemplate};
+use presenced::device::{heartbeat_ttl, DeviceId, GroupName, State, StatusEvent, TopicTemplate};
 use proptest::prelude::*;
 
 fn valid_id() -> impl Strategy<Value = String> {
@@ -75,14 +75,16 @@ proptest! {
         }
     }
 
-    /// The outbox wire form round-trips for every valid id (ids may contain `|`).
+    /// The outbox wire form round-trips for every valid id and group (both may contain `|`).
     #[test]
     fn outbox_member_round_trip(id in valid_id(), seq in 1u64..u64::MAX, online: bool,
-                                since in 0u64..1 << 50, last in 0u64..1 << 50, det in 0u64..1 << 50) {
+                                since in 0u64..1 << 50, last in 0u64..1 << 50, det in 0u64..1 << 50,
+                                group in proptest::option::of("[^/+#\\p{Cc}]{1,20}")) {
+        let group = group.and_then(|g| GroupName::parse(&g).ok());
         let ev = StatusEvent {
             device: DeviceId::parse(&id).unwrap(),
             state: if online { State::Online } else { State::Offline },
-            seq, since, last_seen: last, detected_at: det,
+            seq, since, last_seen: last, detected_at: det, group,
         };
         prop_assert_eq!(StatusEvent::parse_member(&ev.member()), Some(ev));
     }

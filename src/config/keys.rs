@@ -12,6 +12,10 @@ pub enum Kind {
     Duration,
     /// A number of bytes, or a string with `B`, `KiB` or `MiB`.
     Size,
+    /// An integer ≥ 1.
+    Count,
+    /// A number in (0, 1].
+    Fraction,
 }
 
 /// One configuration key of the contract.
@@ -184,6 +188,46 @@ pub const PRESENCE_FORGET_AFTER: Key = key!(
     "Forget devices offline for longer than this (from their offline since); unset: kept forever."
 );
 
+pub const GROUPS_OUTAGE_MIN_DEVICES: Key = key!(
+    "groups",
+    "outage_min_devices",
+    Count,
+    Some("10"),
+    "An outage needs at least this many devices of the group going offline..."
+);
+
+pub const GROUPS_OUTAGE_FRACTION: Key = key!(
+    "groups",
+    "outage_fraction",
+    Fraction,
+    Some("0.5"),
+    "...and at least this fraction of the group's devices..."
+);
+
+pub const GROUPS_OUTAGE_WINDOW: Key = key!(
+    "groups",
+    "outage_window",
+    Duration,
+    Some("60s"),
+    "...within this window."
+);
+
+pub const GROUPS_RECOVERY_FRACTION: Key = key!(
+    "groups",
+    "recovery_fraction",
+    Fraction,
+    Some("0.9"),
+    "An outage ends when this fraction of its affected devices is back online."
+);
+
+pub const GROUPS_MAX_SERIES: Key = key!(
+    "groups",
+    "max_series",
+    Count,
+    Some("1000"),
+    "Most groups with their own metric series (the rest are summed under group=\"_other\")."
+);
+
 pub const HTTP_LISTEN: Key = key!(
     "http",
     "listen",
@@ -208,7 +252,7 @@ pub const HTTP_AUTH_TOKEN_FILE: Key = key!(
     "File holding the HTTP bearer token (trailing newline trimmed)."
 );
 
-/// Every key of the contract, in the contract's order (mqtt, redis, presence, http); the
+/// Every key of the contract, in the contract's order (mqtt, redis, presence, groups, http); the
 /// example config and `--help` list them in this order.
 pub const KEYS: &[Key] = &[
     MQTT_URL,
@@ -229,6 +273,11 @@ pub const KEYS: &[Key] = &[
     PRESENCE_MIN_TTL,
     PRESENCE_MAX_TTL,
     PRESENCE_FORGET_AFTER,
+    GROUPS_OUTAGE_MIN_DEVICES,
+    GROUPS_OUTAGE_FRACTION,
+    GROUPS_OUTAGE_WINDOW,
+    GROUPS_RECOVERY_FRACTION,
+    GROUPS_MAX_SERIES,
     HTTP_LISTEN,
     HTTP_AUTH_TOKEN,
     HTTP_AUTH_TOKEN_FILE,
@@ -251,7 +300,9 @@ pub fn example_toml() -> String {
         }
         out.push_str(&format!("# {}\n", key.help));
         match key.default {
-            Some(d) if key.kind == Kind::Bool => out.push_str(&format!("{} = {d}\n", key.name)),
+            Some(d) if matches!(key.kind, Kind::Bool | Kind::Count | Kind::Fraction) => {
+                out.push_str(&format!("{} = {d}\n", key.name))
+            }
             Some(d) => out.push_str(&format!("{} = {d:?}\n", key.name)),
             None => out.push_str(&format!("# {} = \"\"\n", key.name)),
         }

@@ -146,6 +146,21 @@ pub struct PresenceConfig {
     pub forget_after: Option<Duration>,
 }
 
+/// Groups: the outage rule and the metric series bound.
+#[derive(Clone, Debug)]
+pub struct GroupsConfig {
+    /// An outage needs at least this many devices of the group going offline...
+    pub outage_min_devices: u64,
+    /// ...and at least this fraction of the group's devices...
+    pub outage_fraction: f64,
+    /// ...within this window.
+    pub outage_window: Duration,
+    /// An outage closes when this fraction of its affected devices is back online.
+    pub recovery_fraction: f64,
+    /// Most groups with their own `presenced_group_devices` series.
+    pub max_series: usize,
+}
+
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
@@ -166,6 +181,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub redis: RedisConfig,
     pub presence: PresenceConfig,
+    pub groups: GroupsConfig,
     pub http: HttpConfig,
 }
 
@@ -195,6 +211,7 @@ impl Config {
             mqtt: sections::mqtt(&values)?,
             redis: sections::redis(&values)?,
             presence: sections::presence(&values)?,
+            groups: sections::groups(&values)?,
             http: sections::http(&values)?,
         };
         Ok(Loaded { config, warnings })

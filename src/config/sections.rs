@@ -12,10 +12,10 @@ use super::keys::*;
 use super::parse::{check_token, fmt_dur, parse_broker_url, parse_cluster_nodes};
 use super::values::Values;
 use super::{
-    bad_value, key_err, ConfigError, HttpAuth, HttpConfig, MqttConfig, PresenceConfig, Protocol,
-    RedisConfig, Secret,
+    bad_value, key_err, ConfigError, GroupsConfig, HttpAuth, HttpConfig, MqttConfig,
+    PresenceConfig, Protocol, RedisConfig, Secret,
 };
-use crate::device::TopicTemplate;
+use crate::device::{Levels, TopicTemplate};
 
 /// The smallest TTL supported (`presence.min_ttl` may not go below it).
 const SMALLEST_TTL: Duration = Duration::from_millis(100);
@@ -73,18 +73,19 @@ fn protocol(values: &Values) -> Result<Protocol, ConfigError> {
     }
 }
 
-/// The heartbeat and status topics, which must differ (the monitor would read its own
+/// The heartbeat and status topics, which must not overlap (the monitor would read its own
 /// statuses as heartbeats).
 fn topics(values: &Values) -> Result<(TopicTemplate, TopicTemplate), ConfigError> {
-    let template = |key: &Key| {
-        TopicTemplate::parse(&values.required(key)?).map_err(|e| bad_value(key)(e.into()))
+    let template = |key: &Key, levels| {
+        TopicTemplate::parse_with(&values.required(key)?, levels)
+            .map_err(|e| bad_value(key)(e.into()))
     };
-    let heartbeat = template(&MQTT_HEARTBEAT_TOPIC)?;
-    let status = template(&MQTT_STATUS_TOPIC)?;
-    if heartbeat == status {
+    let heartbeat = template(&MQTT_HEARTBEAT_TOPIC, Levels::DeviceAndGroup)?;
+    let status = template(&MQTT_STATUS_TOPIC, Levels::Device)?;
+    if heartbeat.overlaps(&status) {
         return Err(key_err(
             &MQTT_STATUS_TOPIC,
-            "must differ from mqtt.heartbeat_topic",
+            "must not overlap mqtt.heartbeat_topic (no topic may match both)",
         ));
     }
     Ok((heartbeat, status))
@@ -154,6 +155,22 @@ pub(crate) fn presence(values: &Values) -> Result<PresenceConfig, ConfigError> {
         min_ttl,
         max_ttl,
         forget_after: values.duration(&PRESENCE_FORGET_AFTER)?,
+    })
+}
+
+pub(crate) fn groups(values: &Values) -> Result<GroupsConfig, ConfigError> {
+    let window = values.required_duration(&GROUPS_OUTAGE_WINDOW)?;
+    if window.is_zero() {
+        return Err(key_err(&GROUPS_OUTAGE_WINDOW, "must be longer than 0s"));
+    }
+    let max_series = values.required_count(&GROUPS_MAX_SERIES)?;
+    Ok(GroupsConfig {
+        outage_min_devices: values.required_count(&GROUPS_OUTAGE_MIN_DEVICES)?,
+        outage_fraction: values.required_fraction(&GROUPS_OUTAGE_FRACTION)?,
+        outage_window: window,
+        recovery_fraction: values.required_fraction(&GROUPS_RECOVERY_FRACTION)?,
+        max_series: usize::try_from(max_series)
+            .map_err(|_| key_err(&GROUPS_MAX_SERIES, "too large"))?,
     })
 }
 

@@ -95,6 +95,22 @@ impl Values {
         }
     }
 
+    /// An integer key (≥ 1), set or defaulted.
+    pub(crate) fn required_count(&self, key: &Key) -> Result<u64, ConfigError> {
+        match self.get(key)? {
+            Some(Value::Count(n)) => Ok(n),
+            _ => Err(key_err(key, "is required")),
+        }
+    }
+
+    /// A fraction key (in (0, 1]), set or defaulted.
+    pub(crate) fn required_fraction(&self, key: &Key) -> Result<f64, ConfigError> {
+        match self.get(key)? {
+            Some(Value::Fraction(f)) => Ok(f),
+            _ => Err(key_err(key, "is required")),
+        }
+    }
+
     /// A boolean key, if set (or defaulted).
     pub(crate) fn flag(&self, key: &Key) -> Result<Option<bool>, ConfigError> {
         match self.get(key)? {
@@ -110,6 +126,8 @@ pub(crate) enum Value {
     Bool(bool),
     Duration(Duration),
     Size(usize),
+    Count(u64),
+    Fraction(f64),
 }
 
 impl Value {
@@ -119,6 +137,8 @@ impl Value {
             Value::Bool(b) => b.to_string(),
             Value::Duration(d) => fmt_dur(d),
             Value::Size(n) => n.to_string(),
+            Value::Count(n) => n.to_string(),
+            Value::Fraction(f) => f.to_string(),
         }
     }
 }
@@ -133,12 +153,23 @@ fn typed(key: &Key, raw: &Raw) -> Result<Value, ConfigError> {
         Raw::Toml(toml::Value::Integer(n)) if key.kind == Kind::Size => {
             return size_value(key, *n);
         }
+        Raw::Toml(toml::Value::Integer(n)) if key.kind == Kind::Count => {
+            return count_value(key, &n.to_string());
+        }
+        Raw::Toml(toml::Value::Integer(n)) if key.kind == Kind::Fraction => {
+            return fraction_value(key, &n.to_string());
+        }
+        Raw::Toml(toml::Value::Float(f)) if key.kind == Kind::Fraction => {
+            return fraction_value(key, &f.to_string());
+        }
         Raw::Toml(other) => {
             let expected = match key.kind {
                 Kind::Str => "a string",
                 Kind::Bool => "true or false",
                 Kind::Duration => "a duration string like \"30s\"",
                 Kind::Size => "a number of bytes or a string like \"1MiB\"",
+                Kind::Count => "an integer",
+                Kind::Fraction => "a number",
             };
             return Err(key_err(
                 key,
@@ -161,6 +192,22 @@ fn typed(key: &Key, raw: &Raw) -> Result<Value, ConfigError> {
             let n = i64::try_from(n).map_err(|_| key_err(key, "too large"))?;
             size_value(key, n)
         }
+        Kind::Count => count_value(key, &text),
+        Kind::Fraction => fraction_value(key, &text),
+    }
+}
+
+fn count_value(key: &Key, text: &str) -> Result<Value, ConfigError> {
+    match text.trim().parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(Value::Count(n)),
+        _ => Err(key_err(key, format!("{text:?} is not an integer ≥ 1"))),
+    }
+}
+
+fn fraction_value(key: &Key, text: &str) -> Result<Value, ConfigError> {
+    match text.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(Value::Fraction(f)),
+        _ => Err(key_err(key, format!("{text:?} is not a number in (0, 1]"))),
     }
 }
 

@@ -1,9 +1,12 @@
-//! The HTTP server (hyper 1): `/metrics`, `/healthz`, `/readyz`, `/devices/{id}` and
-//! `/devices?state=&limit=&cursor=`. It only reads: Redis for devices and fleet counts,
-//! [`Health`] for readiness. With `http.auth_token` set, every route but `/`, `/healthz`
-//! and `/readyz` needs that bearer token.
+//! The HTTP server (hyper 1): `/metrics`, `/healthz`, `/readyz`, `/devices/{id}`,
+//! `/devices?state=&group=&limit=&cursor=`, and the groups (`groups.rs`). It only reads:
+//! Redis for devices, groups and fleet counts, [`Health`] for readiness. With
+//! `http.auth_token` set, every route but `/`, `/healthz` and `/readyz` needs that bearer
+//! token.
 //!
 //! It must not write to Redis or publish anything.
+
+mod groups;
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -25,7 +28,7 @@ use tracing::{debug, info, warn};
 use subtle::ConstantTimeEq;
 
 use crate::config::{HttpAuth, Secret};
-use crate::device::{DeviceId, State};
+use crate::device::{DeviceId, GroupName, State};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::store::{ListFilter, Store};
@@ -210,6 +213,11 @@ fn encode_cursor(id: &str) -> String {
 }
 
 fn decode_cursor(c: &str) -> Option<String> {
+    let id = unhex(c)?;
+    DeviceId::parse(&id).ok().map(|_| id)
+}
+
+fn unhex(c: &str) -> Option<String> {
     if c.is_empty() || !c.len().is_multiple_of(2) {
         return None;
     }
@@ -217,8 +225,14 @@ fn decode_cursor(c: &str) -> Option<String> {
         .step_by(2)
         .map(|i| u8::from_str_radix(c.get(i..i + 2)?, 16).ok())
         .collect();
-    let id = String::from_utf8(bytes?).ok()?;
-    DeviceId::parse(&id).ok().map(|_| id)
+    String::from_utf8(bytes?).ok()
+}
+
+/// A page `limit`: 1 to [`MAX_LIMIT`].
+fn parse_limit(v: &str) -> Option<usize> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_LIMIT).contains(n))
 }
 
 impl Api {
@@ -243,10 +257,16 @@ impl Api {
             },
             "/metrics" => self.metrics_page().await,
             "/devices" => self.list(&query).await,
-            p => match p.strip_prefix("/devices/") {
-                Some(raw) => self.device(raw).await,
-                None => error(StatusCode::NOT_FOUND, "no such route"),
-            },
+            "/groups" => self.groups(&query).await,
+            p => {
+                if let Some(raw) = p.strip_prefix("/devices/") {
+                    self.device(raw).await
+                } else if let Some(raw) = p.strip_prefix("/groups/") {
+                    self.group(raw).await
+                } else {
+                    error(StatusCode::NOT_FOUND, "no such route")
+                }
+            }
         }
     }
 
@@ -258,6 +278,7 @@ impl Api {
             Ok(Err(e)) => debug!(error = %e, "Fleet counts unavailable."),
             Err(_) => debug!("Fleet counts timed out."),
         }
+        self.refresh_group_metrics().await;
         let mut r = text(StatusCode::OK, self.metrics.render());
         r.headers_mut().insert(
             CONTENT_TYPE,
@@ -280,6 +301,7 @@ impl Api {
 
     async fn list(&self, query: &str) -> Response<Body> {
         let mut state = None;
+        let mut group = None;
         let mut limit = DEFAULT_LIMIT;
         let mut cursor = None;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -300,9 +322,10 @@ impl Api {
                         }
                     }
                 }
-                "limit" => match v.parse::<usize>() {
-                    Ok(n) if (1..=MAX_LIMIT).contains(&n) => limit = n,
-                    _ => return error(StatusCode::BAD_REQUEST, "limit must be 1 to 1000"),
+                "group" => group = Some(GroupName::parse(&v)),
+                "limit" => match parse_limit(&v) {
+                    Some(n) => limit = n,
+                    None => return error(StatusCode::BAD_REQUEST, "limit must be 1 to 1000"),
                 },
                 "cursor" => match decode_cursor(&v) {
                     Some(c) => cursor = Some(c),
@@ -311,7 +334,12 @@ impl Api {
                 _ => {}
             }
         }
-        let filter = ListFilter { state };
+        let group = match group.transpose() {
+            Ok(group) => group,
+            // No device has an invalid group: an empty listing, as for an unknown one.
+            Err(_) => return empty_listing(),
+        };
+        let filter = ListFilter { state, group };
         let page = self.store.list(&filter, cursor.as_deref(), limit);
         match tokio::time::timeout(REDIS_WAIT, page).await {
             Ok(Ok(page)) => {
@@ -328,6 +356,13 @@ impl Api {
             Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "redis did not answer"),
         }
     }
+}
+
+fn empty_listing() -> Response<Body> {
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "devices": [], "next_cursor": null }),
+    )
 }
 
 #[cfg(test)]

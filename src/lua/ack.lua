@@ -19,11 +19,11 @@ redis.call('ZREM', outbox, unpack(members))
 local raw = redis.call('HMGET', recs, unpack(ids))
 local again = {}
 for i, id in ipairs(ids) do
-  local state, seq, since, last, det = parse(raw[i])
+  local state, seq, since, last, det, group = parse(raw[i])
   if state and tonumber(seq) > seqs[i] then
     local seen = last
     if state == '1' then seen = since end
-    local member = table.concat({seq, state, since, seen, det, id}, '|')
+    local member = outbox_member(seq, state, since, seen, det, id, group)
     if not again[member] then
       again[member] = true
       out[#out + 1] = member

@@ -1,13 +1,46 @@
 -- Shared helpers, prepended to every script.
--- A device record (hash field = device id) is "state|seq|since|last_seen|detected_at",
--- state "1" online, "0" offline, times in ms since the epoch.
--- An outbox member is "seq|state|since|status_last_seen|detected_at|id" (id last: it may hold '|').
+-- A device record (hash field = device id) is "state|seq|since|last_seen|detected_at" plus,
+-- for a device with a group, "|group" (last: a group name may hold '|'); state "1" online,
+-- "0" offline, times in ms since the epoch.
+-- An outbox member is "seq|state|since|status_last_seen|detected_at|id" (id last: it may hold
+-- '|'), prefixed by "g<length>|group|" for a device with a group.
 -- Seq 0 ("before the first status") is a forgotten device's clear: an empty retained message.
 -- Every time a script decides with or writes is this master's clock (TIME): replicas' clocks
 -- may disagree, the master of a device's bucket is one clock for all of them.
+-- Returns state, seq, since, last_seen, detected_at, group ('' for none), or nil.
 local function parse(rec)
   if not rec then return nil end
-  return string.match(rec, '^([01])|(%d+)|(%d+)|(%d+)|(%d+)$')
+  local state, seq, since, last, det, rest = string.match(rec, '^([01])|(%d+)|(%d+)|(%d+)|(%d+)(.*)$')
+  if not state then return nil end
+  if rest ~= '' then
+    if string.sub(rest, 1, 1) ~= '|' then return nil end
+    rest = string.sub(rest, 2)
+  end
+  return state, seq, since, last, det, rest
+end
+local function make_record(state, seq, since, last, det, group)
+  local r = table.concat({state, seq, since, last, det}, '|')
+  if group ~= nil and group ~= '' then r = r .. '|' .. group end
+  return r
+end
+local function outbox_member(seq, state, since, seen, det, id, group)
+  local m = table.concat({seq, state, since, seen, det, id}, '|')
+  if group ~= nil and group ~= '' then m = 'g' .. #group .. '|' .. group .. '|' .. m end
+  return m
+end
+-- The device id of an outbox member (nil if it is not a device status).
+local function member_id(m)
+  local len = string.match(m, '^g(%d+)|')
+  if len then m = string.sub(m, #len + 4 + tonumber(len)) end
+  return string.match(m, '^%d+|[01]|%d+|%d+|%d+|(.*)$')
+end
+-- Per-bucket device counts per group: hash field "<state>|<group>" -> devices of that group
+-- in this bucket in that state (fleet-wide counts are the sum over the buckets). A field that
+-- reaches 0 is removed, so that a group without devices leaves no trace.
+local function count(key, state, group, delta)
+  if group == nil or group == '' then return end
+  local field = state .. '|' .. group
+  if redis.call('HINCRBY', key, field, delta) <= 0 then redis.call('HDEL', key, field) end
 end
 local function int(n) return string.format('%d', n) end
 -- The lowest floor among the other replicas (not `me`, whose own unapplied heartbeats the

@@ -6,7 +6,8 @@
 -- applied yet; a floor whose writer stopped renewing it for `floor lease` ms is ignored).
 -- Returns {next deadline or -1, 1 if more may be overdue else 0, the cutoff used, members...}.
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
---       6 floors hash (replica -> "floor|written at"), 7 offline-since zset (forget.lua)
+--       6 floors hash (replica -> "floor|written at"), 7 offline-since zset (forget.lua),
+--       8 group counts hash
 -- ARGV: 1 TTL key prefix, 2 cutoff, 3 outbox lease (ms), 4 limit, 5 floor lease (ms),
 --       6 the caller's name in the floors, then ids
 local recs, deadlines, online, offline, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -44,15 +45,17 @@ if #ids > 0 then
   local offsince_args = {} -- forget index
   for i, id in ipairs(ids) do
     ttl_keys[i] = ttl_prefix .. id
-    local state, seq, since, last, det = parse(raw[i])
+    local state, seq, since, last, det, group = parse(raw[i])
     if state == '1' then
+      count(KEYS[8], '1', group, -1)
+      count(KEYS[8], '0', group, 1)
       local nseq, since_off = int(tonumber(seq) + 1), int(dls[i])
       rec_args[#rec_args + 1] = id
-      rec_args[#rec_args + 1] = table.concat({'0', nseq, since_off, last, int(now)}, '|')
+      rec_args[#rec_args + 1] = make_record('0', nseq, since_off, last, int(now), group)
       gone[#gone + 1] = id
       off_args[#off_args + 1] = 0
       off_args[#off_args + 1] = id
-      local member = table.concat({nseq, '0', since_off, last, int(now), id}, '|')
+      local member = outbox_member(nseq, '0', since_off, last, int(now), id, group)
       outbox_args[#outbox_args + 1] = now + lease
       outbox_args[#outbox_args + 1] = member
       out[#out + 1] = member

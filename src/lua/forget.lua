@@ -11,7 +11,8 @@
 -- forgotten past a heartbeat that some replica holds.
 -- Returns {1 if more may be due else 0, the clear members staged...}.
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
---       6 floors hash, 7 offline-since zset (id -> since of its offline status)
+--       6 floors hash, 7 offline-since zset (id -> since of its offline status),
+--       8 group counts hash
 -- ARGV: 1 TTL key prefix, 2 cutoff, 3 outbox lease (ms), 4 limit, 5 floor lease (ms),
 --       6 the caller's name in the floors, 7 forget after (ms)
 local recs, offline, outbox, offsince = KEYS[1], KEYS[4], KEYS[5], KEYS[7]
@@ -32,13 +33,13 @@ if redis.call('ZCARD', outbox) > 2000 then return {0} end
 -- Devices with a status not acknowledged yet.
 local pending = {}
 for _, m in ipairs(redis.call('ZRANGE', outbox, 0, -1)) do
-  local id = string.match(m, '^%d+|[01]|%d+|%d+|%d+|(.*)$')
+  local id = member_id(m)
   if id then pending[id] = true end
 end
 local raw = redis.call('HMGET', recs, unpack(due))
 local gone, stale, reindex, outbox_args, out = {}, {}, {}, {}, {}
 for i, id in ipairs(due) do
-  local state, seq, since, last, det = parse(raw[i])
+  local state, seq, since, last, det, group = parse(raw[i])
   if state ~= '0' then
     -- Online again (or no record): nothing to forget.
     stale[#stale + 1] = id
@@ -48,7 +49,8 @@ for i, id in ipairs(due) do
     reindex[#reindex + 1] = id
   elseif not pending[id] then
     gone[#gone + 1] = id
-    local member = table.concat({'0', '0', since, last, int(now), id}, '|')
+    local member = outbox_member('0', '0', since, last, int(now), id, group)
+    count(KEYS[8], '0', group, -1)
     outbox_args[#outbox_args + 1] = now + lease
     outbox_args[#outbox_args + 1] = member
     out[#out + 1] = member

@@ -1,12 +1,13 @@
 -- Applies a batch of heartbeats of one bucket; returns the outbox members of the
 -- transitions it committed, in order.
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
---       6 floors hash (see expire.lua), 7 offline-since zset (forget.lua), 8 epoch key
---       (present exactly when the bucket's state is in Redis)
+--       6 floors hash (see expire.lua), 7 offline-since zset (forget.lua), 8 group counts
+--       hash, 9 epoch key (present exactly when the bucket's state is in Redis)
 -- ARGV: 1 TTL key prefix, 2 outbox lease (ms), 3 floor lease (ms), 4 the caller's name in the
---       floors, then per device 7 values:
+--       floors, then per device 8 values:
 --   id, first arrival, latest arrival, latest deadline, lapse from, lapse to (0 0: none),
---   timing ('1': queued while the monitor was away, counts as on time; '0': live)
+--   timing ('1': queued while the monitor was away, counts as on time; '0': live),
+--   group named by the latest heartbeat ('': none named, the device keeps its group)
 -- Rules: the latest heartbeat wins (its deadline replaces the earlier one, by arrival, across
 -- replicas); a heartbeat that arrived after the deadline ends an offline period (offline
 -- since the deadline, then online); a gap inside the held heartbeats is one such period.
@@ -14,28 +15,33 @@
 -- (the deadline is before every live floor); until then the heartbeat counts as on time.
 -- Without the epoch key Redis lost the bucket's data (or it was never imported): nothing
 -- is written, so that no seq starts over; the caller holds the heartbeats until the rebuild.
-if redis.call('EXISTS', KEYS[8]) == 0 then return redis.status_reply('LOST') end
+if redis.call('EXISTS', KEYS[9]) == 0 then return redis.status_reply('LOST') end
 local recs, deadlines, online, offline, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local groups = KEYS[8]
 local ttl_prefix, lease = ARGV[1], tonumber(ARGV[2])
 local now = redis_now()
 local floor = lowest_floor(KEYS[6], tonumber(ARGV[3]), now, ARGV[4])
 local function settled(t) return not floor or t < floor end
 local out = {}
-local function stage(id, nseq, state, since, seen)
-  local member = table.concat({nseq, state, int(since), int(seen), int(now), id}, '|')
+local function stage(id, nseq, state, since, seen, group)
+  local member = outbox_member(nseq, state, int(since), int(seen), int(now), id, group)
   redis.call('ZADD', outbox, now + lease, member)
   out[#out + 1] = member
 end
-for i = 5, #ARGV, 7 do
+for i = 5, #ARGV, 8 do
   local id, first, arrival = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local deadline, lapse_from, lapse_to = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
   local on_time = ARGV[i + 6] == '1'
+  local named = ARGV[i + 7]
   -- Arrivals are the caller's clock shifted to ours (within half a round trip): never later
   -- than now, so that no published time runs ahead of the decision.
   if first > now then first = now end
   if lapse_to > now then lapse_to = now end
   if arrival > now then deadline, arrival = deadline - (arrival - now), now end
-  local state, seq, since, last, det = parse(redis.call('HGET', recs, id))
+  local state, seq, since, last, det, group = parse(redis.call('HGET', recs, id))
+  -- The group the device has after this heartbeat: the one it names, if it is the latest.
+  local new_group = group or ''
+  if named ~= '' and (not last or arrival > tonumber(last)) then new_group = named end
   local online_since = first
   if state == '1' then
     local dl = tonumber(redis.call('ZSCORE', deadlines, id))
@@ -57,18 +63,24 @@ for i = 5, #ARGV, 7 do
       seq = int(tonumber(seq) + 1)
       since = int(off_at)
       state = '0'
-      redis.call('HSET', recs, id, table.concat({'0', seq, since, last, int(now)}, '|'))
+      redis.call('HSET', recs, id, make_record('0', seq, since, last, int(now), group))
+      count(groups, '1', group, -1)
+      count(groups, '0', group, 1)
       redis.call('ZREM', deadlines, id)
       redis.call('UNLINK', ttl_prefix .. id)
       redis.call('ZREM', online, id)
       redis.call('ZADD', offline, 0, id)
       redis.call('ZADD', KEYS[7], since, id) -- forget index
-      stage(id, seq, '0', off_at, last)
+      stage(id, seq, '0', off_at, last, group)
     elseif arrival > tonumber(last) then
       -- Online, and this is the latest heartbeat: its deadline replaces the earlier one.
       redis.call('ZADD', deadlines, deadline, id)
       redis.call('SET', ttl_prefix .. id, '1', 'PXAT', int(deadline))
-      redis.call('HSET', recs, id, table.concat({state, seq, since, int(arrival), det}, '|'))
+      redis.call('HSET', recs, id, make_record(state, seq, since, int(arrival), det, new_group))
+      if new_group ~= group then
+        count(groups, '1', group, -1)
+        count(groups, '1', new_group, 1)
+      end
     end
     -- Otherwise an older heartbeat than one already applied (another replica's): no change.
   end
@@ -78,17 +90,23 @@ for i = 5, #ARGV, 7 do
       local s = online_since
       if since and tonumber(since) > s then s = tonumber(since) end
       local nseq = int((tonumber(seq) or 0) + 1)
-      redis.call('HSET', recs, id, table.concat({'1', nseq, int(s), int(arrival), int(now)}, '|'))
+      redis.call('HSET', recs, id, make_record('1', nseq, int(s), int(arrival), int(now), new_group))
+      if state then count(groups, '0', group, -1) end
+      count(groups, '1', new_group, 1)
       redis.call('ZADD', deadlines, deadline, id)
       redis.call('SET', ttl_prefix .. id, '1', 'PXAT', int(deadline))
       redis.call('ZREM', offline, id)
       redis.call('ZADD', online, 0, id)
       redis.call('ZREM', KEYS[7], id) -- forget index
-      stage(id, nseq, '1', s, s)
+      stage(id, nseq, '1', s, s, new_group)
     elseif state == '0' and arrival > tonumber(last) then
       -- Proves presence only for a time gone by (held while Redis was away): no transition,
       -- but the record knows the latest heartbeat.
-      redis.call('HSET', recs, id, table.concat({'0', seq, since, int(arrival), det}, '|'))
+      redis.call('HSET', recs, id, make_record('0', seq, since, int(arrival), det, new_group))
+      if new_group ~= group then
+        count(groups, '0', group, -1)
+        count(groups, '0', new_group, 1)
+      end
     end
   end
 end

@@ -5,9 +5,11 @@
 -- A chunk after the first goes on only if this import's token is still registered: if Redis
 -- lost the bucket again meanwhile, the earlier chunks are gone and the import starts over.
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 epoch key,
---       6 importers set (tokens of the imports under way), 7 offline-since zset (forget.lua)
+--       6 importers set (tokens of the imports under way), 7 offline-since zset (forget.lua),
+--       8 group counts hash
 -- ARGV: 1 TTL key prefix, 2 TTL (ms), 3 token, 4 '1' first chunk, 5 '1' last chunk,
---       then per device 6 values: id, state ('1'/'0'), seq, since, last_seen, detected_at
+--       then per device 7 values: id, state ('1'/'0'), seq, since, last_seen, detected_at,
+--       group ('' for none)
 -- Returns DONE (the bucket is present: nothing to import), AGAIN (start over), or the
 -- number of devices written.
 local recs, deadlines, online, offline, epoch, importers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -22,11 +24,14 @@ end
 local now = redis_now()
 local deadline = int(now + ttl)
 local written = 0
-for i = 6, #ARGV, 6 do
+for i = 6, #ARGV, 7 do
   local id, state, seq = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local _, cur = parse(redis.call('HGET', recs, id))
+  local cur_state, cur, _, _, _, cur_group = parse(redis.call('HGET', recs, id))
   if not cur or tonumber(cur) < seq then
-    redis.call('HSET', recs, id, table.concat({state, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]}, '|'))
+    local group = ARGV[i + 6]
+    redis.call('HSET', recs, id, make_record(state, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], group))
+    if cur_state then count(KEYS[8], cur_state, cur_group, -1) end
+    count(KEYS[8], state, group, 1)
     if state == '1' then
       redis.call('ZADD', deadlines, deadline, id)
       redis.call('SET', ttl_prefix .. id, '1', 'PXAT', deadline)

@@ -29,11 +29,11 @@ local scan = redis.call('HSCAN', recs, cursor, 'COUNT', count)
 local out, args = {}, {}
 local flat = scan[2]
 for i = 1, #flat, 2 do
-  local state, seq, since, last, det = parse(flat[i + 1])
+  local state, seq, since, last, det, group = parse(flat[i + 1])
   if state then
     local seen = last
     if state == '1' then seen = since end
-    local member = table.concat({seq, state, since, seen, det, flat[i]}, '|')
+    local member = outbox_member(seq, state, since, seen, det, flat[i], group)
     out[#out + 1] = member
     args[#args + 1] = now + lease
     args[#args + 1] = member

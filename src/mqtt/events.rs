@@ -134,7 +134,10 @@ fn from_v4(event: rumqttc::Event) -> Event {
 /// rumqttc parked a publish whose packet id was still in flight: `connect::id_space` rules
 /// it out, so it is a defect worth a loud line (the outbox lease still republishes).
 fn collided(pkid: u16) -> Event {
-    tracing::error!(pkid, "MQTT packet id collision: a status publish waits for an earlier one.");
+    tracing::error!(
+        pkid,
+        "MQTT packet id collision: a status publish waits for an earlier one."
+    );
     Event::Other
 }
 

@@ -10,7 +10,9 @@ use tracing::{error, warn};
 
 use crate::beat::Stamp;
 use crate::config::{MqttConfig, PresenceConfig};
-use crate::device::{heartbeat_ttl, DeviceId, TopicTemplate};
+use crate::device::{
+    heartbeat_ttl, payload_group, DeviceId, GroupName, InvalidGroup, TopicTemplate,
+};
 use crate::held::Held;
 use crate::metrics::{Metrics, Rejected};
 use crate::telemetry::LogLimiter;
@@ -23,6 +25,7 @@ pub(super) struct Ingest {
     metrics: Metrics,
     held: Arc<Held>,
     invalid: LogLimiter,
+    bad_group: LogLimiter,
     too_large: LogLimiter,
     held_full: LogLimiter,
 }
@@ -41,6 +44,7 @@ impl Ingest {
             metrics,
             held,
             invalid: LogLimiter::new(Duration::from_secs(10)),
+            bad_group: LogLimiter::new(Duration::from_secs(10)),
             too_large: LogLimiter::new(Duration::from_secs(10)),
             held_full: LogLimiter::new(Duration::from_secs(10)),
         }
@@ -49,7 +53,7 @@ impl Ingest {
     /// One message on the heartbeat subscription: validated, counted, held for Redis with
     /// the stamp `stamp` gives once its arrival time is read (see [`Held::insert`]).
     pub(super) fn heartbeat(&self, topic: &[u8], payload: &[u8], stamp: impl FnOnce() -> Stamp) {
-        let Some(device) = self.device(topic) else {
+        let Some((device, group_level)) = self.device(topic) else {
             self.metrics.heartbeat_rejected(Rejected::InvalidId);
             return;
         };
@@ -62,7 +66,8 @@ impl Ingest {
         }
         let p = &self.presence;
         let ttl = heartbeat_ttl(payload, p.ttl, p.min_ttl, p.max_ttl);
-        if self.held.insert(device, ttl, stamp) {
+        let group = self.group(&device, group_level, payload);
+        if self.held.insert(device, group, ttl, stamp) {
             self.metrics.heartbeat_accepted();
         } else if let Some(n) = self.held_full.check() {
             error!(
@@ -77,14 +82,34 @@ impl Ingest {
         self.held.close();
     }
 
-    /// The device a heartbeat topic names; `None` (logged) if it names none or an invalid
-    /// one.
-    fn device(&self, topic: &[u8]) -> Option<DeviceId> {
-        let raw = std::str::from_utf8(topic)
+    /// The group a heartbeat names: its topic's `{group}` level if the template has one,
+    /// else the payload's `"group"`. An invalid name is ignored (logged at a limited rate):
+    /// the heartbeat still counts, the device keeps its group.
+    fn group(&self, device: &DeviceId, level: Option<&str>, payload: &[u8]) -> Option<GroupName> {
+        let named: Option<Result<GroupName, InvalidGroup>> = match level {
+            Some(level) => Some(GroupName::parse(level)),
+            None => payload_group(payload),
+        };
+        match named? {
+            Ok(group) => Some(group),
+            Err(e) => {
+                if let Some(n) = self.bad_group.check() {
+                    warn!(%device, error = %e, suppressed = n, "Ignored an invalid group name in a heartbeat.");
+                }
+                None
+            }
+        }
+    }
+
+    /// The device a heartbeat topic names and its raw group level; `None` (logged) if it
+    /// names no device or an invalid one.
+    fn device<'a>(&self, topic: &'a [u8]) -> Option<(DeviceId, Option<&'a str>)> {
+        let levels = std::str::from_utf8(topic)
             .ok()
-            .and_then(|t| self.topic.extract(t));
-        match raw.map(DeviceId::parse) {
-            Some(Ok(id)) => Some(id),
+            .and_then(|t| self.topic.extract_levels(t));
+        let group = levels.and_then(|(_, g)| g);
+        match levels.map(|(d, _)| DeviceId::parse(d)) {
+            Some(Ok(id)) => Some((id, group)),
             Some(Err(e)) => {
                 if let Some(n) = self.invalid.check() {
                     warn!(error = %e, suppressed = n, "Rejected a heartbeat with an invalid device id.");

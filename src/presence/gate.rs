@@ -173,7 +173,7 @@ mod tests {
         let id = DeviceId::parse("d").unwrap();
         backlog
             .held()
-            .insert(id, Duration::from_secs(60), || Stamp::Live);
+            .insert(id, None, Duration::from_secs(60), || Stamp::Live);
         tx.send_replace(Some(Synced {
             at: now_ms() + 1,
             stalls: 0,

@@ -30,7 +30,7 @@ impl Store {
         .await
     }
 
-    /// The call of heartbeat.lua for bucket `b`: its settings, then seven fields per beat
+    /// The call of heartbeat.lua for bucket `b`: its settings, then eight fields per beat
     /// (every time as the bucket's master reads it).
     fn heartbeat_cmd(&self, b: Bucket, beats: &[&Beat], floor_lease_ms: u64) -> Cmd {
         let mut args = vec![
@@ -57,6 +57,9 @@ impl Store {
                 from,
                 to,
                 on_time.into(),
+                beat.group
+                    .as_ref()
+                    .map_or_else(String::new, |g| g.to_string()),
             ]);
         }
         // expire.lua's keys, then the epoch key (a bucket without it is lost).

@@ -108,7 +108,7 @@ impl Store {
         .await
     }
 
-    /// The call of import.lua for bucket `b`: its settings, then six fields per device.
+    /// The call of import.lua for bucket `b`: its settings, then seven fields per device.
     fn import_cmd(
         &self,
         b: Bucket,
@@ -131,6 +131,7 @@ impl Store {
                 r.since.to_string(),
                 r.last_seen.to_string(),
                 r.detected_at.to_string(),
+                r.group.as_ref().map_or_else(String::new, |g| g.to_string()),
             ]);
         }
         self.scripts

@@ -26,6 +26,8 @@ pub(crate) enum Key {
     RepublishJob,
     /// Replica floors (src/lua/clock.lua).
     Floors,
+    /// Hash `<state flag>|<group>` → the bucket's devices of that group in that state.
+    GroupCounts,
 }
 
 impl Key {
@@ -40,6 +42,7 @@ impl Key {
             Key::Importers => "importing",
             Key::RepublishJob => "republish",
             Key::Floors => "floor",
+            Key::GroupCounts => "groups",
         }
     }
 }
@@ -53,18 +56,28 @@ const STATE_KEYS: [Key; 4] = [
     Key::Index(State::Offline),
 ];
 
-/// [`STATE_KEYS`], then a script's own.
-const fn state_and(own: [Key; 3]) -> [Key; 7] {
+/// [`STATE_KEYS`], then a script's own, then the group counts (every script that changes
+/// a device's state or group keeps them in the same step).
+const fn state_and(own: [Key; 3]) -> [Key; 8] {
     let [records, deadlines, online, offline] = STATE_KEYS;
     let [a, b, c] = own;
-    [records, deadlines, online, offline, a, b, c]
+    [
+        records,
+        deadlines,
+        online,
+        offline,
+        a,
+        b,
+        c,
+        Key::GroupCounts,
+    ]
 }
 
 /// The `KEYS` of expire.lua and forget.lua (heartbeat.lua's begin so too).
-pub(crate) const EXPIRE_KEYS: [Key; 7] = state_and([Key::Outbox, Key::Floors, Key::OfflineSince]);
+pub(crate) const EXPIRE_KEYS: [Key; 8] = state_and([Key::Outbox, Key::Floors, Key::OfflineSince]);
 
 /// The `KEYS` of import.lua.
-pub(crate) const IMPORT_KEYS: [Key; 7] = state_and([Key::Epoch, Key::Importers, Key::OfflineSince]);
+pub(crate) const IMPORT_KEYS: [Key; 8] = state_and([Key::Epoch, Key::Importers, Key::OfflineSince]);
 
 /// Key names under one prefix.
 #[derive(Clone, Debug)]
@@ -155,6 +168,7 @@ mod tests {
                 "p:{3}:outbox",
                 "p:{3}:floor",
                 "p:{3}:offsince",
+                "p:{3}:groups",
             ]
         );
         assert_eq!(

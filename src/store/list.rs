@@ -10,7 +10,7 @@ use super::handle::Store;
 use super::keys::Key;
 use super::reply::decode;
 use crate::bucket::{bucket_of, Bucket, BUCKETS};
-use crate::device::{DeviceId, DeviceRecord, State};
+use crate::device::{DeviceId, DeviceRecord, GroupName, State};
 
 /// Most ids one `/devices` page examines (see `Store::list`).
 pub const LIST_BUDGET: usize = 10_000;
@@ -26,11 +26,16 @@ const LIST_TIME_BUDGET: std::time::Duration = std::time::Duration::from_millis(5
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ListFilter {
     pub state: Option<State>,
+    pub group: Option<GroupName>,
 }
 
 impl ListFilter {
     pub(crate) fn matches(&self, record: &DeviceRecord) -> bool {
         self.state.is_none_or(|s| record.state == s)
+            && self
+                .group
+                .as_ref()
+                .is_none_or(|g| record.group.as_ref() == Some(g))
     }
 
     /// The state indexes that hold the ids the filter may keep.

@@ -7,7 +7,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `P:{b}:ttl:<id>` | string, with TTL | the heartbeat TTL key; its `expired` event is the fast path |
-//! | `P:{b}:rec` | hash id → record | `state\|seq\|since\|last_seen\|detected_at`: what is needed at expiry lives here, not in the TTL key |
+//! | `P:{b}:rec` | hash id → record | `state\|seq\|since\|last_seen\|detected_at[\|group]`: what is needed at expiry lives here, not in the TTL key |
 //! | `P:{b}:deadline` | zset id → deadline ms | online devices, queryable by time (reconciliation, the deadline sweep) |
 //! | `P:{b}:online`, `P:{b}:offline` | zset (lex) | the state index: counts (ZCARD) and paging (ZRANGE BYLEX) |
 //! | `P:{b}:outbox` | zset member → lease ms | committed transitions not yet acknowledged by the broker |
@@ -15,6 +15,7 @@
 //! | `P:{b}:floor` | hash replica → floor | replica floors (clock.lua; read by expire.lua and forget.lua) |
 //! | `P:{b}:epoch` | string | present exactly when the bucket's state is in Redis (imported or started empty); gone with a loss |
 //! | `P:{b}:importing` | set | tokens of the rebuilds importing into the bucket |
+//! | `P:{b}:groups` | hash `<state>\|<group>` → n | the bucket's devices per group and state (fleet-wide: the sum over the buckets) |
 //! | `P:{b}:republish` | string | the bucket's republish job `cursor\|lease end\|owner\|started` (republish.lua) |
 //!
 //! Every transition is decided by one Lua script on one bucket (src/lua/*.lua), so exactly one
@@ -24,7 +25,8 @@
 //! layout; `connection` carries commands (and replaces a wedged connection); `scripts`
 //! loads the Lua; `batch` runs one round trip and sorts its replies by bucket; `reply` reads
 //! replies. The operations, one concern each: `heartbeat`, `expire`, `forget`, `outbox`,
-//! `import`, `floor` (clock sync), `list` (reads), `notify` (keyspace notification setup).
+//! `import`, `floor` (clock sync), `list` (reads), `groups` (group counts), `notify`
+//! (keyspace notification setup).
 //! This file only declares them; nothing in it is imported by them.
 
 mod batch;
@@ -33,6 +35,7 @@ mod error;
 mod expire;
 mod floor;
 mod forget;
+mod groups;
 mod handle;
 mod heartbeat;
 mod import;
@@ -50,6 +53,7 @@ use crate::bucket::BUCKETS;
 pub use batch::Partial;
 pub use error::StoreError;
 pub use expire::Cutoff;
+pub use groups::GroupCounts;
 pub use handle::Store;
 pub use keys::Keys;
 pub use list::LIST_BUDGET;

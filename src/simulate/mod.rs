@@ -1,6 +1,7 @@
 //! `presenced simulate`: a fleet of N devices heartbeating over MQTT, a fraction of which go
-//! silent after their first heartbeat. For demos, tests and benchmarks; it needs only the
-//! broker.
+//! silent after their first heartbeat, optionally in groups, some of which go silent for a
+//! while (an outage). For demos, tests and benchmarks; it needs only the broker. What the
+//! fleet does is `plan`; this file publishes it.
 //!
 //! Schedule: heartbeat `j` (device `j mod N`, round `j / N`) is due at `j × interval / N`
 //! after the start, so the first round is spread over the first interval and every device
@@ -12,15 +13,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::MqttConfig;
-use crate::device::DeviceId;
 use crate::mqtt::{self, Client, ConnectOptions, Event, EventLoop, Qos};
+
+mod plan;
+
+pub use plan::{device_name, group_name, Outage, SimError, SimOptions};
 
 /// Devices per MQTT connection (at most [`MAX_CONNECTIONS`] connections).
 const DEVICES_PER_CONNECTION: usize = 25_000;
@@ -28,54 +31,11 @@ const MAX_CONNECTIONS: usize = 8;
 /// How often a progress line is printed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
-#[derive(Clone, Debug)]
-pub struct SimOptions {
-    pub devices: usize,
-    pub interval: Duration,
-    pub offline_fraction: f64,
-    pub duration: Option<Duration>,
-    pub prefix: String,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SimError {
-    #[error("--devices must be at least 1")]
-    NoDevices,
-    #[error("--offline-fraction must lie within 0 and 1, got {0}")]
-    Fraction(f64),
-    #[error("--prefix {0:?} does not make valid device ids: {1}")]
-    Prefix(String, crate::device::InvalidDeviceId),
-}
-
 /// What the simulator did.
 #[derive(Debug, Clone, Copy)]
 pub struct SimReport {
     pub sent: u64,
     pub elapsed: Duration,
-}
-
-/// The id of device `i` (0-based): `sim-000001` for `i = 0`.
-pub fn device_name(prefix: &str, i: usize) -> String {
-    format!("{prefix}-{:06}", i + 1)
-}
-
-impl SimOptions {
-    pub fn validate(&self) -> Result<(), SimError> {
-        if self.devices == 0 {
-            return Err(SimError::NoDevices);
-        }
-        if !(0.0..=1.0).contains(&self.offline_fraction) {
-            return Err(SimError::Fraction(self.offline_fraction));
-        }
-        DeviceId::parse(&device_name(&self.prefix, self.devices - 1))
-            .map_err(|e| SimError::Prefix(self.prefix.clone(), e))?;
-        Ok(())
-    }
-
-    /// How many devices (the last ones) stop after their first heartbeat.
-    pub fn silent(&self) -> usize {
-        ((self.devices as f64) * self.offline_fraction).round() as usize
-    }
 }
 
 /// Runs the simulator until `--duration` or `stop`; prints progress lines to stdout.
@@ -189,7 +149,6 @@ async fn publish(
     started: Instant,
 ) {
     let n = opts.devices;
-    let silent_from = n - opts.silent();
     let step_ns = (opts.interval.as_nanos() / n as u128).max(1);
     let due = |j: u64| started + Duration::from_nanos((j as u128 * step_ns) as u64);
     let end = opts.duration.map(|d| started + d);
@@ -207,17 +166,16 @@ async fn publish(
             let i = (j % n as u64) as usize;
             let round = j / n as u64;
             j += 1;
-            if i >= silent_from && round > 0 {
+            if !opts.heartbeats(i, round, now - started) {
                 continue;
             }
             // `validate` proved every generated id valid.
-            let Ok(id) = DeviceId::parse(&device_name(&opts.prefix, i)) else {
+            let Some((topic, payload)) = opts.heartbeat(&cfg.heartbeat_topic, i) else {
                 continue;
             };
-            let topic = cfg.heartbeat_topic.render(&id);
             let client = &clients[i % clients.len()];
             if client
-                .publish(topic, Qos::AtLeastOnce, Bytes::new())
+                .publish(topic, Qos::AtLeastOnce, payload)
                 .await
                 .is_err()
             {
@@ -225,42 +183,5 @@ async fn publish(
             }
             sent.fetch_add(1, Ordering::Relaxed);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_and_fractions() {
-        assert_eq!(device_name("sim", 0), "sim-000001");
-        let o = SimOptions {
-            devices: 10,
-            interval: Duration::from_secs(1),
-            offline_fraction: 0.25,
-            duration: None,
-            prefix: "sim".into(),
-        };
-        assert_eq!(o.silent(), 3);
-        assert!(o.validate().is_ok());
-        assert!(SimOptions {
-            offline_fraction: 1.5,
-            ..o.clone()
-        }
-        .validate()
-        .is_err());
-        assert!(SimOptions {
-            devices: 0,
-            ..o.clone()
-        }
-        .validate()
-        .is_err());
-        assert!(SimOptions {
-            prefix: "a\nb".into(),
-            ..o
-        }
-        .validate()
-        .is_err());
     }
 }
