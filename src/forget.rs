@@ -137,8 +137,8 @@ impl Forgetter {
                     n = cleared.len(),
                     "Forgot devices offline for longer than presence.forget_after."
                 );
-                for c in &cleared {
-                    debug!(device = %c.event.device, "Forgot a device.");
+                for ev in cleared.iter().filter_map(|c| c.event.device()) {
+                    debug!(device = %ev.device, "Forgot a device.");
                 }
                 if publish(&self.out, cleared, Lag::Skip).await == Handed::QueueClosed {
                     // The MQTT task is gone (shutdown): the outbox still holds the clears.

@@ -35,6 +35,7 @@ pub mod config;
 pub mod device;
 pub(crate) mod expiry;
 pub(crate) mod forget;
+pub mod group_status;
 pub(crate) mod health;
 pub(crate) mod held;
 pub(crate) mod http;

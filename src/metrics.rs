@@ -287,7 +287,7 @@ impl Metrics {
     }
 
     /// The group gauges, from every group's counts (fleet-wide, read from Redis).
-    pub(crate) fn set_groups(&self, all: &BTreeMap<GroupName, GroupCounts>) {
+    pub(crate) fn set_groups(&self, all: &BTreeMap<GroupName, GroupCounts>, in_outage: usize) {
         let (own, other) = self
             .series
             .lock()
@@ -297,13 +297,21 @@ impl Metrics {
             self.set_group_devices(group.as_str(), *counts);
         }
         self.set_group_devices(OTHER_GROUP, other);
-        self.groups.with_label_values(&["ok"]).set(all.len() as i64);
+        let outage = in_outage as i64;
+        self.groups.with_label_values(&["outage"]).set(outage);
+        self.groups
+            .with_label_values(&["ok"])
+            .set((all.len() as i64 - outage).max(0));
     }
 
     fn set_group_devices(&self, group: &str, counts: GroupCounts) {
         let set = |state, n| self.group_devices.with_label_values(&[group, state]).set(n);
         set("online", counts.online);
         set("offline", counts.offline);
+    }
+
+    pub(crate) fn outage_opened(&self) {
+        self.outages.inc();
     }
 
     pub(crate) fn set_redis_up(&self, up: bool) {

@@ -6,7 +6,49 @@
 //! outbox is kept.
 
 use crate::bucket::Bucket;
-use crate::device::{DeviceId, StatusEvent};
+use crate::device::{DeviceId, GroupName, StatusEvent};
+use crate::group_status::GroupStatus;
+
+/// What an outbox entry publishes: a device's status, or a group's outage status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outbound {
+    Device(StatusEvent),
+    Group(GroupStatus),
+}
+
+impl Outbound {
+    /// Parses an outbox member of either kind.
+    pub fn parse_member(member: &str) -> Option<Outbound> {
+        if member.starts_with('o') {
+            GroupStatus::parse_member(member).map(Outbound::Group)
+        } else {
+            StatusEvent::parse_member(member).map(Outbound::Device)
+        }
+    }
+
+    /// The device status, if it is one.
+    pub fn device(&self) -> Option<&StatusEvent> {
+        match self {
+            Outbound::Device(ev) => Some(ev),
+            Outbound::Group(_) => None,
+        }
+    }
+
+    /// Whose status it is, and its seq.
+    pub fn subject(&self) -> (Subject, u64) {
+        match self {
+            Outbound::Device(ev) => (Subject::Device(ev.device.clone()), ev.seq),
+            Outbound::Group(g) => (Subject::Group(g.group.clone()), g.seq),
+        }
+    }
+}
+
+/// Whose status a publish carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subject {
+    Device(DeviceId),
+    Group(GroupName),
+}
 
 /// Which outbox entry a status came from: retired when the broker acknowledged it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,7 +72,7 @@ pub enum Lag {
 /// is sent.
 #[derive(Clone, Debug)]
 pub struct StatusOut {
-    pub event: StatusEvent,
+    pub event: Outbound,
     pub receipt: Receipt,
     pub lag: Lag,
 }
@@ -39,6 +81,6 @@ pub struct StatusOut {
 #[derive(Clone, Debug)]
 pub struct Delivered {
     pub receipt: Receipt,
-    pub device: DeviceId,
+    pub subject: Subject,
     pub seq: u64,
 }

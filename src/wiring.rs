@@ -20,13 +20,13 @@ use crate::held::{Held, HELD_CAP};
 use crate::http;
 use crate::mqtt::MqttTask;
 use crate::presence::{
-    Applier, Backlog, CommitOrder, Committer, DueTable, Expirer, Outbox, Stamper,
+    Applier, Backlog, CommitOrder, Committer, DueTable, Expirer, GroupNotes, Outbox, Stamper,
 };
 use crate::pulse::{Pulse, Synced};
 use crate::rebuild;
 use crate::startup::{watch_redis, Base, Common};
 use crate::status::{Delivered, StatusOut};
-use crate::store::Configure;
+use crate::store::{Configure, OutageRule};
 use crate::supervisor::Supervisor;
 
 /// How long a replica's floor stands without renewal before the others take it for gone
@@ -345,6 +345,10 @@ fn spawn_outbox(
             ack_rx,
             republish,
             instance: common.cfg.mqtt.client_id.clone(),
+            groups: GroupNotes {
+                rule: OutageRule::new(&common.cfg.groups),
+                metrics: common.metrics.clone(),
+            },
         }
         .run(token.child_token())
         .instrument(tracing::info_span!("outbox")),

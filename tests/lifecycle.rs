@@ -454,7 +454,7 @@ async fn duplicate_expiry_events_in_one_batch_commit_once() {
         .into_result()
         .unwrap();
     assert_eq!(off.len(), 1);
-    assert_eq!(off[0].event.seq, 2);
+    assert_eq!(off[0].event.device().unwrap().seq, 2);
     let again = store
         .expire_devices(std::slice::from_ref(&id), cutoff(now))
         .await
@@ -512,8 +512,8 @@ async fn ack_of_an_overtaken_status_republishes_the_current_one() {
             bucket: c.bucket,
             member: c.member.clone(),
         },
-        device: c.event.device.clone(),
-        seq: c.event.seq,
+        subject: presenced::status::Subject::Device(c.event.device().unwrap().device.clone()),
+        seq: c.event.device().unwrap().seq,
     };
     // seq 1 acknowledged after seq 2 was committed: seq 2 must go out (again).
     let again = store
@@ -522,8 +522,8 @@ async fn ack_of_an_overtaken_status_republishes_the_current_one() {
         .into_result()
         .unwrap();
     assert_eq!(again.len(), 1);
-    assert_eq!(again[0].event.seq, 2);
-    assert_eq!(again[0].event.state, State::Offline);
+    assert_eq!(again[0].event.device().unwrap().seq, 2);
+    assert_eq!(again[0].event.device().unwrap().state, State::Offline);
     assert_eq!(again[0].member, offline.member);
     // The current one acknowledged: nothing more, and the outbox is empty.
     assert!(store

@@ -103,7 +103,7 @@ pub const MQTT_HEARTBEAT_TOPIC: Key = key!(
     "heartbeat_topic",
     Str,
     Some("devices/{device}/heartbeat"),
-    "Heartbeat topic; {device} is one whole topic level."
+    "Heartbeat topic; {device} is one whole topic level, {group} may be another (the device's group)."
 );
 
 pub const MQTT_STATUS_TOPIC: Key = key!(
@@ -112,6 +112,14 @@ pub const MQTT_STATUS_TOPIC: Key = key!(
     Str,
     Some("devices/{device}/status"),
     "Where status is republished (retained, QoS 1)."
+);
+
+pub const MQTT_GROUP_TOPIC: Key = key!(
+    "mqtt",
+    "group_topic",
+    Str,
+    Some("groups/{group}/status"),
+    "Where group outage statuses are published ({group} = the group)."
 );
 
 pub const MQTT_SHARED_GROUP: Key = key!(
@@ -263,6 +271,7 @@ pub const KEYS: &[Key] = &[
     MQTT_PROTOCOL,
     MQTT_HEARTBEAT_TOPIC,
     MQTT_STATUS_TOPIC,
+    MQTT_GROUP_TOPIC,
     MQTT_SHARED_GROUP,
     MQTT_MAX_PACKET_SIZE,
     REDIS_URL,

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::device::TopicTemplate;
+use crate::group_status::GroupTopic;
 use values::Values;
 
 pub use keys::{example_toml, Key, Kind, KEYS};
@@ -107,6 +108,7 @@ pub struct MqttConfig {
     pub protocol: Protocol,
     pub heartbeat_topic: TopicTemplate,
     pub status_topic: TopicTemplate,
+    pub group_topic: GroupTopic,
     pub shared_group: Option<String>,
     pub max_packet_size: usize,
 }

@@ -37,6 +37,8 @@ pub enum BadValue {
     SeedList(#[source] redis::RedisError),
     #[error(transparent)]
     Template(#[from] crate::device::BadTemplate),
+    #[error(transparent)]
+    GroupTopic(#[from] crate::group_status::BadGroupTopic),
     #[error("the token must not be empty")]
     EmptyToken,
     #[error("the token must be visible ASCII without spaces or control characters")]

@@ -15,7 +15,8 @@ use super::{
     bad_value, key_err, ConfigError, GroupsConfig, HttpAuth, HttpConfig, MqttConfig,
     PresenceConfig, Protocol, RedisConfig, Secret,
 };
-use crate::device::{Levels, TopicTemplate};
+use crate::device::{Levels, TopicTemplate, DEVICE_PLACEHOLDER, GROUP_PLACEHOLDER};
+use crate::group_status::GroupTopic;
 
 /// The smallest TTL supported (`presence.min_ttl` may not go below it).
 const SMALLEST_TTL: Duration = Duration::from_millis(100);
@@ -49,6 +50,7 @@ pub(crate) fn mqtt(values: &Values) -> Result<MqttConfig, ConfigError> {
     // Checked in this order so that of several bad keys the same one is named as always.
     let protocol = protocol(values)?;
     let (heartbeat_topic, status_topic) = topics(values)?;
+    let group_topic = group_topic(values, &heartbeat_topic)?;
     Ok(MqttConfig {
         url,
         client_id,
@@ -57,6 +59,7 @@ pub(crate) fn mqtt(values: &Values) -> Result<MqttConfig, ConfigError> {
         protocol,
         heartbeat_topic,
         status_topic,
+        group_topic,
         shared_group,
         max_packet_size: values.required_size(&MQTT_MAX_PACKET_SIZE)?,
     })
@@ -89,6 +92,22 @@ fn topics(values: &Values) -> Result<(TopicTemplate, TopicTemplate), ConfigError
         ));
     }
     Ok((heartbeat, status))
+}
+
+/// The group topic, which must not overlap the heartbeat topic either.
+fn group_topic(values: &Values, heartbeat: &TopicTemplate) -> Result<GroupTopic, ConfigError> {
+    let text = values.required(&MQTT_GROUP_TOPIC)?;
+    let topic = GroupTopic::parse(&text).map_err(|e| bad_value(&MQTT_GROUP_TOPIC)(e.into()))?;
+    // As a device template (its group level standing for any one level): does some topic
+    // match both?
+    let as_template = TopicTemplate::parse(&text.replace(GROUP_PLACEHOLDER, DEVICE_PLACEHOLDER));
+    if as_template.is_ok_and(|t| t.overlaps(heartbeat)) {
+        return Err(key_err(
+            &MQTT_GROUP_TOPIC,
+            "must not overlap mqtt.heartbeat_topic (no topic may match both)",
+        ));
+    }
+    Ok(topic)
 }
 
 pub(crate) fn redis(values: &Values) -> Result<RedisConfig, ConfigError> {

@@ -6,8 +6,8 @@ use serde::Serialize;
 use tracing::debug;
 
 use super::{decode, error, json, parse_limit, unhex, Api, Body, DEFAULT_LIMIT, REDIS_WAIT};
-use crate::device::GroupName;
-use crate::store::GroupCounts;
+use crate::device::{format_time, GroupName};
+use crate::store::{GroupCounts, GroupOutage};
 
 /// A group record (contract: "HTTP", group record).
 #[derive(Serialize)]
@@ -19,18 +19,25 @@ struct GroupJson<'a> {
     state: &'static str,
     since: Option<String>,
     seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    affected: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<i64>,
 }
 
 impl<'a> GroupJson<'a> {
-    fn new(group: &'a GroupName, counts: GroupCounts) -> Self {
+    fn new(group: &'a GroupName, counts: GroupCounts, outage: Option<&GroupOutage>) -> Self {
+        let open = outage.filter(|o| o.in_outage());
         GroupJson {
             group: group.as_str(),
             devices: counts.devices(),
             online: counts.online,
             offline: counts.offline,
-            state: "ok",
-            since: None,
-            seq: 0,
+            state: outage.map_or("ok", |o| o.latest.state.as_str()),
+            since: outage.map(|o| format_time(o.latest.since)),
+            seq: outage.map_or(0, |o| o.latest.seq),
+            affected: open.map(|o| o.affected),
+            recovered: open.map(|o| o.recovered),
         }
     }
 }
@@ -65,8 +72,13 @@ impl Api {
                 _ => {}
             }
         }
-        let all = match tokio::time::timeout(REDIS_WAIT, self.store.groups()).await {
-            Ok(Ok(all)) => all,
+        let read = async {
+            let all = self.store.groups().await?;
+            let outages = self.store.group_outages().await?;
+            Ok::<_, crate::store::StoreError>((all, outages))
+        };
+        let (all, outages) = match tokio::time::timeout(REDIS_WAIT, read).await {
+            Ok(Ok(read)) => read,
             Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
             Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "redis did not answer"),
         };
@@ -80,7 +92,10 @@ impl Api {
             page.truncate(limit);
             encode_cursor(page[limit - 1].0)
         });
-        let groups: Vec<_> = page.iter().map(|(g, c)| GroupJson::new(g, **c)).collect();
+        let groups: Vec<_> = page
+            .iter()
+            .map(|(g, c)| GroupJson::new(g, **c, outages.get(*g)))
+            .collect();
         json(
             StatusCode::OK,
             &serde_json::json!({ "groups": groups, "next_cursor": next }),
@@ -91,10 +106,16 @@ impl Api {
         let Some(group) = decode(raw).and_then(|s| GroupName::parse(&s).ok()) else {
             return error(StatusCode::NOT_FOUND, "unknown group");
         };
-        match tokio::time::timeout(REDIS_WAIT, self.store.group(&group)).await {
-            Ok(Ok(counts)) if counts.devices() > 0 => {
-                json(StatusCode::OK, &GroupJson::new(&group, counts))
-            }
+        let read = async {
+            let counts = self.store.group(&group).await?;
+            let outage = self.store.group_outage(&group).await?;
+            Ok::<_, crate::store::StoreError>((counts, outage))
+        };
+        match tokio::time::timeout(REDIS_WAIT, read).await {
+            Ok(Ok((counts, outage))) if counts.devices() > 0 || outage.is_some() => json(
+                StatusCode::OK,
+                &GroupJson::new(&group, counts, outage.as_ref()),
+            ),
             Ok(Ok(_)) => error(StatusCode::NOT_FOUND, "unknown group"),
             Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
             Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "redis did not answer"),
@@ -103,8 +124,16 @@ impl Api {
 
     /// The group gauges from Redis; if Redis does not answer, the last figures stand.
     pub(super) async fn refresh_group_metrics(&self) {
-        match tokio::time::timeout(REDIS_WAIT, self.store.groups()).await {
-            Ok(Ok(all)) => self.metrics.set_groups(&all),
+        let read = async {
+            let all = self.store.groups().await?;
+            let outages = self.store.group_outages().await?;
+            Ok::<_, crate::store::StoreError>((all, outages))
+        };
+        match tokio::time::timeout(REDIS_WAIT, read).await {
+            Ok(Ok((all, outages))) => {
+                let open = outages.values().filter(|o| o.in_outage()).count();
+                self.metrics.set_groups(&all, open);
+            }
             Ok(Err(e)) => debug!(error = %e, "Group counts unavailable."),
             Err(_) => debug!("Group counts timed out."),
         }

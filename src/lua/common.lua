@@ -66,3 +66,27 @@ local function redis_now()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- A group's state (group states hash, field = group name): "from|affected|recovered|member"
+-- where member is its latest outage status as staged in the outbox (see note.lua), `from`
+-- the start of the window that opened the current outage, affected and recovered its live
+-- figures. Returns from, affected, recovered, member (nil for a group never in an outage).
+local function group_state(key, group)
+  local raw = redis.call('HGET', key, group)
+  if not raw then return nil end
+  return string.match(raw, '^(%d+)|(%d+)|(%d+)|(.*)$')
+end
+local function group_current(key, group)
+  local _, _, _, m = group_state(key, group)
+  return m
+end
+-- The seq and the state flag ('1' outage, '0' ok) of a group status member.
+local function group_fields(m)
+  local len = string.match(m, '^o(%d+)|')
+  local rest = string.sub(m, #len + 4 + tonumber(len))
+  local seq, flag = string.match(rest, '^(%d+)|([01])|')
+  return tonumber(seq), flag
+end
+local function group_seq(m)
+  local seq = group_fields(m)
+  return seq
+end

@@ -7,7 +7,15 @@ use bytes::Bytes;
 use super::client::Retain;
 use super::topics::{instance_topic, BROKER_TOPIC};
 use crate::device::{format_time, Millis, State, TopicTemplate};
-use crate::status::{Delivered, Lag, StatusOut};
+use crate::group_status::GroupTopic;
+use crate::status::{Delivered, Lag, Outbound, StatusOut};
+
+/// Where statuses go: `mqtt.status_topic` and `mqtt.group_topic`.
+#[derive(Clone, Debug)]
+pub(super) struct StatusTopics {
+    pub(super) device: TopicTemplate,
+    pub(super) group: GroupTopic,
+}
 
 /// Something to publish, QoS 1.
 #[derive(Clone, Debug)]
@@ -33,26 +41,33 @@ pub(super) enum Kind {
 }
 
 impl Outgoing {
-    /// A device's status, retained. A forgotten device's clear is an empty retained
-    /// message, and no transition: no lag is observed for it.
-    pub(super) fn status(status: StatusOut, template: &TopicTemplate) -> Outgoing {
-        let event = status.event;
-        let clear = event.is_clear();
-        let lag_from = (status.lag == Lag::Observe && !clear && event.state == State::Offline)
-            .then_some(event.since);
+    /// A device's status (or a group's outage status), retained. A forgotten device's clear
+    /// is an empty retained message, and no transition: no lag is observed for it.
+    pub(super) fn status(status: StatusOut, topics: &StatusTopics) -> Outgoing {
+        let (subject, seq) = status.event.subject();
+        let (topic, payload, lag_from) = match &status.event {
+            Outbound::Device(event) => {
+                let clear = event.is_clear();
+                let offline = status.lag == Lag::Observe && event.state == State::Offline;
+                let payload = if clear {
+                    Bytes::new()
+                } else {
+                    event.to_json().into()
+                };
+                let lag_from = (offline && !clear).then_some(event.since);
+                (topics.device.render(&event.device), payload, lag_from)
+            }
+            Outbound::Group(g) => (topics.group.render(&g.group), g.to_json().into(), None),
+        };
         Outgoing {
-            topic: template.render(&event.device),
-            payload: if clear {
-                Bytes::new()
-            } else {
-                event.to_json().into()
-            },
+            topic,
+            payload,
             retain: Retain::Yes,
             kind: Kind::Status {
                 ack: Delivered {
                     receipt: status.receipt,
-                    device: event.device,
-                    seq: event.seq,
+                    subject,
+                    seq,
                 },
                 lag_from,
             },

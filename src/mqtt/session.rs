@@ -25,14 +25,14 @@ use super::drain::{Outstanding, Phase, Shutdown, Step};
 use super::error::Error;
 use super::events::{Event, EventLoop};
 use super::ingest::Ingest;
-use super::outgoing::{offline_payload, Kind, Outgoing};
+use super::outgoing::{offline_payload, Kind, Outgoing, StatusTopics};
 use super::share::{gone_instance, Share};
 use super::sync::SyncMarker;
 use super::topics::{instance_topic, BEACONS, BROKER_TOPIC, INSTANCES};
 use super::tracker::Tracker;
 use crate::clock::Clock;
 use crate::config::{MqttConfig, PresenceConfig};
-use crate::device::{now_ms, TopicTemplate};
+use crate::device::now_ms;
 use crate::health::{Health, MqttLink};
 use crate::held::Held;
 use crate::metrics::Metrics;
@@ -122,7 +122,7 @@ struct Session {
     instance: String,
     /// Heartbeats first.
     filters: Vec<String>,
-    status_topic: TopicTemplate,
+    status_topic: StatusTopics,
     tracker: Tracker,
     /// To be moved into the client, in order, as soon as there is room.
     resend: VecDeque<Outgoing>,
@@ -192,7 +192,10 @@ impl Session {
             client,
             instance,
             filters,
-            status_topic: cfg.status_topic.clone(),
+            status_topic: StatusTopics {
+                device: cfg.status_topic.clone(),
+                group: cfg.group_topic.clone(),
+            },
             tracker: Tracker::default(),
             resend: VecDeque::new(),
             connected: false,

@@ -69,9 +69,9 @@ pub(crate) async fn publish(
 
 /// Counts and logs transitions this process committed.
 fn count(metrics: &Metrics, committed: &[Committed]) {
-    for c in committed {
-        metrics.transition_committed(c.event.state);
-        info!(device = %c.event.device, state = c.event.state.as_str(), seq = c.event.seq, "Transition.");
+    for ev in committed.iter().filter_map(|c| c.event.device()) {
+        metrics.transition_committed(ev.state);
+        info!(device = %ev.device, state = ev.state.as_str(), seq = ev.seq, "Transition.");
     }
 }
 

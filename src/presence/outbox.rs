@@ -13,6 +13,7 @@ use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::groups::GroupNotes;
 use super::handoff::{backlogged, publish};
 use crate::device::{now_ms, Millis};
 use crate::status::{Delivered, Lag, StatusOut};
@@ -45,6 +46,8 @@ pub(crate) struct Outbox {
     pub(crate) republish: Arc<Notify>,
     /// Our name on the republish jobs we hold.
     pub(crate) instance: String,
+    /// Group statuses noted before their acknowledgement is recorded.
+    pub(crate) groups: GroupNotes,
 }
 
 /// Whether this replica owes the beginning of a republish job.
@@ -216,6 +219,18 @@ impl State {
     /// Records the pending acknowledgements; those of the buckets that failed are kept (up
     /// to `ACKS_HELD`).
     async fn flush_acks(&mut self) {
+        // Noted in their groups first: an acknowledgement recorded is a status no one
+        // publishes (nor notes) again.
+        let noted = (self.outbox.groups)
+            .note(&self.outbox.store, &self.outbox.out, &self.pending)
+            .await;
+        if let Err(e) = noted {
+            if let Some(n) = self.limiter.check() {
+                warn!(error = %e, held = self.pending.len(), suppressed = n, "Cannot note statuses in their groups; keeping their acknowledgements.");
+            }
+            self.bound_pending();
+            return;
+        }
         let acked = self.outbox.store.ack(&self.pending).await;
         if !acked.done.is_empty() {
             debug!(
@@ -233,6 +248,12 @@ impl State {
         if let Some(n) = self.limiter.check() {
             warn!(error = %e, held = self.pending.len(), suppressed = n, "Cannot record acknowledgements in Redis; keeping them.");
         }
+        self.bound_pending();
+    }
+
+    /// At most [`ACKS_HELD`] acknowledgements kept: the oldest go (their statuses are
+    /// published once more when their lease ends).
+    fn bound_pending(&mut self) {
         if self.pending.len() > ACKS_HELD {
             let excess = self.pending.len() - ACKS_HELD;
             self.pending.drain(..excess);

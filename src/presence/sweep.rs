@@ -187,7 +187,11 @@ impl Sweeper {
             Source::Reconcile | Source::SafetyNet => committed.len(),
             Source::AfterStall => committed
                 .iter()
-                .filter(|c| c.event.detected_at > c.event.since + MISSED_GRACE_MS)
+                .filter(|c| {
+                    c.event
+                        .device()
+                        .is_some_and(|ev| ev.detected_at > ev.since + MISSED_GRACE_MS)
+                })
                 .count(),
             Source::Notification | Source::Deadline => 0,
         };

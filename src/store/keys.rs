@@ -28,6 +28,10 @@ pub(crate) enum Key {
     Floors,
     /// Hash `<state flag>|<group>` → the bucket's devices of that group in that state.
     GroupCounts,
+    /// Hash group → its outage state (for the groups whose name falls in this bucket).
+    GroupStates,
+    /// The prefix of the per-group outage keys (`…:g:dev:<group>`, `off:`, `rec:`; note.lua).
+    GroupOutages,
 }
 
 impl Key {
@@ -43,6 +47,8 @@ impl Key {
             Key::RepublishJob => "republish",
             Key::Floors => "floor",
             Key::GroupCounts => "groups",
+            Key::GroupStates => "gstate",
+            Key::GroupOutages => "g",
         }
     }
 }

@@ -16,7 +16,7 @@ use super::keys::Key;
 use super::reply::{members, Committed};
 use crate::bucket::Bucket;
 use crate::device::Millis;
-use crate::status::Delivered;
+use crate::status::{Delivered, Subject};
 
 /// How long a committed transition may wait for the broker's acknowledgement before any
 /// replica may claim and publish it again.
@@ -56,10 +56,16 @@ impl Store {
                 let mut args = vec![lease_ms().to_string()];
                 for ack in acks {
                     args.push(ack.receipt.member.clone());
-                    args.push(ack.device.to_string());
+                    // A group status names its group (ack.lua tells them apart by the member).
+                    args.push(match &ack.subject {
+                        Subject::Device(id) => id.to_string(),
+                        Subject::Group(g) => g.to_string(),
+                    });
                     args.push(ack.seq.to_string());
                 }
-                let keys = self.keys.script(b, &[Key::Records, Key::Outbox]);
+                let keys = self
+                    .keys
+                    .script(b, &[Key::Records, Key::Outbox, Key::GroupStates]);
                 self.scripts.ack.cmd(&keys, args)
             },
             members,

@@ -8,7 +8,7 @@ use redis::Value;
 
 use super::error::StoreError;
 use crate::bucket::Bucket;
-use crate::device::StatusEvent;
+use crate::status::Outbound;
 
 /// A transition committed in Redis (by this caller), waiting to be published.
 #[derive(Clone, Debug)]
@@ -16,13 +16,13 @@ pub struct Committed {
     pub bucket: Bucket,
     /// The outbox member: removing it records the broker's acknowledgement.
     pub member: String,
-    pub event: StatusEvent,
+    pub event: Outbound,
 }
 
 impl Committed {
     /// The transition an outbox member of bucket `b` stands for.
     pub(crate) fn from_member(b: Bucket, member: String) -> Result<Committed, StoreError> {
-        let event = StatusEvent::parse_member(&member)
+        let event = Outbound::parse_member(&member)
             .ok_or_else(|| StoreError::Protocol(format!("malformed outbox member {member:?}")))?;
         Ok(Committed {
             bucket: b,

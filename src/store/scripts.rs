@@ -48,6 +48,7 @@ pub(crate) struct Scripts {
     pub(crate) offsince: LuaScript,
     pub(crate) import: LuaScript,
     pub(crate) republish: LuaScript,
+    pub(crate) note: LuaScript,
 }
 
 impl Scripts {
@@ -62,10 +63,11 @@ impl Scripts {
             offsince: LuaScript::new(include_str!("../lua/offsince.lua")),
             import: LuaScript::new(include_str!("../lua/import.lua")),
             republish: LuaScript::new(include_str!("../lua/republish.lua")),
+            note: LuaScript::new(include_str!("../lua/note.lua")),
         }
     }
 
-    fn all(&self) -> [&LuaScript; 9] {
+    fn all(&self) -> [&LuaScript; 10] {
         [
             &self.heartbeat,
             &self.expire,
@@ -76,6 +78,7 @@ impl Scripts {
             &self.offsince,
             &self.import,
             &self.republish,
+            &self.note,
         ]
     }
 

@@ -170,12 +170,26 @@ impl Drop for Devices {
 
 /// Keeps `ids` heartbeating every `every` until the returned token is cancelled.
 pub fn keep_beating(devices: Arc<Devices>, ids: Vec<String>, every: Duration) -> CancellationToken {
+    let beats = ids
+        .iter()
+        .map(|id| (format!("devices/{id}/heartbeat"), Vec::new()))
+        .collect();
+    keep_publishing(devices, beats, every)
+}
+
+/// Keeps publishing `beats` (topic, payload) every `every` until the returned token is
+/// cancelled.
+pub fn keep_publishing(
+    devices: Arc<Devices>,
+    beats: Vec<(String, Vec<u8>)>,
+    every: Duration,
+) -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
         loop {
-            for id in &ids {
-                devices.heartbeat(id, b"").await;
+            for (topic, payload) in &beats {
+                devices.publish(topic, payload).await;
             }
             tokio::select! {
                 () = t.cancelled() => return,
