@@ -366,3 +366,24 @@ async fn no_key_holds_more_than_a_small_share_of_the_fleet() {
     );
     assert_eq!(stdout.matches("has E and x").count(), 3, "{stdout}");
 }
+
+/// Group outages on a 3-master cluster, two replicas sharing the heartbeats: a group's
+/// devices span buckets on every master, its outage is decided on its name's master; one
+/// opening and one closing, as on a single Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_on_a_cluster_opens_and_closes_once() {
+    let cluster = RedisCluster::start(3).await;
+    let mqtt = Mosquitto::start();
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let args = ["--redis-cluster-nodes".to_owned(), cluster.seeds()];
+    let extra = [SHARED[0], SHARED[1], "--presence-ttl", "1s"];
+    let a = spawn_replica_on(&args, &mqtt, &extra);
+    let b = spawn_replica_on(&args, &mqtt, &extra);
+    wait_ready(a.1).await;
+    wait_ready(b.1).await;
+    support::outage::one_outage_opened_and_closed(&mqtt, a.1, &statuses).await;
+    let opened = metric(&scrape(a.1).await, "presenced_group_outages_total").unwrap()
+        + metric(&scrape(b.1).await, "presenced_group_outages_total").unwrap();
+    assert_eq!(opened, 1.0, "outages opened, summed over the replicas");
+    check_invariants(&mqtt, b.1, &statuses).await;
+}

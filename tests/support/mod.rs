@@ -12,6 +12,7 @@ pub mod faketime;
 pub mod http_client;
 pub mod invariants;
 pub mod mqtt_clients;
+pub mod outage;
 pub mod proxy;
 pub mod redis_cluster;
 pub mod replica;

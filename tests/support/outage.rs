@@ -1,0 +1,141 @@
+//! The outage scenario shared by the single-Redis and the cluster tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::*;
+
+const BEAT: Duration = Duration::from_millis(300);
+
+/// Heartbeats naming their group in the payload (the default heartbeat topic).
+pub fn in_payload(ids: &[String], group: &str) -> Vec<(String, Vec<u8>)> {
+    ids.iter()
+        .map(|id| {
+            let payload = serde_json::json!({ "group": group }).to_string();
+            (format!("devices/{id}/heartbeat"), payload.into_bytes())
+        })
+        .collect()
+}
+
+pub fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:03}")).collect()
+}
+
+/// The outage statuses seen for `group`, in arrival order.
+pub fn group_statuses(seen: &Collector, group: &str) -> Vec<Value> {
+    seen.all()
+        .into_iter()
+        .filter(|s| s.topic == format!("groups/{group}/status"))
+        .map(|s| s.json)
+        .collect()
+}
+
+/// The time (ms) the n-th (1-based) offline status of `ids` was detected.
+fn nth_offline_detected(statuses: &Collector, ids: &[String], n: usize) -> u64 {
+    let mut detected: Vec<u64> = statuses
+        .all()
+        .into_iter()
+        .filter(|s| {
+            s.json["state"] == "offline" && ids.iter().any(|id| s.json["device"] == id.as_str())
+        })
+        .map(|s| ms(&s.json["detected_at"]))
+        .collect();
+    detected.sort_unstable();
+    detected[n - 1]
+}
+
+/// Runs the outage scenario of a group of 100 against monitors already started: 60 go
+/// silent at once (one outage, seq 1, within 2 s of the 50th offline), then 55 come back
+/// (one ok, seq 2); a calm group next to it has no outage status at all.
+pub async fn one_outage_opened_and_closed(
+    mqtt: &Mosquitto,
+    api: std::net::SocketAddr,
+    statuses: &Collector,
+) {
+    let devices = Arc::new(Devices::connect(mqtt).await);
+    let outages = Collector::start(mqtt, "groups/+/status").await;
+    let site = ids("site", 100);
+    let (silent, steady) = site.split_at(60);
+    let calm = ids("calm", 20);
+    let steady_beats = {
+        let mut b = in_payload(steady, "site");
+        b.extend(in_payload(&calm, "calm"));
+        b
+    };
+    let beating_silent = keep_publishing(devices.clone(), in_payload(silent, "site"), BEAT);
+    let beating_steady = keep_publishing(devices.clone(), steady_beats, BEAT);
+    eventually("site all online", || async {
+        let (_, g) = get_json(api, "/groups/site").await;
+        (g["online"] == 100).then_some(())
+    })
+    .await;
+
+    beating_silent.cancel();
+    outages
+        .wait_for("the outage opens", |s| {
+            s.iter().any(|m| m.json["state"] == "outage")
+        })
+        .await;
+    eventually("all 60 offline", || async {
+        let (_, g) = get_json(api, "/groups/site").await;
+        (g["offline"] == 60 && g["affected"] == 60).then_some(())
+    })
+    .await;
+    let opened = group_statuses(&outages, "site");
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    let o = &opened[0];
+    assert_eq!(
+        (o["seq"].as_u64(), o["state"].as_str()),
+        (Some(1), Some("outage"))
+    );
+    assert_eq!(o["devices"], 100);
+    let affected = o["affected"].as_i64().unwrap();
+    assert!((50..=60).contains(&affected), "{o}");
+    let fiftieth = nth_offline_detected(statuses, silent, 50);
+    let detected = ms(&o["detected_at"]);
+    assert!(
+        detected <= fiftieth + 2_000,
+        "opened at {detected}, 2 s after the 50th offline ({fiftieth})"
+    );
+    let (_, rec) = get_json(api, "/groups/site").await;
+    assert_eq!(
+        (rec["state"].as_str(), rec["seq"].as_u64()),
+        (Some("outage"), Some(1))
+    );
+
+    // 55 of the 60 come back: the outage closes once (54 = 0.9 × 60 recovered).
+    let back = in_payload(&silent[..55], "site");
+    let beating_back = keep_publishing(devices.clone(), back, BEAT);
+    outages
+        .wait_for("the outage closes", |s| {
+            s.iter().any(|m| m.json["state"] == "ok")
+        })
+        .await;
+    eventually("55 back online", || async {
+        let (_, g) = get_json(api, "/groups/site").await;
+        (g["online"] == 95).then_some(())
+    })
+    .await;
+    let all = group_statuses(&outages, "site");
+    assert_eq!(all.len(), 2, "{all:?}");
+    let c = &all[1];
+    assert_eq!(
+        (c["seq"].as_u64(), c["state"].as_str()),
+        (Some(2), Some("ok"))
+    );
+    assert_eq!(c["affected"], 60);
+    assert_eq!(c["recovered"], 54);
+    assert!(group_statuses(&outages, "calm").is_empty());
+    let (_, rec) = get_json(api, "/groups/site").await;
+    assert_eq!(
+        (rec["state"].as_str(), rec["seq"].as_u64()),
+        (Some("ok"), Some(2))
+    );
+    assert!(rec.get("affected").is_none());
+    let m = scrape(api).await;
+    assert_eq!(metric(&m, "presenced_groups{state=\"outage\"}"), Some(0.0));
+    beating_back.cancel();
+    beating_steady.cancel();
+}
