@@ -41,6 +41,11 @@ fn note_of(ack: &Delivered) -> Option<Note> {
 }
 
 impl GroupNotes {
+    /// Whether an acknowledged status is noted in a group (it waits for its note).
+    pub(crate) fn notes(ack: &Delivered) -> bool {
+        note_of(ack).is_some()
+    }
+
     /// Notes the group statuses among `acks`; hands on the outage statuses staged. An error
     /// (a bucket that failed) means the acknowledgements must wait: what did get staged is
     /// handed on all the same.

@@ -224,13 +224,27 @@ impl State {
         let noted = (self.outbox.groups)
             .note(&self.outbox.store, &self.outbox.out, &self.pending)
             .await;
-        if let Err(e) = noted {
-            if let Some(n) = self.limiter.check() {
-                warn!(error = %e, held = self.pending.len(), suppressed = n, "Cannot note statuses in their groups; keeping their acknowledgements.");
+        let kept = match noted {
+            Ok(()) => Vec::new(),
+            Err(e) => {
+                // Only the statuses of groups wait for their note; the others are recorded.
+                let (grouped, rest) = std::mem::take(&mut self.pending)
+                    .into_iter()
+                    .partition(GroupNotes::notes);
+                self.pending = rest;
+                if let Some(n) = self.limiter.check() {
+                    warn!(error = %e, held = grouped.len(), suppressed = n, "Cannot note statuses in their groups; keeping their acknowledgements.");
+                }
+                grouped
             }
-            self.bound_pending();
-            return;
-        }
+        };
+        self.record_acks().await;
+        self.pending.extend(kept);
+        self.bound_pending();
+    }
+
+    /// Records the pending acknowledgements (see [`State::flush_acks`]).
+    async fn record_acks(&mut self) {
         let acked = self.outbox.store.ack(&self.pending).await;
         if !acked.done.is_empty() {
             debug!(
@@ -248,7 +262,6 @@ impl State {
         if let Some(n) = self.limiter.check() {
             warn!(error = %e, held = self.pending.len(), suppressed = n, "Cannot record acknowledgements in Redis; keeping them.");
         }
-        self.bound_pending();
     }
 
     /// At most [`ACKS_HELD`] acknowledgements kept: the oldest go (their statuses are

@@ -32,6 +32,15 @@ pub fn group_statuses(seen: &Collector, group: &str) -> Vec<Value> {
         .collect()
 }
 
+/// One status per seq (delivery is at least once), in seq order.
+fn distinct(statuses: Vec<Value>) -> Vec<Value> {
+    let mut by_seq = std::collections::BTreeMap::new();
+    for s in statuses {
+        by_seq.entry(s["seq"].as_u64().unwrap()).or_insert(s);
+    }
+    by_seq.into_values().collect()
+}
+
 /// The time (ms) the n-th (1-based) offline status of `ids` was detected.
 fn nth_offline_detected(statuses: &Collector, ids: &[String], n: usize) -> u64 {
     let mut detected: Vec<u64> = statuses
@@ -83,7 +92,7 @@ pub async fn one_outage_opened_and_closed(
         (g["offline"] == 60 && g["affected"] == 60).then_some(())
     })
     .await;
-    let opened = group_statuses(&outages, "site");
+    let opened = distinct(group_statuses(&outages, "site"));
     assert_eq!(opened.len(), 1, "{opened:?}");
     let o = &opened[0];
     assert_eq!(
@@ -118,7 +127,7 @@ pub async fn one_outage_opened_and_closed(
         (g["online"] == 95).then_some(())
     })
     .await;
-    let all = group_statuses(&outages, "site");
+    let all = distinct(group_statuses(&outages, "site"));
     assert_eq!(all.len(), 2, "{all:?}");
     let c = &all[1];
     assert_eq!(
