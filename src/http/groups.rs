@@ -112,7 +112,8 @@ impl Api {
             Ok::<_, crate::store::StoreError>((counts, outage))
         };
         match tokio::time::timeout(REDIS_WAIT, read).await {
-            Ok(Ok((counts, outage))) if counts.devices() > 0 || outage.is_some() => json(
+            // A group is known while it has devices (as `/groups` lists it).
+            Ok(Ok((counts, outage))) if counts.devices() > 0 => json(
                 StatusCode::OK,
                 &GroupJson::new(&group, counts, outage.as_ref()),
             ),
@@ -131,7 +132,11 @@ impl Api {
         };
         match tokio::time::timeout(REDIS_WAIT, read).await {
             Ok(Ok((all, outages))) => {
-                let open = outages.values().filter(|o| o.in_outage()).count();
+                // Of the groups with devices (those `presenced_groups` counts).
+                let open = outages
+                    .iter()
+                    .filter(|(g, o)| o.in_outage() && all.contains_key(*g))
+                    .count();
                 self.metrics.set_groups(&all, open);
             }
             Ok(Err(e)) => debug!(error = %e, "Group counts unavailable."),
