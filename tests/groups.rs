@@ -429,3 +429,55 @@ async fn an_outage_a_dead_replica_staged_is_published() {
     outbox_drained(&app).await;
     assert_eq!(get_json(app.http(), "/groups/lab").await.0, 404);
 }
+
+/// note.lua itself, on a real Redis: a burst noted out of order (the latest `since` first,
+/// as two replicas and many buckets deliver it) opens one outage, and its affected figure
+/// counts every device of the burst, those noted after the crossing with an earlier `since`
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_noted_out_of_order_counts_every_device() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let script = redis::Script::new(&format!(
+        "{}\n{}",
+        include_str!("../src/lua/common.lua"),
+        include_str!("../src/lua/note.lua")
+    ));
+    let t0: u64 = 1_800_000_000_000;
+    let note = |ids: std::ops::Range<u64>| {
+        let mut inv = script.prepare_invoke();
+        inv.key("t:gstate").key("t:outbox");
+        inv.arg("t:g:")
+            .arg(30_000)
+            .arg(50)
+            .arg(0.5)
+            .arg(60_000)
+            .arg(0.9);
+        // Reversed: the device that went offline last is noted first.
+        for i in ids.rev() {
+            inv.arg("site").arg(100).arg(40).arg(60);
+            inv.arg(format!("d-{i:03}"))
+                .arg(2)
+                .arg("0")
+                .arg(t0 + i * 10);
+        }
+        inv
+    };
+    // One call with the first 60 of 61 (an opening is told as of the end of its call), then
+    // the earliest one alone: affected follows it too.
+    let staged: Vec<String> = note(1..61).invoke_async(&mut conn).await.unwrap();
+    assert_eq!(staged.len(), 1, "one opening: {staged:?}");
+    let fields: Vec<&str> = staged[0].split('|').collect();
+    assert_eq!(&fields[..4], ["o4", "site", "1", "1"], "{staged:?}");
+    assert_eq!(fields[9], "60", "affected at opening: {staged:?}");
+    let staged: Vec<String> = note(0..1).invoke_async(&mut conn).await.unwrap();
+    assert!(staged.is_empty(), "no second opening: {staged:?}");
+    let state: String = redis::cmd("HGET")
+        .arg("t:gstate")
+        .arg("site")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let affected = state.split('|').nth(1).unwrap();
+    assert_eq!(affected, "61", "live affected figure: {state}");
+}

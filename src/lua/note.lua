@@ -9,8 +9,9 @@
 --   rec:G  set, the devices recovered (online again) in the current outage
 -- An outage opens when, within the window, at least `min` devices went offline (their since
 -- in the window) and they are at least `fraction` of the group's devices; it closes when the
--- recovered reach `recovery` x affected. Affected: the offline devices with since from the
--- window's start on, plus the recovered. Each opening or closing is staged in the outbox
+-- recovered reach `recovery` x affected. Affected: the offline devices with since from
+-- `window` before the crossing transition's on, plus the recovered. Each opening or closing
+-- is staged in the outbox
 -- (member "o<len>|G|seq|state|since|detected_at|devices|online|offline|affected|recovered")
 -- and kept in the group states hash (see common.lua) in the same step: decided exactly once,
 -- published even if the caller dies.
@@ -63,11 +64,13 @@ local function offline(g, id, since, totals, off, rec)
     redis.call('HSET', states, g, table.concat({from, int(affected), int(recovered), m}, '|'))
     return
   end
-  -- The windows that hold this transition: the one ending with it, the one starting with it.
+  -- The windows that hold this transition: the one ending with it, the one starting with it
+  -- (notes come in any order: a device may be noted after others that went offline later).
   local back = redis.call('ZCOUNT', off, since - window, since)
   local ahead = redis.call('ZCOUNT', off, since, since + window)
-  local n, start = back, since - window
-  if ahead > back then n, start = ahead, since end
+  -- Affected counts from the start of the earlier window either way: a device of the burst
+  -- noted after the crossing, with a since before the crossing one, opened it as well.
+  local n, start = math.max(back, ahead), since - window
   if n >= min and n >= fraction * tonumber(totals[1]) then
     redis.call('DEL', rec)
     local seq = 1

@@ -100,8 +100,13 @@ pub async fn one_outage_opened_and_closed(
         (Some(1), Some("outage"))
     );
     assert_eq!(o["devices"], 100);
+    // 50 to 60 (the opening is told as of its call's end), or more where a steady device of
+    // a loaded machine lapsed too; never more than are offline.
     let affected = o["affected"].as_i64().unwrap();
-    assert!((50..=60).contains(&affected), "{o}");
+    assert!(
+        affected >= 50 && affected <= o["offline"].as_i64().unwrap(),
+        "{o}"
+    );
     let fiftieth = nth_offline_detected(statuses, silent, 50);
     let detected = ms(&o["detected_at"]);
     assert!(
