@@ -402,7 +402,8 @@ impl State {
 ///
 /// Its wire form in Redis (the outbox member) is `seq|state|since|last_seen|detected_at|id`,
 /// id last because it may contain `|`, prefixed by `g<length>|<group>|` for a device with a
-/// group. The same string identifies the outbox entry.
+/// group, then by `l<length>|<group>|` for the group it left. The same string identifies the
+/// outbox entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatusEvent {
     pub device: DeviceId,
@@ -413,6 +414,9 @@ pub struct StatusEvent {
     pub last_seen: Millis,
     pub detected_at: Millis,
     pub group: Option<GroupName>,
+    /// The group an offline device left by coming back online in another one: noted there
+    /// as back (its outage counts it recovered). Not in the payload.
+    pub left: Option<GroupName>,
 }
 
 /// The JSON of a status (MQTT payload) and of a device record (HTTP API): the same fields.
@@ -455,15 +459,8 @@ impl<'a> StatusJson<'a> {
 impl StatusEvent {
     /// Parses an outbox member; `None` if it is malformed (never produced by our scripts).
     pub fn parse_member(member: &str) -> Option<StatusEvent> {
-        let (group, member) = match member.strip_prefix('g') {
-            Some(rest) => {
-                let (len, rest) = rest.split_once('|')?;
-                let len: usize = len.parse().ok()?;
-                let group = GroupName::parse(rest.get(..len)?).ok()?;
-                (Some(group), rest.get(len..)?.strip_prefix('|')?)
-            }
-            None => (None, member),
-        };
+        let (group, member) = group_prefix(member, 'g')?;
+        let (left, member) = group_prefix(member, 'l')?;
         let mut parts = member.splitn(6, '|');
         let seq = parts.next()?.parse().ok()?;
         let state = State::from_flag(parts.next()?)?;
@@ -479,6 +476,7 @@ impl StatusEvent {
             last_seen,
             detected_at,
             group,
+            left,
         })
     }
 
@@ -516,14 +514,21 @@ impl StatusEvent {
             detected_at: parse_time(&w.detected_at)?,
             // A status with a malformed group is still a status (of a device without one).
             group: w.group.and_then(|g| GroupName::parse(&g).ok()),
+            left: None,
         })
     }
 
     pub fn member(&self) -> String {
-        let prefix = match &self.group {
-            Some(g) => format!("g{}|{g}|", g.as_str().len()),
-            None => String::new(),
-        };
+        let prefix: String = [('g', &self.group), ('l', &self.left)]
+            .into_iter()
+            .filter_map(|(tag, g)| {
+                Some(format!(
+                    "{tag}{}|{}|",
+                    g.as_ref()?.as_str().len(),
+                    g.as_ref()?
+                ))
+            })
+            .collect();
         format!(
             "{prefix}{}|{}|{}|{}|{}|{}",
             self.seq,
@@ -617,8 +622,21 @@ impl DeviceRecord {
             },
             detected_at: self.detected_at,
             group: self.group.clone(),
+            left: None,
         }
     }
+}
+
+/// An optional `<tag><length>|<group>|` prefix of an outbox member: the group and the rest;
+/// `None` if the prefix is malformed.
+fn group_prefix(member: &str, tag: char) -> Option<(Option<GroupName>, &str)> {
+    let Some(rest) = member.strip_prefix(tag) else {
+        return Some((None, member));
+    };
+    let (len, rest) = rest.split_once('|')?;
+    let len: usize = len.parse().ok()?;
+    let group = GroupName::parse(rest.get(..len)?).ok()?;
+    Some((Some(group), rest.get(len..)?.strip_prefix('|')?))
 }
 
 #[cfg(test)]
@@ -720,6 +738,7 @@ mod tests {
             last_seen: 500,
             detected_at: 1_008,
             group: None,
+            left: None,
         };
         let m = ev.member();
         assert_eq!(m, "42|0|1000|500|1008|a|b");
@@ -754,10 +773,21 @@ mod tests {
             last_seen: 10,
             detected_at: 11,
             group: Some(GroupName::parse("site|7").unwrap()),
+            left: None,
         };
         let m = ev.member();
         assert_eq!(m, "g6|site|7|3|1|10|10|11|d|1");
         assert_eq!(StatusEvent::parse_member(&m), Some(ev.clone()));
+        // Back online in another group: the one left follows the group, outside the payload.
+        let moved = StatusEvent {
+            left: Some(GroupName::parse("gw-2").unwrap()),
+            ..ev.clone()
+        };
+        let m = moved.member();
+        assert_eq!(m, "g6|site|7|l4|gw-2|3|1|10|10|11|d|1");
+        assert_eq!(StatusEvent::parse_member(&m), Some(moved.clone()));
+        assert_eq!(moved.to_json(), ev.to_json());
+        assert_eq!(StatusEvent::parse_member("l9|ab|1|1|1|1|1|d"), None);
         let v: serde_json::Value = serde_json::from_slice(&ev.to_json()).unwrap();
         assert_eq!(v["group"], "site|7");
         assert_eq!(StatusEvent::from_json(&ev.to_json()), Some(ev.clone()));

@@ -421,6 +421,7 @@ mod tests {
             last_seen: 900,
             detected_at: 1_000 * seq + 5,
             group: None,
+            left: None,
         };
         let mut s = Snapshot::default();
         s.add(&t, b"devices/d1/status", &ev(3, State::Online).to_json());

@@ -227,7 +227,8 @@ async fn two_replicas_open_and_close_an_outage_once() {
 }
 
 /// Below the thresholds no outage opens: 9 of 100 offline (fewer than the minimum of 10),
-/// or 40 of 100 (less than the fraction 0.5).
+/// 9 of 10 (above the fraction, below the minimum alone), or 40 of 100 (less than the
+/// fraction 0.5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn below_the_thresholds_no_outage_opens() {
     let Fleet {
@@ -240,31 +241,35 @@ async fn below_the_thresholds_no_outage_opens() {
     let api = app.http();
     let devices = Arc::new(devices);
     let outages = Collector::start(&mqtt, "groups/+/status").await;
-    let (few, many) = (ids("few", 100), ids("many", 100));
+    let (few, many, tiny) = (ids("few", 100), ids("many", 100), ids("tiny", 10));
     let mut steady = in_payload(&few[9..], "few");
     steady.extend(in_payload(&many[40..], "many"));
+    steady.extend(in_payload(&tiny[9..], "tiny"));
     let mut going = in_payload(&few[..9], "few");
     going.extend(in_payload(&many[..40], "many"));
+    going.extend(in_payload(&tiny[..9], "tiny"));
     let beating_steady = keep_publishing(devices.clone(), steady, BEAT);
     let beating_going = keep_publishing(devices.clone(), going, BEAT);
     eventually("all online", || async {
         let (_, a) = get_json(api, "/groups/few").await;
         let (_, b) = get_json(api, "/groups/many").await;
-        (a["online"] == 100 && b["online"] == 100).then_some(())
+        let (_, c) = get_json(api, "/groups/tiny").await;
+        (a["online"] == 100 && b["online"] == 100 && c["online"] == 10).then_some(())
     })
     .await;
     beating_going.cancel();
-    eventually("9 and 40 offline", || async {
+    eventually("9, 40 and 9 offline", || async {
         let (_, a) = get_json(api, "/groups/few").await;
         let (_, b) = get_json(api, "/groups/many").await;
-        (a["offline"] == 9 && b["offline"] == 40).then_some(())
+        let (_, c) = get_json(api, "/groups/tiny").await;
+        (a["offline"] == 9 && b["offline"] == 40 && c["offline"] == 9).then_some(())
     })
     .await;
     // Every offline is noted once its status is acknowledged: wait for the notes of them
     // all (the outbox empty), then no outage status may have been staged or published.
     outbox_drained(&app).await;
     assert!(outages.all().is_empty(), "{:?}", outages.all());
-    for g in ["few", "many"] {
+    for g in ["few", "many", "tiny"] {
         let (_, rec) = get_json(api, &format!("/groups/{g}")).await;
         assert_eq!(rec["state"], "ok");
         assert_eq!(rec["seq"], 0);
@@ -480,4 +485,115 @@ async fn a_burst_noted_out_of_order_counts_every_device() {
         .unwrap();
     let affected = state.split('|').nth(1).unwrap();
     assert_eq!(affected, "61", "live affected figure: {state}");
+}
+
+/// Opens an outage of `group`: its 20 devices (beating with `beats`) go silent at once.
+async fn open_outage(
+    api: std::net::SocketAddr,
+    outages: &Collector,
+    group: &str,
+    beats: tokio_util::sync::CancellationToken,
+) {
+    eventually("all online", || async {
+        let (_, g) = get_json(api, &format!("/groups/{group}")).await;
+        (g["online"] == 20).then_some(())
+    })
+    .await;
+    beats.cancel();
+    outages
+        .wait_for("the outage opens", |s| {
+            s.iter()
+                .any(|m| m.json["group"] == group && m.json["state"] == "outage")
+        })
+        .await;
+}
+
+/// Devices that come back through another gateway (their heartbeats name another group)
+/// are back as far as the outage of the group they left is concerned: it closes, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_closes_when_its_devices_come_back_in_another_group() {
+    let Fleet {
+        redis: _redis,
+        mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[]).await;
+    let api = app.http();
+    let devices = Arc::new(devices);
+    let outages = Collector::start(&mqtt, "groups/+/status").await;
+    let gw = ids("dev", 20);
+    let beats = keep_publishing(devices.clone(), in_payload(&gw, "gw-a"), BEAT);
+    open_outage(api, &outages, "gw-a", beats).await;
+    // 19 of 20 (0.9 x 20 = 18) come back through gw-b.
+    let back = keep_publishing(devices.clone(), in_payload(&gw[..19], "gw-b"), BEAT);
+    outages
+        .wait_for("gw-a's outage closes", |s| {
+            s.iter()
+                .any(|m| m.json["group"] == "gw-a" && m.json["state"] == "ok")
+        })
+        .await;
+    let a = group_statuses(&outages, "gw-a");
+    let last = a.last().unwrap();
+    assert_eq!(
+        (last["seq"].as_u64(), last["affected"].as_i64()),
+        (Some(2), Some(20)),
+        "{a:?}"
+    );
+    assert!(last["recovered"].as_i64().unwrap() >= 18, "{last}");
+    eventually("19 online in gw-b", || async {
+        let (_, g) = get_json(api, "/groups/gw-b").await;
+        (g["online"] == 19).then_some(())
+    })
+    .await;
+    assert!(group_statuses(&outages, "gw-b").is_empty());
+    back.cancel();
+    check_invariants(&mqtt, api, &statuses).await;
+}
+
+/// An outage whose devices are all forgotten (decommissioned, never back) closes: it would
+/// otherwise stay open for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_closes_when_its_devices_are_forgotten() {
+    let Fleet {
+        redis: _redis,
+        mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[("presence.forget_after", "2s")]).await;
+    let api = app.http();
+    let devices = Arc::new(devices);
+    let outages = Collector::start(&mqtt, "groups/+/status").await;
+    let gone = ids("gone", 20);
+    let beats = keep_publishing(devices.clone(), in_payload(&gone, "gw-c"), BEAT);
+    open_outage(api, &outages, "gw-c", beats).await;
+    outages
+        .wait_for("the outage closes", |s| {
+            s.iter()
+                .any(|m| m.json["group"] == "gw-c" && m.json["state"] == "ok")
+        })
+        .await;
+    let c = group_statuses(&outages, "gw-c");
+    let last = c.last().unwrap();
+    assert_eq!(
+        (last["seq"].as_u64(), last["affected"].as_i64()),
+        (Some(2), Some(0)),
+        "{c:?}"
+    );
+    // A group without devices is no group; each device went online, offline, and was
+    // forgotten (the invariant check proper needs records, which forgotten devices lack).
+    let (status, _) = get_json(api, "/groups/gw-c").await;
+    assert_eq!(status, 404);
+    let seen = by_device(&statuses.all());
+    for id in &gone {
+        let h = history(&seen[id.as_str()]);
+        assert_eq!(
+            h,
+            [(1, "online".to_owned()), (2, "offline".to_owned())],
+            "{id}"
+        );
+        let (status, _) = get_json(api, &format!("/devices/{id}")).await;
+        assert_eq!(status, 404, "{id} forgotten");
+    }
 }

@@ -79,12 +79,14 @@ proptest! {
     #[test]
     fn outbox_member_round_trip(id in valid_id(), seq in 1u64..u64::MAX, online: bool,
                                 since in 0u64..1 << 50, last in 0u64..1 << 50, det in 0u64..1 << 50,
-                                group in proptest::option::of("[^/+#\\p{Cc}]{1,20}")) {
+                                group in proptest::option::of("[^/+#\\p{Cc}]{1,20}"),
+                                left in proptest::option::of("[^/+#\\p{Cc}]{1,20}")) {
         let group = group.and_then(|g| GroupName::parse(&g).ok());
+        let left = left.and_then(|g| GroupName::parse(&g).ok());
         let ev = StatusEvent {
             device: DeviceId::parse(&id).unwrap(),
             state: if online { State::Online } else { State::Offline },
-            seq, since, last_seen: last, detected_at: det, group,
+            seq, since, last_seen: last, detected_at: det, group, left,
         };
         prop_assert_eq!(StatusEvent::parse_member(&ev.member()), Some(ev));
     }

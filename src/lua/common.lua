@@ -23,15 +23,22 @@ local function make_record(state, seq, since, last, det, group)
   if group ~= nil and group ~= '' then r = r .. '|' .. group end
   return r
 end
-local function outbox_member(seq, state, since, seen, det, id, group)
+-- `left`: the group an offline device left by coming back online in another one (its old
+-- group's outage counts it recovered), prefixed as "l<len>|<group>|" after the group's.
+local function outbox_member(seq, state, since, seen, det, id, group, left)
   local m = table.concat({seq, state, since, seen, det, id}, '|')
+  if left ~= nil and left ~= '' and left ~= group then
+    m = 'l' .. #left .. '|' .. left .. '|' .. m
+  end
   if group ~= nil and group ~= '' then m = 'g' .. #group .. '|' .. group .. '|' .. m end
   return m
 end
 -- The device id of an outbox member (nil if it is not a device status).
 local function member_id(m)
-  local len = string.match(m, '^g(%d+)|')
-  if len then m = string.sub(m, #len + 4 + tonumber(len)) end
+  for _, p in ipairs({'g', 'l'}) do
+    local len = string.match(m, '^' .. p .. '(%d+)|')
+    if len then m = string.sub(m, #len + 4 + tonumber(len)) end
+  end
   return string.match(m, '^%d+|[01]|%d+|%d+|%d+|(.*)$')
 end
 -- Per-bucket device counts per group: hash field "<state>|<group>" -> devices of that group

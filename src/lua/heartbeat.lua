@@ -23,8 +23,8 @@ local now = redis_now()
 local floor = lowest_floor(KEYS[6], tonumber(ARGV[3]), now, ARGV[4])
 local function settled(t) return not floor or t < floor end
 local out = {}
-local function stage(id, nseq, state, since, seen, group)
-  local member = outbox_member(nseq, state, int(since), int(seen), int(now), id, group)
+local function stage(id, nseq, state, since, seen, group, left)
+  local member = outbox_member(nseq, state, int(since), int(seen), int(now), id, group, left)
   redis.call('ZADD', outbox, now + lease, member)
   out[#out + 1] = member
 end
@@ -98,7 +98,10 @@ for i = 5, #ARGV, 8 do
       redis.call('ZREM', offline, id)
       redis.call('ZADD', online, 0, id)
       redis.call('ZREM', KEYS[7], id) -- forget index
-      stage(id, nseq, '1', s, s, new_group)
+      -- Offline in one group, online in another: the old group's outage counts it back.
+      local left = nil
+      if state == '0' then left = group end
+      stage(id, nseq, '1', s, s, new_group, left)
     elseif state == '0' and arrival > tonumber(last) then
       -- Proves presence only for a time gone by (held while Redis was away): no transition,
       -- but the record knows the latest heartbeat.

@@ -19,7 +19,7 @@
 -- ARGV: 1 group key prefix, 2 outbox lease (ms), 3 min devices, 4 fraction, 5 window (ms),
 --       6 recovery fraction, then per note 8 values: group, its devices, online and offline
 --       (fleet-wide, read just before), id, seq, state ('1' online, '0' offline, 'x'
---       forgotten), since
+--       forgotten, 'm' back online in another group), since
 -- Returns the group statuses staged.
 local states, outbox = KEYS[1], KEYS[2]
 local prefix, lease = ARGV[1], tonumber(ARGV[2])
@@ -79,14 +79,15 @@ local function offline(g, id, since, totals, off, rec)
   end
 end
 
-local function online(g, id, since, totals, off, rec)
-  local was = tonumber(redis.call('ZSCORE', off, id))
-  redis.call('ZREM', off, id)
+-- G's open outage after a device left its offline devices (`was`: its since there, if it
+-- was one): counted recovered if it was affected (`back`), and the outage closes when the
+-- recovered reach `recovery` x affected.
+local function settle(g, id, was, back, since, totals, off, rec)
   finish(g)
   local from, _, _, m = group_state(states, g)
   if not (m and select(2, group_fields(m)) == '1') then return end
   from = tonumber(from)
-  if was and was >= from then redis.call('SADD', rec, id) end
+  if back and was and was >= from then redis.call('SADD', rec, id) end
   local affected, recovered = figures(off, rec, from)
   if recovered >= recovery * affected then
     redis.call('DEL', rec)
@@ -96,6 +97,13 @@ local function online(g, id, since, totals, off, rec)
   end
 end
 
+-- Online again, here or (moved) in another group.
+local function online(g, id, since, totals, off, rec)
+  local was = tonumber(redis.call('ZSCORE', off, id))
+  redis.call('ZREM', off, id)
+  settle(g, id, was, true, since, totals, off, rec)
+end
+
 for i = 7, #ARGV, 8 do
   local g, id, seq, state, since = ARGV[i], ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6], tonumber(ARGV[i + 7])
   local totals = {ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]}
@@ -103,13 +111,18 @@ for i = 7, #ARGV, 8 do
   local noted = redis.call('HGET', dev, id)
   local noted_seq = tonumber(noted and string.match(noted, '^(%d+)|') or '0')
   if state == 'x' then
+    -- Forgotten: no longer of G, in no figure; an outage it kept open may close now.
     if noted then
+      local was = tonumber(redis.call('ZSCORE', off, id))
       redis.call('HDEL', dev, id)
       redis.call('ZREM', off, id)
       redis.call('SREM', rec, id)
+      settle(g, id, was, false, now, totals, off, rec)
     end
   elseif seq > noted_seq then
     redis.call('HSET', dev, id, table.concat({int(seq), state, int(since)}, '|'))
+    -- 'm': back online in another group (kept as a mark, so that a late note of its
+    -- offline here changes nothing).
     if state == '0' then
       offline(g, id, since, totals, off, rec)
     else

@@ -22,28 +22,33 @@ pub(crate) struct GroupNotes {
     pub(crate) metrics: Metrics,
 }
 
-/// The note an acknowledged status makes in its group, if it is a device status of one.
-fn note_of(ack: &Delivered) -> Option<Note> {
-    let Outbound::Device(ev) = Outbound::parse_member(&ack.receipt.member)? else {
-        return None;
+/// The notes an acknowledged status makes: in its group, if it is a device status of one,
+/// and in the group it left, if it came back online in another.
+fn notes_of(ack: &Delivered) -> Vec<Note> {
+    let Some(Outbound::Device(ev)) = Outbound::parse_member(&ack.receipt.member) else {
+        return Vec::new();
     };
-    Some(Note {
-        group: ev.group.clone()?,
-        noted: if ev.is_clear() {
-            Noted::Forgotten
-        } else {
-            Noted::Went(ev.state)
-        },
+    let noted = if ev.is_clear() {
+        Noted::Forgotten
+    } else {
+        Noted::Went(ev.state)
+    };
+    let note = |group: &GroupName, noted| Note {
+        group: group.clone(),
+        noted,
         seq: ev.seq,
         since: ev.since,
-        device: ev.device,
-    })
+        device: ev.device.clone(),
+    };
+    let here = ev.group.iter().map(|g| note(g, noted));
+    let left = ev.left.iter().map(|g| note(g, Noted::Left));
+    here.chain(left).collect()
 }
 
 impl GroupNotes {
     /// Whether an acknowledged status is noted in a group (it waits for its note).
     pub(crate) fn notes(ack: &Delivered) -> bool {
-        note_of(ack).is_some()
+        !notes_of(ack).is_empty()
     }
 
     /// Notes the group statuses among `acks`; hands on the outage statuses staged. An error
@@ -55,7 +60,7 @@ impl GroupNotes {
         out: &mpsc::Sender<StatusOut>,
         acks: &[Delivered],
     ) -> Result<(), StoreError> {
-        let notes: Vec<Note> = acks.iter().filter_map(note_of).collect();
+        let notes: Vec<Note> = acks.iter().flat_map(notes_of).collect();
         if notes.is_empty() {
             return Ok(());
         }

@@ -25,6 +25,8 @@ pub(crate) enum Noted {
     Went(State),
     /// The device was forgotten (its clear).
     Forgotten,
+    /// The device came back online in another group: back, as far as this one is concerned.
+    Left,
 }
 
 /// One device transition to note in its group.
@@ -142,6 +144,7 @@ impl Store {
                     let state = match n.noted {
                         Noted::Went(s) => s.flag(),
                         Noted::Forgotten => "x",
+                        Noted::Left => "m",
                     };
                     args.extend([
                         n.group.to_string(),
