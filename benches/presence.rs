@@ -12,6 +12,9 @@
 //! 3. Footprint: Redis bytes per device; the monitor's peak RSS at two fleet sizes.
 //! 4. Restart recovery: devices expired while no monitor ran; start → last offline status.
 //! 5. Ingest on Redis Cluster: the ingest figure with 3 local masters vs 1 Redis, same run.
+//! 6. Groups: ingest with every heartbeat naming one of 1,000 groups vs none; a one-group
+//!    mass expiry: the outage's detection after the crossing, and the last device status at
+//!    a subscriber vs the broker alone carrying as many retained QoS 1 messages.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -38,6 +41,8 @@ struct Sizes {
     spread: Duration,
     footprint: [usize; 2],
     recovery: usize,
+    group_devices: usize,
+    group_outage: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -47,6 +52,8 @@ const FULL: Sizes = Sizes {
     spread: Duration::from_secs(30),
     footprint: [100_000, 1_000_000],
     recovery: 100_000,
+    group_devices: 100_000,
+    group_outage: 10_000,
 };
 
 const QUICK: Sizes = Sizes {
@@ -56,6 +63,8 @@ const QUICK: Sizes = Sizes {
     spread: Duration::from_secs(5),
     footprint: [5_000, 50_000],
     recovery: 5_000,
+    group_devices: 5_000,
+    group_outage: 2_000,
 };
 
 fn main() {
@@ -141,7 +150,8 @@ fn summary(mut v: Vec<i64>, total: usize) -> (String, Vec<i64>) {
 
 async fn run(s: &Sizes, quick: bool) -> Report {
     let mut r = Report::default();
-    // BENCH_ONLY=ingest|steady|mass|footprint|recovery|cluster runs one part (for investigation).
+    // BENCH_ONLY=ingest|steady|mass|footprint|recovery|cluster|groups runs one part (for
+    // investigation).
     let only = std::env::var("BENCH_ONLY").ok();
     let part = |p: &str| only.as_deref().is_none_or(|o| o == p);
     if part("ingest") {
@@ -161,6 +171,10 @@ async fn run(s: &Sizes, quick: bool) -> Report {
     }
     if part("cluster") {
         cluster_ingest(s, &mut r).await;
+    }
+    if part("groups") {
+        group_ingest(s, &mut r).await;
+        group_outage(s, &mut r).await;
     }
     if quick {
         r.notes
@@ -412,17 +426,28 @@ async fn cluster_ingest(s: &Sizes, r: &mut Report) {
 /// it accepted in all; the end is when the API shows the sentinel device (its heartbeat is
 /// sent after all the others, so it is applied in the last batch).
 async fn ingest_rate(redis_args: &[String], n: usize, d: usize) -> (f64, usize) {
+    ingest_rate_of(redis_args, n, d, &|_| Vec::new()).await
+}
+
+/// [`ingest_rate`] with heartbeat `i`'s payload given (the same for the fleet's first
+/// heartbeats and the measured ones).
+async fn ingest_rate_of(
+    redis_args: &[String],
+    n: usize,
+    d: usize,
+    payload: &(impl Fn(usize) -> Vec<u8> + Sync),
+) -> (f64, usize) {
     let mqtt = Mosquitto::start();
     let (child, addr) = monitor_on(redis_args, &mqtt, &[]);
     wait_ready(addr).await;
-    blast(&mqtt, d, d, |_| Vec::new()).await;
+    blast(&mqtt, d, d, payload).await;
     eventually("fleet online", || async move {
         let m = scrape(addr).await;
         (metric(&m, r#"presenced_devices{state="online"}"#)? >= d as f64).then_some(())
     })
     .await;
     let t0 = Instant::now();
-    blast(&mqtt, n, d, |_| Vec::new()).await;
+    blast(&mqtt, n, d, payload).await;
     let sentinel = Devices::connect(&mqtt).await;
     sentinel.heartbeat("sentinel", b"").await;
     loop {
@@ -448,24 +473,7 @@ async fn lag(s: &Sizes, r: &mut Report, mass: bool) {
 
     // For mass expiry: what the broker alone needs to carry n retained QoS 1 statuses.
     let broker_only = if mass {
-        let c = counter(&mqtt, "bench/retained/+").await;
-        let p = Devices::connect(&mqtt).await;
-        let t0 = Instant::now();
-        for i in 0..n {
-            p.publish_retained(
-                &format!("bench/retained/{i}"),
-                br#"{"state":"offline","seq":2}"#,
-            )
-            .await;
-        }
-        let c2 = c.clone();
-        eventually("broker carried every retained message", || {
-            let done = c2.lock().unwrap().0 >= n;
-            async move { done.then_some(()) }
-        })
-        .await;
-        let last = c.lock().unwrap().1;
-        Some(last - t0)
+        Some(broker_carries(&mqtt, n).await)
     } else {
         None
     };
@@ -618,6 +626,29 @@ async fn lag(s: &Sizes, r: &mut Report, mass: bool) {
     r.samples.push((format!("{name}-redis"), nat_sorted));
 }
 
+/// How long the broker alone takes to carry `n` retained QoS 1 statuses from one publisher
+/// to one subscriber (the reference of a mass expiry).
+async fn broker_carries(mqtt: &Mosquitto, n: usize) -> Duration {
+    let c = counter(mqtt, "bench/retained/+").await;
+    let p = Devices::connect(mqtt).await;
+    let t0 = Instant::now();
+    for i in 0..n {
+        p.publish_retained(
+            &format!("bench/retained/{i}"),
+            br#"{"state":"offline","seq":2}"#,
+        )
+        .await;
+    }
+    let c2 = c.clone();
+    eventually("broker carried every retained message", || {
+        let done = c2.lock().unwrap().0 >= n;
+        async move { done.then_some(()) }
+    })
+    .await;
+    let last = c.lock().unwrap().1;
+    last - t0
+}
+
 /// The upper bound of the histogram bucket holding quantile `q` of the lag.
 fn histogram_quantile(scrape: &str, q: f64) -> String {
     let count = metric(scrape, "presenced_notification_lag_seconds_count").unwrap_or(0.0);
@@ -640,6 +671,135 @@ fn histogram_quantile(scrape: &str, q: f64) -> String {
         }
     }
     "n/a".into()
+}
+
+// === 6. Groups ===
+
+/// Ingest with every heartbeat naming one of 1,000 groups in its payload, vs the same JSON
+/// payload without a group (a key the monitor ignores, as long: the cost of the groups
+/// alone), vs an empty payload; same sizes, alternated three times (the best of each).
+async fn group_ingest(s: &Sizes, r: &mut Report) {
+    let (n, d) = (s.ingest_msgs, s.group_devices);
+    let payload = move |key: &'static str| {
+        move |i: usize| format!(r#"{{"{key}":"g-{:04}"}}"#, i % d % 1000).into_bytes()
+    };
+    let (grouped, ungrouped) = (payload("group"), payload("other"));
+    let plain = |_: usize| Vec::new();
+    let mut best = [0f64; 3];
+    for _ in 0..3 {
+        for (k, rate) in best.iter_mut().enumerate() {
+            let redis = RedisServer::start();
+            let args = ["--redis-url".into(), redis.url()];
+            let got = match k {
+                0 => ingest_rate_of(&args, n, d, &grouped).await,
+                1 => ingest_rate_of(&args, n, d, &ungrouped).await,
+                _ => ingest_rate_of(&args, n, d, &plain).await,
+            };
+            *rate = rate.max(got.0);
+        }
+    }
+    let [on, off, empty] = best;
+    r.row(
+        &format!("Ingest with groups ({d} devices in 1000 groups): heartbeats/s applied"),
+        format!("{on:.0}/s"),
+        format!(
+            "{:.2} × the same JSON without a group ({off:.0}/s), {:.2} × empty payloads \
+             ({empty:.0}/s); same run, {n} heartbeats, best of 3 each",
+            on / off,
+            on / empty
+        ),
+    );
+}
+
+/// A mass expiry of one group of `group_outage` devices (every deadline at one instant):
+/// when its outage is decided after the crossing, and the deadline → last device status at a
+/// subscriber, against the broker alone carrying as many retained QoS 1 and against the same
+/// expiry of devices without a group (no notes, no outage), in the same run.
+async fn group_outage(s: &Sizes, r: &mut Report) {
+    let n = s.group_outage;
+    let broker_only = {
+        let mqtt = Mosquitto::start();
+        broker_carries(&mqtt, n).await
+    };
+    let (plain_last, _) = one_instant_expiry(n, None, r).await;
+    let (ours, opening) = one_instant_expiry(n, Some("big"), r).await;
+    let (decided, affected) = opening.unwrap();
+    let k = n.div_ceil(2).max(10);
+    r.row(
+        &format!("Group outage, {n} devices of one group at one instant: crossing → outage decided"),
+        format!("{decided} ms"),
+        format!("detected_at of the opening − detected_at of the {k}th offline (the threshold of the default rule); affected {affected} at opening"),
+    );
+    r.row(
+        &format!("Group outage: deadline → last device status of {n} at a subscriber"),
+        format!("{ours} ms"),
+        format!(
+            "broker alone carries {n} retained QoS 1 in {} ms (ratio {:.2}); the same expiry without groups {plain_last} ms (ratio {:.2})",
+            broker_only.as_millis(),
+            ours as f64 / broker_only.as_millis().max(1) as f64,
+            ours as f64 / plain_last.max(1) as f64,
+        ),
+    );
+}
+
+/// `n` devices (of `group`, if any) expiring at one instant, on fresh servers: the deadline
+/// → last offline status at a subscriber (ms) and, with a group, its outage's opening: ms
+/// from the crossing (the `detected_at` of the offline that made the default rule's
+/// threshold) to the opening's `detected_at`, and its `affected`.
+async fn one_instant_expiry(
+    n: usize,
+    group: Option<&str>,
+    r: &mut Report,
+) -> (u64, Option<(i64, u64)>) {
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let (child, addr) = monitor(&redis, &mqtt, &[]);
+    wait_ready(addr).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let outages = Collector::start(&mqtt, "groups/+/status").await;
+    let t0 = now_ms() + 4_000;
+    let named = group
+        .map(|g| format!(r#", "group": "{g}""#))
+        .unwrap_or_default();
+    blast(&mqtt, n, n, |_| {
+        let ttl_ms = t0.saturating_sub(now_ms()).max(100);
+        format!(r#"{{"ttl_s": {}{named}}}"#, ttl_ms as f64 / 1000.0).into_bytes()
+    })
+    .await;
+    if now_ms() > t0 {
+        r.notes.push(format!(
+            "one-instant expiry: seeding overran the deadline by {} ms",
+            now_ms() - t0
+        ));
+    }
+    let want_opening = usize::from(group.is_some());
+    while_progressing("every offline (and the outage)", || async {
+        let offline = statuses.count(|m| m.json["state"] == "offline");
+        let opened = outages.count(|m| m.json["state"] == "outage");
+        (offline as u64, offline >= n && opened >= want_opening)
+    })
+    .await;
+    stop(child);
+    let offline: Vec<Seen> = statuses
+        .all()
+        .into_iter()
+        .filter(|m| m.json["state"] == "offline")
+        .collect();
+    let last = offline.iter().map(|m| m.at_ms).max().unwrap_or(0);
+    let mut detected: Vec<u64> = offline.iter().map(|m| ms(&m.json["detected_at"])).collect();
+    detected.sort_unstable();
+    let opening = outages
+        .all()
+        .into_iter()
+        .find(|m| m.json["state"] == "outage")
+        .map(|o| {
+            let crossing = detected[n.div_ceil(2).max(10) - 1];
+            (
+                ms(&o.json["detected_at"]) as i64 - crossing as i64,
+                o.json["affected"].as_u64().unwrap_or(0),
+            )
+        });
+    (last.saturating_sub(t0), opening)
 }
 
 // === 3. Footprint ===
