@@ -506,6 +506,12 @@ async fn open_outage(
                 .any(|m| m.json["group"] == group && m.json["state"] == "outage")
         })
         .await;
+    // Every one of them noted in the outage (the live figure), before any comes back.
+    eventually("all 20 affected", || async {
+        let (_, g) = get_json(api, &format!("/groups/{group}")).await;
+        (g["affected"] == 20).then_some(())
+    })
+    .await;
 }
 
 /// Devices that come back through another gateway (their heartbeats name another group)
@@ -581,19 +587,71 @@ async fn an_outage_closes_when_its_devices_are_forgotten() {
         (Some(2), Some(0)),
         "{c:?}"
     );
-    // A group without devices is no group; each device went online, offline, and was
-    // forgotten (the invariant check proper needs records, which forgotten devices lack).
+    // A group without devices is no group; each device's statuses alternate from online
+    // with seq +1, ending offline, and it was forgotten (the invariant check proper needs
+    // records, which forgotten devices lack).
     let (status, _) = get_json(api, "/groups/gw-c").await;
     assert_eq!(status, 404);
     let seen = by_device(&statuses.all());
     for id in &gone {
         let h = history(&seen[id.as_str()]);
-        assert_eq!(
-            h,
-            [(1, "online".to_owned()), (2, "offline".to_owned())],
-            "{id}"
-        );
+        for (i, (seq, state)) in h.iter().enumerate() {
+            let expected = if i % 2 == 0 { "online" } else { "offline" };
+            assert_eq!(
+                (*seq, state.as_str()),
+                (i as u64 + 1, expected),
+                "{id}: {h:?}"
+            );
+        }
+        assert_eq!(h.len() % 2, 0, "{id} ends offline: {h:?}");
         let (status, _) = get_json(api, &format!("/devices/{id}")).await;
         assert_eq!(status, 404, "{id} forgotten");
     }
+}
+
+/// note.lua's fences: a forgotten device's note, and a device's return in another group,
+/// keep late copies of its older notes (a claim that published them twice) from putting it
+/// back among the group's offline devices, while a new life (after forgetting, seq from 1)
+/// is noted; and a late clear of an earlier life changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_copies_of_notes_change_nothing() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let script = redis::Script::new(&format!(
+        "{}\n{}",
+        include_str!("../src/lua/common.lua"),
+        include_str!("../src/lua/note.lua")
+    ));
+    let mut note = async |id: &str, seq: u64, state: &str, since: u64| {
+        let mut inv = script.prepare_invoke();
+        inv.key("t:gstate").key("t:outbox");
+        inv.arg("t:g:")
+            .arg(30_000)
+            .arg(50)
+            .arg(0.5)
+            .arg(60_000)
+            .arg(0.9);
+        inv.arg("site").arg(100).arg(99).arg(1);
+        inv.arg(id).arg(seq).arg(state).arg(since);
+        let staged: Vec<String> = inv.invoke_async(&mut conn).await.unwrap();
+        assert!(staged.is_empty(), "{staged:?}");
+        let off: Vec<String> = redis::cmd("ZRANGE")
+            .arg("t:g:off:site")
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        off
+    };
+    assert_eq!(note("d-1", 2, "0", 1_000).await, ["d-1"]);
+    assert!(note("d-1", 0, "x", 1_000).await.is_empty(), "forgotten");
+    assert!(note("d-1", 2, "0", 1_000).await.is_empty(), "a late copy");
+    assert!(note("d-1", 1, "1", 5_000).await.is_empty(), "a new life");
+    assert_eq!(note("d-1", 2, "0", 9_000).await, ["d-1"], "its offline");
+    assert_eq!(note("d-1", 0, "x", 1_000).await, ["d-1"], "an old clear");
+    // Back online in another group; a late copy of its offline here.
+    assert_eq!(note("d-2", 4, "0", 2_000).await, ["d-2", "d-1"], "by since");
+    assert_eq!(note("d-2", 5, "m", 3_000).await, ["d-1"], "moved away");
+    assert_eq!(note("d-2", 4, "0", 2_000).await, ["d-1"], "a late copy");
 }

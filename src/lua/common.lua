@@ -3,7 +3,8 @@
 -- for a device with a group, "|group" (last: a group name may hold '|'); state "1" online,
 -- "0" offline, times in ms since the epoch.
 -- An outbox member is "seq|state|since|status_last_seen|detected_at|id" (id last: it may hold
--- '|'), prefixed by "g<length>|group|" for a device with a group.
+-- '|'), prefixed by "g<length>|group|" for a device with a group, then by "l<length>|group|"
+-- for the group an offline device left by coming back online in another.
 -- Seq 0 ("before the first status") is a forgotten device's clear: an empty retained message.
 -- Every time a script decides with or writes is this master's clock (TIME): replicas' clocks
 -- may disagree, the master of a device's bucket is one clock for all of them.

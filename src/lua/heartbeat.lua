@@ -104,12 +104,10 @@ for i = 5, #ARGV, 8 do
       stage(id, nseq, '1', s, s, new_group, left)
     elseif state == '0' and arrival > tonumber(last) then
       -- Proves presence only for a time gone by (held while Redis was away): no transition,
-      -- but the record knows the latest heartbeat.
-      redis.call('HSET', recs, id, make_record('0', seq, since, int(arrival), det, new_group))
-      if new_group ~= group then
-        count(groups, '0', group, -1)
-        count(groups, '0', new_group, 1)
-      end
+      -- but the record knows the latest heartbeat. The device stays offline in the group its
+      -- offline status was noted in: its next online status tells that group it is back
+      -- (the `left` of its member), wherever it comes back.
+      redis.call('HSET', recs, id, make_record('0', seq, since, int(arrival), det, group))
     end
   end
 end

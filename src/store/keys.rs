@@ -30,7 +30,8 @@ pub(crate) enum Key {
     GroupCounts,
     /// Hash group → its outage state (for the groups whose name falls in this bucket).
     GroupStates,
-    /// The prefix of the per-group outage keys (`…:g:dev:<group>`, `off:`, `rec:`; note.lua).
+    /// The prefix of the per-group outage keys (`…:g:dev:<group>`, `off:`, `rec:`, `fence:`;
+    /// note.lua).
     GroupOutages,
 }
 
