@@ -3,9 +3,9 @@
 //!
 //! The decision itself is src/lua/note.lua's (see `presence::groups`).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::device::{format_time, GroupName, Millis, GROUP_PLACEHOLDER};
+use crate::device::{format_time, parse_time, GroupName, Millis, GROUP_PLACEHOLDER};
 
 /// Whether a group is in an outage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +93,62 @@ impl GroupStatus {
         f.next().is_none().then_some(status)
     }
 
+    /// The outbox member (the form the group states hash keeps, too).
+    pub fn member(&self) -> String {
+        let flag = match self.state {
+            GroupState::Outage => "1",
+            GroupState::Ok => "0",
+        };
+        format!(
+            "o{}|{}|{}|{flag}|{}|{}|{}|{}|{}|{}|{}",
+            self.group.as_str().len(),
+            self.group,
+            self.seq,
+            self.since,
+            self.detected_at,
+            self.devices,
+            self.online,
+            self.offline,
+            self.affected,
+            self.recovered
+        )
+    }
+
+    /// Parses a retained payload (read back from the broker to rebuild a Redis that lost its
+    /// data); `None` for anything that is not a group status with a valid group and seq.
+    pub fn from_json(payload: &[u8]) -> Option<GroupStatus> {
+        #[derive(Deserialize)]
+        struct Wire {
+            group: String,
+            state: String,
+            seq: u64,
+            since: String,
+            detected_at: String,
+            devices: i64,
+            online: i64,
+            offline: i64,
+            affected: i64,
+            recovered: i64,
+        }
+        let w: Wire = serde_json::from_slice(payload).ok()?;
+        Some(GroupStatus {
+            group: GroupName::parse(&w.group).ok()?,
+            state: match w.state.as_str() {
+                "outage" => GroupState::Outage,
+                "ok" => GroupState::Ok,
+                _ => return None,
+            },
+            seq: Some(w.seq).filter(|s| *s >= 1)?,
+            since: parse_time(&w.since)?,
+            detected_at: parse_time(&w.detected_at)?,
+            devices: w.devices,
+            online: w.online,
+            offline: w.offline,
+            affected: w.affected,
+            recovered: w.recovered,
+        })
+    }
+
     /// The retained payload (contract: "Groups", outages).
     pub fn to_json(&self) -> Vec<u8> {
         let json = GroupStatusJson {
@@ -150,17 +206,34 @@ impl GroupTopic {
     }
 
     pub fn render(&self, group: &GroupName) -> String {
+        self.render_with(group.as_str())
+    }
+
+    /// The subscription filter of every group's topic.
+    pub fn filter(&self) -> String {
+        self.render_with("+")
+    }
+
+    /// The raw group level of a topic that matches the template.
+    pub fn extract<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        let levels: Vec<&str> = topic.split('/').collect();
+        if levels.len() != self.levels.len() {
+            return None;
+        }
+        let fixed = levels
+            .iter()
+            .zip(&self.levels)
+            .enumerate()
+            .all(|(i, (got, want))| i == self.group_level || got == want);
+        fixed.then(|| levels[self.group_level])
+    }
+
+    fn render_with(&self, group: &str) -> String {
         let levels: Vec<&str> = self
             .levels
             .iter()
             .enumerate()
-            .map(|(i, l)| {
-                if i == self.group_level {
-                    group.as_str()
-                } else {
-                    l
-                }
-            })
+            .map(|(i, l)| if i == self.group_level { group } else { l })
             .collect();
         levels.join("/")
     }
@@ -184,6 +257,9 @@ mod tests {
         assert_eq!(v["since"], "1970-01-01T00:00:01.000Z");
         assert_eq!(v["devices"], 100);
         assert_eq!(v["seq"], 2);
+        assert_eq!(s.member(), m);
+        assert_eq!(GroupStatus::from_json(&s.to_json()), Some(s.clone()));
+        assert_eq!(GroupStatus::from_json(b"{}"), None);
         assert!(GroupStatus::parse_member("1|1|1|1|1|d").is_none());
         assert!(GroupStatus::parse_member("o6|site|7|2|0|1000|1400|100|95|5|60").is_none());
         assert!(GroupStatus::parse_member("o6|site|7|2|3|1000|1400|100|95|5|60|55").is_none());
@@ -196,6 +272,10 @@ mod tests {
             t.render(&GroupName::parse("s7").unwrap()),
             "groups/s7/status"
         );
+        assert_eq!(t.filter(), "groups/+/status");
+        assert_eq!(t.extract("groups/s7/status"), Some("s7"));
+        assert_eq!(t.extract("groups/s7/other"), None);
+        assert_eq!(t.extract("groups/s7/status/x"), None);
         for bad in [
             "groups/status",
             "g/{group}/{group}",

@@ -10,8 +10,15 @@
 //! its state, seq and times, online devices one TTL from the rebuild to heartbeat again.
 //! The epoch key is set by the import's last chunk of each bucket.
 //!
+//! The groups come back with the devices: each group's retained status (`mqtt.group_topic`)
+//! is imported first (import_groups.lua: its seq goes on, an open outage is open again),
+//! then the devices, then the imported offline devices of a group are noted in it
+//! (note.lua), which makes up an open outage's figures. note.lua refuses to decide in a
+//! bucket without its epoch key, so no group's seq starts over before that.
+//!
 //! Several replicas may rebuild at once: the import writes a device only over a lower seq
-//! (or none), and a bucket whose epoch is back is left alone.
+//! (or none), a group only over a lower seq, a bucket whose epoch is back is left alone, and
+//! notes are idempotent.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,10 +32,11 @@ use tracing::{debug, info, warn};
 
 use crate::bucket::{bucket_of, Bucket, BUCKETS};
 use crate::config::MqttConfig;
-use crate::device::{DeviceId, DeviceRecord, StatusEvent, TopicTemplate};
+use crate::device::{DeviceId, DeviceRecord, GroupName, State, StatusEvent, TopicTemplate};
+use crate::group_status::{GroupStatus, GroupTopic};
 use crate::metrics::Metrics;
 use crate::mqtt::{self, Client, ConnectOptions, Event, EventLoop, Qos, Retain};
-use crate::store::{ImportChunk, Imported, Store, StoreError};
+use crate::store::{ImportChunk, Imported, Note, Noted, OutageRule, Store, StoreError};
 use crate::telemetry::{Backoff, LogLimiter};
 
 /// How often every bucket's epoch key is checked (one pipelined EXISTS per bucket).
@@ -44,6 +52,8 @@ const STALLED: Duration = Duration::from_secs(10);
 const CHUNK: usize = 1_000;
 /// How often one import may start over because the bucket was lost again meanwhile.
 const MAX_AGAIN: usize = 3;
+/// Offline devices noted in their groups per round trip.
+const NOTES: usize = 5_000;
 
 /// Watches for a Redis that lost its data and rebuilds the state from the broker.
 pub(crate) struct Rebuilder {
@@ -51,6 +61,8 @@ pub(crate) struct Rebuilder {
     pub(crate) mqtt: MqttConfig,
     /// What an online device gets from the rebuild to heartbeat again.
     pub(crate) ttl: Duration,
+    /// The outage rule (an imported open outage's window).
+    pub(crate) rule: OutageRule,
     pub(crate) metrics: Metrics,
     /// Asks the expirer to sweep every bucket (it learns the new deadlines).
     pub(crate) reconcile: Arc<Notify>,
@@ -122,13 +134,18 @@ impl Rebuilder {
             "Redis has no state for some buckets (lost, or a first start); rebuilding from the retained statuses."
         );
         let snapshot = collect(&self.mqtt, token).await?;
-        let written = self.import(&snapshot.by_bucket(lost), lost, token).await?;
+        let groups: Vec<GroupStatus> = snapshot.groups.values().cloned().collect();
+        let groups_written = self.store.import_groups(&groups, lost, &self.rule).await?;
+        let by_bucket = snapshot.by_bucket(lost);
+        let written = self.import(&by_bucket, lost, token).await?;
+        self.note_offline(&by_bucket).await?;
         self.metrics.state_rebuilt();
         self.store.loss().rebuilt();
         self.reconcile.notify_one();
         info!(
             imported = written,
             statuses = snapshot.statuses.len(),
+            groups = groups_written,
             invalid = snapshot.invalid,
             cleared = snapshot.cleared,
             buckets = lost.len(),
@@ -165,6 +182,41 @@ impl Rebuilder {
             }
         }
         Ok(written)
+    }
+}
+
+impl Rebuilder {
+    /// Notes the imported offline devices of groups in their groups (their outages' figures).
+    /// What that stages (an opening the loss hid) is published by a claim once its lease ends.
+    async fn note_offline(&self, by_bucket: &[Vec<DeviceRecord>]) -> Result<(), RebuildError> {
+        let notes: Vec<Note> = by_bucket
+            .iter()
+            .flatten()
+            .filter(|r| r.state == State::Offline)
+            .filter_map(|r| {
+                Some(Note {
+                    group: r.group.clone()?,
+                    device: r.device.clone(),
+                    seq: r.seq,
+                    noted: Noted::Went(State::Offline),
+                    since: r.since,
+                })
+            })
+            .collect();
+        for chunk in notes.chunks(NOTES) {
+            let groups: Vec<GroupName> = chunk
+                .iter()
+                .map(|n| n.group.clone())
+                .collect::<std::collections::HashSet<_>>()
+                .into_iter()
+                .collect();
+            let totals = self.store.group_totals(&groups).await?;
+            self.store
+                .note(chunk, &totals, &self.rule)
+                .await
+                .into_result()?;
+        }
+        Ok(())
     }
 }
 
@@ -237,6 +289,8 @@ impl Progress {
 #[derive(Debug, Default)]
 struct Snapshot {
     statuses: HashMap<DeviceId, StatusEvent>,
+    /// The groups' retained outage statuses: the highest seq per group.
+    groups: HashMap<GroupName, GroupStatus>,
     /// Messages on the status topic that are not a status (skipped).
     invalid: u64,
     /// Empty retained messages (a cleared status; skipped).
@@ -262,6 +316,27 @@ impl Snapshot {
             }
         }
         by_bucket
+    }
+
+    /// Keeps a group status, if `topic` is a group's topic and `payload` its status.
+    fn add_group(&mut self, template: &GroupTopic, topic: &[u8], payload: &[u8]) -> bool {
+        let group = std::str::from_utf8(topic)
+            .ok()
+            .and_then(|t| template.extract(t))
+            .and_then(|raw| GroupName::parse(raw).ok());
+        let Some(status) = GroupStatus::from_json(payload) else {
+            return false;
+        };
+        if group.as_ref() != Some(&status.group) {
+            return false;
+        }
+        match self.groups.get(&status.group) {
+            Some(held) if held.seq >= status.seq => {}
+            _ => {
+                self.groups.insert(status.group.clone(), status);
+            }
+        }
+        true
     }
 
     fn add(&mut self, template: &TopicTemplate, topic: &[u8], payload: &[u8]) {
@@ -306,7 +381,11 @@ async fn collect(cfg: &MqttConfig, token: &CancellationToken) -> Result<Snapshot
     });
     let mut reading = Reading {
         cfg,
-        filters: [cfg.status_topic.filter(), marker_topic.clone()],
+        filters: [
+            cfg.status_topic.filter(),
+            cfg.group_topic.filter(),
+            marker_topic.clone(),
+        ],
         marker_topic,
         marker: Bytes::from(format!("{:016x}", fastrand::u64(..))),
         client,
@@ -346,7 +425,7 @@ enum Marker {
 /// Reading the retained statuses: the subscription, our marker, what came.
 struct Reading<'a> {
     cfg: &'a MqttConfig,
-    filters: [String; 2],
+    filters: [String; 3],
     marker_topic: String,
     marker: Bytes,
     client: Client,
@@ -365,8 +444,16 @@ impl Reading<'_> {
             }
             Event::SubAck { granted } => {
                 self.last_message = Instant::now();
-                if !granted.iter().all(|g| *g) || granted.len() != self.filters.len() {
+                // The device statuses and our marker are needed; the group statuses only
+                // keep the groups' seq going (a broker may refuse them to us).
+                let [statuses, groups, marker] = granted[..] else {
                     return Err(RebuildError::Refused(self.filters.to_vec()));
+                };
+                if !(statuses && marker) {
+                    return Err(RebuildError::Refused(self.filters.to_vec()));
+                }
+                if !groups {
+                    warn!(filter = %self.filters[1], "The broker refused the group statuses: groups that had outages start their seq over.");
                 }
                 self.client.try_publish(
                     &self.marker_topic,
@@ -381,7 +468,10 @@ impl Reading<'_> {
                     if payload == self.marker {
                         self.marker_state = Marker::Back;
                     }
-                } else {
+                } else if !self
+                    .snapshot
+                    .add_group(&self.cfg.group_topic, &topic, &payload)
+                {
                     self.snapshot.add(&self.cfg.status_topic, &topic, &payload);
                 }
             }

@@ -22,12 +22,15 @@
 -- and kept in the group states hash (see common.lua) in the same step: decided exactly once,
 -- published even if the caller dies. The live figures of an open outage are written at the
 -- end of the call.
--- KEYS: 1 group states hash, 2 outbox zset
+-- KEYS: 1 group states hash, 2 outbox zset, 3 epoch key (present exactly when the bucket's
+--       state is in Redis: without it the group states were lost, and deciding from none
+--       would start a group's seq over; the caller keeps its notes until the rebuild)
 -- ARGV: 1 group key prefix, 2 outbox lease (ms), 3 min devices, 4 fraction, 5 window (ms),
 --       6 recovery fraction, then per note 8 values: group, its devices, online and offline
 --       (fleet-wide, read just before), id, seq, state ('1' online, '0' offline, 'x'
 --       forgotten, 'm' back online in another group), since
 -- Returns the group statuses staged.
+if redis.call('EXISTS', KEYS[3]) == 0 then return redis.status_reply('LOST') end
 local states, outbox = KEYS[1], KEYS[2]
 local prefix, lease = ARGV[1], tonumber(ARGV[2])
 local min, fraction = tonumber(ARGV[3]), tonumber(ARGV[4])

@@ -14,7 +14,9 @@ use super::handle::Store;
 use super::keys::Key;
 use super::outbox::lease_ms;
 use super::reply::{decode, members, Committed};
-use crate::bucket::{bucket_of, BUCKETS};
+use redis::Value;
+
+use crate::bucket::{bucket_of, Bucket, BUCKETS};
 use crate::config::GroupsConfig;
 use crate::device::{DeviceId, GroupName, Millis, State};
 use crate::group_status::{GroupState, GroupStatus};
@@ -157,12 +159,69 @@ impl Store {
                         n.since.to_string(),
                     ]);
                 }
-                let keys = self.keys.script(b, &[Key::GroupStates, Key::Outbox]);
+                let keys = self
+                    .keys
+                    .script(b, &[Key::GroupStates, Key::Outbox, Key::Epoch]);
                 self.scripts.note.cmd(&keys, args)
             },
-            members,
+            |b, reply| self.noted(b, reply),
         )
         .await
+    }
+
+    /// The group statuses note.lua staged in bucket `b`; `LOST` (the bucket has no epoch
+    /// key: Redis lost the group states, the rebuild brings them back) is reported to the
+    /// rebuilder, and the notes wait.
+    fn noted(&self, b: Bucket, reply: Value) -> Result<Vec<Committed>, StoreError> {
+        if matches!(&reply, Value::SimpleString(s) if s == "LOST") {
+            self.loss.report();
+            return Err(StoreError::Lost(b));
+        }
+        members(b, reply)
+    }
+
+    /// Gives the groups of the `lost` buckets their latest retained status back where Redis
+    /// has none or an older one (import_groups.lua): an outage open then is open again, its
+    /// window starting a window before its `since`. Returns how many were written.
+    pub(crate) async fn import_groups(
+        &self,
+        statuses: &[GroupStatus],
+        lost: &[Bucket],
+        rule: &OutageRule,
+    ) -> Result<u64, StoreError> {
+        let mine: Vec<&GroupStatus> = statuses
+            .iter()
+            .filter(|s| lost.contains(&bucket_of(s.group.as_str())))
+            .collect();
+        let written = self
+            .per_bucket(
+                &mine,
+                |s| bucket_of(s.group.as_str()),
+                |b, statuses| {
+                    let mut args = Vec::with_capacity(statuses.len() * 5);
+                    for s in statuses {
+                        let from = s.since.saturating_sub(rule.window_ms);
+                        args.extend([
+                            s.group.to_string(),
+                            s.member(),
+                            from.to_string(),
+                            s.affected.to_string(),
+                            s.recovered.to_string(),
+                        ]);
+                    }
+                    let keys = self.keys.script(b, &[Key::GroupStates]);
+                    self.scripts.import_groups.cmd(&keys, args)
+                },
+                |_, reply| match reply {
+                    Value::Int(n) => Ok(vec![n.max(0) as u64]),
+                    other => Err(StoreError::Protocol(format!(
+                        "unexpected reply from the group import: {other:?}"
+                    ))),
+                },
+            )
+            .await;
+        let n = written.done.iter().sum();
+        written.into_result().map(|_| n)
     }
 
     /// Every group's outage state (groups never in an outage have none).

@@ -49,6 +49,7 @@ pub(crate) struct Scripts {
     pub(crate) import: LuaScript,
     pub(crate) republish: LuaScript,
     pub(crate) note: LuaScript,
+    pub(crate) import_groups: LuaScript,
 }
 
 impl Scripts {
@@ -64,10 +65,11 @@ impl Scripts {
             import: LuaScript::new(include_str!("../lua/import.lua")),
             republish: LuaScript::new(include_str!("../lua/republish.lua")),
             note: LuaScript::new(include_str!("../lua/note.lua")),
+            import_groups: LuaScript::new(include_str!("../lua/import_groups.lua")),
         }
     }
 
-    fn all(&self) -> [&LuaScript; 10] {
+    fn all(&self) -> [&LuaScript; 11] {
         [
             &self.heartbeat,
             &self.expire,
@@ -79,6 +81,7 @@ impl Scripts {
             &self.import,
             &self.republish,
             &self.note,
+            &self.import_groups,
         ]
     }
 
