@@ -718,3 +718,40 @@ async fn an_outage_survives_redis_losing_its_data() {
     back.cancel();
     check_invariants(&mqtt, api, &statuses).await;
 }
+
+/// The broker restarts without persistence during an outage: its retained group status is
+/// gone, and the monitor's republish job publishes it again (as it does every device's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_lost_its_state_gets_the_group_statuses_again() {
+    let Fleet {
+        redis: _redis,
+        mut mqtt,
+        app,
+        statuses: _statuses,
+        devices,
+    } = Fleet::start(&[]).await;
+    let api = app.http();
+    let devices = Arc::new(devices);
+    let outages = Collector::start(&mqtt, "groups/+/status").await;
+    let site = ids("amnesia", 20);
+    let beats = keep_publishing(devices.clone(), in_payload(&site, "gw-m"), BEAT);
+    open_outage(api, &outages, "gw-m", beats).await;
+    mqtt.restart();
+    let mqtt = &mqtt;
+    let retained = eventually("the outage retained again", || async move {
+        let late = Collector::start(mqtt, "groups/+/status").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        late.all().into_iter().find(|m| m.retain)
+    })
+    .await;
+    assert_eq!(
+        (
+            retained.json["group"].as_str(),
+            retained.json["state"].as_str(),
+            retained.json["seq"].as_u64()
+        ),
+        (Some("gw-m"), Some("outage"), Some(1)),
+        "{}",
+        retained.json
+    );
+}

@@ -1,7 +1,9 @@
 -- Republishing every device's status after the broker lost its retained messages, as a job
 -- kept in Redis per bucket, so it is done once (not once per replica) and resumes where it
--- stopped if its replica dies.
--- KEYS: 1 records hash, 2 outbox zset, 3 job key ("cursor|lease end|owner|started")
+-- stopped if its replica dies; the latest status of the groups whose name falls in the
+-- bucket goes with the job's first page.
+-- KEYS: 1 records hash, 2 outbox zset, 3 job key ("cursor|lease end|owner|started"),
+--       4 group states hash
 -- ARGV: 1 'start' or 'page', 2 owner, 3 page size, 4 outbox lease (ms), 5 job lease (ms)
 -- start: begins a job unless one began within the last 10 s (replicas that noticed the
 --   same loss). Returns 1 if it began one.
@@ -27,6 +29,15 @@ if not cursor then return {} end
 if owner ~= me and tonumber(held_until) > now then return {} end
 local scan = redis.call('HSCAN', recs, cursor, 'COUNT', count)
 local out, args = {}, {}
+if cursor == '0' then
+  for _, g in ipairs(redis.call('HKEYS', KEYS[4])) do
+    local member = group_current(KEYS[4], g)
+    if member then
+      redis.call('ZADD', outbox, now + lease, member)
+      out[#out + 1] = member
+    end
+  end
+end
 local flat = scan[2]
 for i = 1, #flat, 2 do
   local state, seq, since, last, det, group = parse(flat[i + 1])

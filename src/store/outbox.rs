@@ -118,9 +118,15 @@ impl Store {
     }
 
     fn republish_cmd(&self, b: Bucket, mode: Republish, owner: &str, count: usize) -> Cmd {
-        let keys = self
-            .keys
-            .script(b, &[Key::Records, Key::Outbox, Key::RepublishJob]);
+        let keys = self.keys.script(
+            b,
+            &[
+                Key::Records,
+                Key::Outbox,
+                Key::RepublishJob,
+                Key::GroupStates,
+            ],
+        );
         let args = vec![
             mode.as_str().to_owned(),
             owner.to_owned(),
