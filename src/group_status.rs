@@ -124,11 +124,11 @@ impl GroupStatus {
             seq: u64,
             since: String,
             detected_at: String,
-            devices: i64,
-            online: i64,
-            offline: i64,
-            affected: i64,
-            recovered: i64,
+            devices: u32,
+            online: u32,
+            offline: u32,
+            affected: u32,
+            recovered: u32,
         }
         let w: Wire = serde_json::from_slice(payload).ok()?;
         Some(GroupStatus {
@@ -141,11 +141,11 @@ impl GroupStatus {
             seq: Some(w.seq).filter(|s| *s >= 1)?,
             since: parse_time(&w.since)?,
             detected_at: parse_time(&w.detected_at)?,
-            devices: w.devices,
-            online: w.online,
-            offline: w.offline,
-            affected: w.affected,
-            recovered: w.recovered,
+            devices: w.devices.into(),
+            online: w.online.into(),
+            offline: w.offline.into(),
+            affected: w.affected.into(),
+            recovered: w.recovered.into(),
         })
     }
 

@@ -36,7 +36,7 @@ use crate::device::{DeviceId, DeviceRecord, GroupName, State, StatusEvent, Topic
 use crate::group_status::{GroupStatus, GroupTopic};
 use crate::metrics::Metrics;
 use crate::mqtt::{self, Client, ConnectOptions, Event, EventLoop, Qos, Retain};
-use crate::store::{ImportChunk, Imported, Note, Noted, OutageRule, Store, StoreError};
+use crate::store::{ImportChunk, Imported, Note, NoteMode, Noted, OutageRule, Store, StoreError};
 use crate::telemetry::{Backoff, LogLimiter};
 
 /// How often every bucket's epoch key is checked (one pipelined EXISTS per bucket).
@@ -52,8 +52,9 @@ const STALLED: Duration = Duration::from_secs(10);
 const CHUNK: usize = 1_000;
 /// How often one import may start over because the bucket was lost again meanwhile.
 const MAX_AGAIN: usize = 3;
-/// Offline devices noted in their groups per round trip.
+/// Offline devices noted in their groups per round trip, and the tries of one round trip.
 const NOTES: usize = 5_000;
+const NOTE_TRIES: usize = 5;
 
 /// Watches for a Redis that lost its data and rebuilds the state from the broker.
 pub(crate) struct Rebuilder {
@@ -136,9 +137,15 @@ impl Rebuilder {
         let snapshot = collect(&self.mqtt, token).await?;
         let groups: Vec<GroupStatus> = snapshot.groups.values().cloned().collect();
         let groups_written = self.store.import_groups(&groups, lost, &self.rule).await?;
-        let by_bucket = snapshot.by_bucket(lost);
-        let written = self.import(&by_bucket, lost, token).await?;
-        self.note_offline(&by_bucket).await?;
+        let written = self.import(&snapshot.by_bucket(lost), lost, token).await?;
+        match self.note_offline(&snapshot, lost, token).await {
+            Err(RebuildError::Cancelled) => return Err(RebuildError::Cancelled),
+            // The devices are back: holding their heartbeats longer helps nobody.
+            Err(e) => {
+                warn!(error = %e, "Cannot note the offline devices in their groups: an open outage's figures may be short.")
+            }
+            Ok(()) => {}
+        }
         self.metrics.state_rebuilt();
         self.store.loss().rebuilt();
         self.reconcile.notify_one();
@@ -186,36 +193,61 @@ impl Rebuilder {
 }
 
 impl Rebuilder {
-    /// Notes the imported offline devices of groups in their groups (their outages' figures).
-    /// What that stages (an opening the loss hid) is published by a claim once its lease ends.
-    async fn note_offline(&self, by_bucket: &[Vec<DeviceRecord>]) -> Result<(), RebuildError> {
-        let notes: Vec<Note> = by_bucket
-            .iter()
-            .flatten()
-            .filter(|r| r.state == State::Offline)
-            .filter_map(|r| {
-                Some(Note {
-                    group: r.group.clone()?,
-                    device: r.device.clone(),
-                    seq: r.seq,
+    /// Notes the offline devices of the groups whose state was lost (and those imported) in
+    /// their groups, quietly: they make up an open outage's figures and open nothing. Tried
+    /// a few times before the rebuild counts as done (an outage's figures without them would
+    /// be short).
+    async fn note_offline(
+        &self,
+        snapshot: &Snapshot,
+        lost: &[Bucket],
+        token: &CancellationToken,
+    ) -> Result<(), RebuildError> {
+        let notes: Vec<Note> = snapshot
+            .statuses
+            .values()
+            .filter(|ev| ev.state == State::Offline)
+            .filter_map(|ev| {
+                let group = ev.group.clone()?;
+                let touched = lost.contains(&bucket_of(group.as_str()))
+                    || lost.contains(&bucket_of(ev.device.as_str()));
+                touched.then(|| Note {
+                    group,
+                    device: ev.device.clone(),
+                    seq: ev.seq,
                     noted: Noted::Went(State::Offline),
-                    since: r.since,
+                    since: ev.since,
                 })
             })
             .collect();
         for chunk in notes.chunks(NOTES) {
-            let groups: Vec<GroupName> = chunk
-                .iter()
-                .map(|n| n.group.clone())
-                .collect::<std::collections::HashSet<_>>()
-                .into_iter()
-                .collect();
-            let totals = self.store.group_totals(&groups).await?;
-            self.store
-                .note(chunk, &totals, &self.rule)
-                .await
-                .into_result()?;
+            let mut tries = 0;
+            while let Err(e) = self.note_chunk(chunk).await {
+                tries += 1;
+                if tries >= NOTE_TRIES {
+                    return Err(e);
+                }
+                tokio::select! {
+                    () = token.cancelled() => return Err(RebuildError::Cancelled),
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
         }
+        Ok(())
+    }
+
+    async fn note_chunk(&self, chunk: &[Note]) -> Result<(), RebuildError> {
+        let groups: Vec<GroupName> = chunk
+            .iter()
+            .map(|n| n.group.clone())
+            .collect::<std::collections::HashSet<_>>()
+            .into_iter()
+            .collect();
+        let totals = self.store.group_totals(&groups).await?;
+        self.store
+            .note(chunk, &totals, &self.rule, NoteMode::Quiet)
+            .await
+            .into_result()?;
         Ok(())
     }
 }

@@ -463,7 +463,8 @@ async fn a_burst_noted_out_of_order_counts_every_device() {
             .arg(50)
             .arg(0.5)
             .arg(60_000)
-            .arg(0.9);
+            .arg(0.9)
+            .arg("decide");
         // Reversed: the device that went offline last is noted first.
         for i in ids.rev() {
             inv.arg("site").arg(100).arg(40).arg(60);
@@ -642,7 +643,8 @@ async fn late_copies_of_notes_change_nothing() {
             .arg(50)
             .arg(0.5)
             .arg(60_000)
-            .arg(0.9);
+            .arg(0.9)
+            .arg("decide");
         inv.arg("site").arg(100).arg(99).arg(1);
         inv.arg(id).arg(seq).arg(state).arg(since);
         let staged: Vec<String> = inv.invoke_async(&mut conn).await.unwrap();
@@ -660,6 +662,10 @@ async fn late_copies_of_notes_change_nothing() {
     assert!(note("d-1", 0, "x", 1_000).await.is_empty(), "forgotten");
     assert!(note("d-1", 2, "0", 1_000).await.is_empty(), "a late copy");
     assert!(note("d-1", 1, "1", 5_000).await.is_empty(), "a new life");
+    assert!(
+        note("d-1", 2, "0", 1_000).await.is_empty(),
+        "a late copy from the earlier life, past the fence"
+    );
     assert_eq!(note("d-1", 2, "0", 9_000).await, ["d-1"], "its offline");
     assert_eq!(note("d-1", 0, "x", 1_000).await, ["d-1"], "an old clear");
     // Back online in another group; a late copy of its offline here.

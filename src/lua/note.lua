@@ -5,10 +5,11 @@
 -- older than one already noted (seq order) changes nothing.
 -- Per group G (keys under ARGV[1] .. name, all in this bucket's slot):
 --   dev:G   hash id -> "seq|state|since" of the latest noted transition (the seq order);
---           state 'x' (forgotten, since: of the offline it ended) and 'm' (back online in
---           another group) are fences: a note is taken over a fence if it is newer by seq
---           or by since (a forgotten device starts again at seq 1), so that a late copy of
---           an older note changes nothing
+--           a note is taken if newer by seq and not older by since (since never goes back
+--           within a device's life); state 'x' (forgotten, since: of the offline it ended)
+--           and 'm' (back online in another group) are fences, passed also by a newer since
+--           (a forgotten device starts again at seq 1), so that a late copy of an older note
+--           changes nothing
 --   off:G   zset id -> since, the offline devices (the window and the affected count)
 --   rec:G   set, the devices recovered (online again) in the current outage
 --   fence:G zset id -> when fenced; fences older than `FENCE_LEASES` outbox leases go (no
@@ -26,7 +27,9 @@
 --       state is in Redis: without it the group states were lost, and deciding from none
 --       would start a group's seq over; the caller keeps its notes until the rebuild)
 -- ARGV: 1 group key prefix, 2 outbox lease (ms), 3 min devices, 4 fraction, 5 window (ms),
---       6 recovery fraction, then per note 8 values: group, its devices, online and offline
+--       6 recovery fraction, 7 'decide' or 'quiet' (the rebuild's notes of imported offline
+--       devices: they make up figures and open nothing, their burst is history), then per
+--       note 8 values: group, its devices, online and offline
 --       (fleet-wide, read just before), id, seq, state ('1' online, '0' offline, 'x'
 --       forgotten, 'm' back online in another group), since
 -- Returns the group statuses staged.
@@ -35,6 +38,7 @@ local states, outbox = KEYS[1], KEYS[2]
 local prefix, lease = ARGV[1], tonumber(ARGV[2])
 local min, fraction = tonumber(ARGV[3]), tonumber(ARGV[4])
 local window, recovery = tonumber(ARGV[5]), tonumber(ARGV[6])
+local decide = ARGV[7] == 'decide'
 local FENCE_LEASES, PRUNE = 10, 100
 local now = redis_now()
 local out = {}
@@ -91,6 +95,7 @@ local function offline(g, s, id, since, totals)
     s.dirty = true
     return
   end
+  if not decide then return end
   -- The windows that hold this transition: the one ending with it, the one starting with it
   -- (notes come in any order: a device may be noted after others that went offline later).
   local back = redis.call('ZCOUNT', s.off, since - window, since)
@@ -108,13 +113,15 @@ end
 
 -- G's open outage after a device left its offline devices (`was`: its since there, if it
 -- was one): counted recovered if it was affected (`back`), and the outage closes when the
--- recovered reach `recovery` x affected.
+-- recovered reach `recovery` x affected. An outage without affected devices closes only by
+-- forgetting: after a rebuild its figures are made up from the imported devices' notes,
+-- and a device back before those is no reason to close it.
 local function settle(g, s, id, was, back, since, totals)
   finish(g, s)
   if not s.open then return end
   if back and was and was >= s.from then redis.call('SADD', s.rec, id) end
   local affected, recovered = figures(s)
-  if recovered >= recovery * affected then
+  if recovered >= recovery * affected and (affected > 0 or not back) then
     redis.call('DEL', s.rec)
     stage(g, s, group_seq(s.m) + 1, '0', since, totals, s.from, affected, recovered)
   else
@@ -134,7 +141,7 @@ local function fence(s, id, entry)
   redis.call('ZADD', s.fence, now, id)
 end
 
-for i = 7, #ARGV, 8 do
+for i = 8, #ARGV, 8 do
   local g, id, seq, state, since = ARGV[i], ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6], tonumber(ARGV[i + 7])
   local totals = {ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]}
   local s = group(g)
@@ -155,7 +162,7 @@ for i = 7, #ARGV, 8 do
       redis.call('SREM', s.rec, id)
       settle(g, s, id, was, false, now, totals)
     end
-  elseif seq > nseq or (fenced and since > nsince) then
+  elseif (seq > nseq and since >= nsince) or (fenced and since > nsince) then
     local entry = table.concat({int(seq), state, int(since)}, '|')
     if state == 'm' then fence(s, id, entry) else redis.call('HSET', s.dev, id, entry) end
     if state == '0' then

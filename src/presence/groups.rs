@@ -14,7 +14,7 @@ use crate::device::GroupName;
 use crate::group_status::GroupState;
 use crate::metrics::Metrics;
 use crate::status::{Delivered, Lag, Outbound, StatusOut};
-use crate::store::{Note, Noted, OutageRule, Store, StoreError};
+use crate::store::{Note, NoteMode, Noted, OutageRule, Store, StoreError};
 
 /// What the outbox needs to note groups.
 pub(crate) struct GroupNotes {
@@ -71,7 +71,9 @@ impl GroupNotes {
             .into_iter()
             .collect();
         let totals = store.group_totals(&groups).await?;
-        let mut staged = store.note(&notes, &totals, &self.rule).await;
+        let mut staged = store
+            .note(&notes, &totals, &self.rule, NoteMode::Decide)
+            .await;
         for status in staged.done.iter().filter_map(|c| match &c.event {
             Outbound::Group(g) => Some(g),
             Outbound::Device(_) => None,

@@ -65,5 +65,5 @@ pub use reply::Committed;
 pub(crate) use floor::Floor;
 pub(crate) use import::{ImportChunk, Imported};
 pub(crate) use list::ListFilter;
-pub(crate) use notes::{Note, Noted, OutageRule};
+pub(crate) use notes::{Note, NoteMode, Noted, OutageRule};
 pub(crate) use notify::{ensure_notifications, touch, write_probe, Configure, NotifyConfig};

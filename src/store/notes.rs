@@ -31,6 +31,25 @@ pub(crate) enum Noted {
     Left,
 }
 
+/// Whether notes may decide openings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NoteMode {
+    /// Transitions as they happen: they open and close outages.
+    Decide,
+    /// The rebuild's notes of imported offline devices: they make up an open outage's
+    /// figures and open nothing (their burst is history).
+    Quiet,
+}
+
+impl NoteMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            NoteMode::Decide => "decide",
+            NoteMode::Quiet => "quiet",
+        }
+    }
+}
+
 /// One device transition to note in its group.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Note {
@@ -100,18 +119,27 @@ impl Store {
         if groups.is_empty() {
             return Ok(totals);
         }
+        // With each bucket's epoch key: a bucket that lost its data (or is being imported)
+        // would count its devices as none, and a group would look smaller than it is.
         let cmds = (0..BUCKETS)
-            .map(|b| {
+            .flat_map(|b| {
                 let mut cmd = redis::cmd("HMGET");
                 cmd.arg(self.keys.of(b, Key::GroupCounts));
                 for g in groups {
                     cmd.arg(format!("1|{g}")).arg(format!("0|{g}"));
                 }
-                cmd
+                let mut epoch = redis::cmd("EXISTS");
+                epoch.arg(self.keys.of(b, Key::Epoch));
+                [cmd, epoch]
             })
             .collect();
-        let replies: Vec<Vec<Option<i64>>> = decode(self.exec(cmds).await.all()?)?;
-        for reply in replies {
+        let replies = self.exec(cmds).await.all()?;
+        for (b, pair) in (0..BUCKETS).zip(replies.chunks(2)) {
+            if pair.get(1) != Some(&Value::Int(1)) {
+                self.loss.report();
+                return Err(StoreError::Lost(b));
+            }
+            let reply: Vec<Option<i64>> = decode(pair[..1].to_vec())?.pop().unwrap_or_default();
             for (g, pair) in groups.iter().zip(reply.chunks(2)) {
                 let t = totals.entry(g.clone()).or_default();
                 t.online += pair.first().copied().flatten().unwrap_or(0);
@@ -128,6 +156,7 @@ impl Store {
         notes: &[Note],
         totals: &HashMap<GroupName, GroupCounts>,
         rule: &OutageRule,
+        mode: NoteMode,
     ) -> Partial<Committed> {
         self.per_bucket(
             notes,
@@ -140,6 +169,7 @@ impl Store {
                     rule.fraction.to_string(),
                     rule.window_ms.to_string(),
                     rule.recovery.to_string(),
+                    mode.as_str().to_owned(),
                 ];
                 for n in notes {
                     let t = totals.get(&n.group).copied().unwrap_or_default();
