@@ -4,7 +4,7 @@
 //! Label values come from enums, never from a device id: cardinality is fixed by
 //! construction. Every labelled series is created at start, at 0. The one label with values
 //! from outside, `group`, is bounded by `groups.max_series` (the rest are summed under
-//! `_other`), see [`GroupSeries`].
+//! `_other`), see `GroupSeries`.
 //!
 //! It must not decide what to count: the tasks call it; fleet counts are set by `http` at
 //! scrape time from Redis.
