@@ -17,6 +17,19 @@ use crate::{cluster, mqtt, Error};
 /// What `presenced check-config` found, one line per check.
 pub async fn report(cfg: &Config) -> Result<Vec<String>, Error> {
     let mut report = vec![format!("config: ok (instance {})", cfg.mqtt.client_id)];
+    let p = &cfg.presence;
+    if p.ttl_rules.is_empty() {
+        report.push(format!(
+            "ttl: {} for every device",
+            humantime::format_duration(p.ttl)
+        ));
+    } else {
+        report.push(format!(
+            "ttl rules (first match wins, else {}):",
+            humantime::format_duration(p.ttl)
+        ));
+        report.extend(p.ttl_rules.to_string().lines().map(|l| format!("  {l}")));
+    }
     match seed_urls(&cfg.redis) {
         None => check_single(cfg, &mut report).await?,
         Some(urls) => check_cluster(cfg, &urls, &mut report).await?,

@@ -98,6 +98,19 @@ fn bad_configuration_exits_2_naming_the_key() {
     assert_eq!(e.lines().count(), 1, "{e}");
     assert!(e.contains("presence.ttl") && e.contains("soon"), "{e}");
 
+    // TTL rules: a malformed rule, a bad duration, one outside the bounds.
+    for bad in ["bat-*", "bat-*=soon", "bat-*=100ms", "gw-*=90s,group:=5m"] {
+        let o = run({
+            let mut c = presenced();
+            c.args(["check-config", "--presence-ttl-rules", bad]);
+            c
+        });
+        assert_eq!(o.status.code(), Some(2), "{bad}");
+        let e = stderr(&o);
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains("presence.ttl_rules"), "{bad}: {e}");
+    }
+
     let o = run({
         let mut c = presenced();
         c.env("PRESENCED_HTTP_LISTEN", "everywhere");
@@ -487,6 +500,24 @@ fn check_config_reaches_the_servers() {
         .and_then(RedisVersion::parse)
         .unwrap_or_else(|| panic!("no version in the report: {out}"));
     assert!(version.is_supported(), "{version}");
+    assert!(out.contains("ttl: 1s for every device"), "{out}");
+
+    // The effective TTL rules, in their order.
+    let o = run({
+        let mut c = presenced();
+        c.arg("check-config")
+            .args(server_flags(&redis, &mqtt.url(), free_port()))
+            .args(["--presence-ttl-rules", "bat-*=12h,group:lab-*=5m"]);
+        c
+    });
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(
+            "ttl rules (first match wins, else 1s):\n  1. device id matches \"bat-*\": TTL 12h\n  2. group matches \"lab-*\": TTL 5m\n"
+        ),
+        "{out}"
+    );
 
     let o = run({
         let mut c = presenced();

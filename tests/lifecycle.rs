@@ -135,6 +135,46 @@ async fn ttl_override_is_applied_and_clamped() {
     app.stop().await.unwrap();
 }
 
+/// TTL rules give each class of device its TTL: the first rule that matches the id, or the
+/// group (named by the heartbeat), else `presence.ttl`; a heartbeat's `ttl_s` still wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_rules_give_each_class_its_ttl() {
+    let Fleet {
+        redis: _redis,
+        mqtt: _mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[("presence.ttl_rules", "bat-*=3s,gw-*=1500ms,group:lab=2s")]).await;
+    let beats: [(&str, &[u8], u64); 6] = [
+        ("bat-1", b"", 3_000),
+        ("gw-1", br#"{"group":"lab"}"#, 1_500),
+        ("s-1", br#"{"group":"lab"}"#, 2_000),
+        ("s-2", br#"{"group":"prod"}"#, 1_000),
+        ("s-3", b"", 1_000),
+        ("bat-2", br#"{"ttl_s": 0.7}"#, 700),
+    ];
+    for (id, payload, _) in beats {
+        devices.heartbeat(id, payload).await;
+    }
+    statuses
+        .wait_for("all offline", |s| {
+            s.iter().filter(|m| m.json["state"] == "offline").count() == beats.len()
+        })
+        .await;
+    for (id, _, ttl) in beats {
+        let off = statuses
+            .device(id)
+            .into_iter()
+            .find(|m| m["state"] == "offline")
+            .unwrap();
+        // The offline's since is the deadline: the heartbeat's arrival plus its TTL.
+        let lived = ms(&off["since"]) - ms(&off["last_seen"]);
+        assert_eq!(lived, ttl, "{id}: {off}");
+    }
+    app.stop().await.unwrap();
+}
+
 /// Invalid ids and oversized payloads are counted, never stored, and never disturb valid
 /// heartbeats, even when the oversized one is redelivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

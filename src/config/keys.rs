@@ -196,6 +196,14 @@ pub const PRESENCE_FORGET_AFTER: Key = key!(
     "Forget devices offline for longer than this (from their offline since); unset: kept forever."
 );
 
+pub const PRESENCE_TTL_RULES: Key = key!(
+    "presence",
+    "ttl_rules",
+    Str,
+    None,
+    "Per-class TTLs, first match wins: comma-separated PATTERN=DURATION, PATTERN a glob on the device id (* any run, ? one character) or group:GLOB on its group; e.g. bat-*=12h,gw-*=90s,group:lab-*=5m."
+);
+
 pub const GROUPS_OUTAGE_MIN_DEVICES: Key = key!(
     "groups",
     "outage_min_devices",
@@ -282,6 +290,7 @@ pub const KEYS: &[Key] = &[
     PRESENCE_MIN_TTL,
     PRESENCE_MAX_TTL,
     PRESENCE_FORGET_AFTER,
+    PRESENCE_TTL_RULES,
     GROUPS_OUTAGE_MIN_DEVICES,
     GROUPS_OUTAGE_FRACTION,
     GROUPS_OUTAGE_WINDOW,

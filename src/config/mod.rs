@@ -9,6 +9,7 @@
 mod keys;
 mod parse;
 mod sections;
+mod ttl_rules;
 mod values;
 
 use std::fmt;
@@ -22,6 +23,7 @@ use values::Values;
 
 pub use keys::{example_toml, Key, Kind, KEYS};
 pub use parse::{parse_duration, parse_size, BadValue};
+pub use ttl_rules::TtlRules;
 
 /// The largest MQTT packet the protocol allows (variable byte integer limit).
 pub const MQTT_MAX_PACKET: usize = 268_435_455;
@@ -146,6 +148,8 @@ pub struct PresenceConfig {
     pub max_ttl: Duration,
     /// Devices offline for longer than this are forgotten (`None`: kept forever).
     pub forget_after: Option<Duration>,
+    /// Per-class TTLs instead of `ttl` (first match wins; a heartbeat's `ttl_s` still wins).
+    pub ttl_rules: TtlRules,
 }
 
 /// Groups: the outage rule and the metric series bound.

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::keys::*;
 use super::parse::{check_token, fmt_dur, parse_broker_url, parse_cluster_nodes};
+use super::ttl_rules::TtlRules;
 use super::values::Values;
 use super::{
     bad_value, key_err, ConfigError, GroupsConfig, HttpAuth, HttpConfig, MqttConfig,
@@ -169,11 +170,18 @@ pub(crate) fn presence(values: &Values) -> Result<PresenceConfig, ConfigError> {
             ),
         ));
     }
+    let ttl_rules = match values.text(&PRESENCE_TTL_RULES)? {
+        Some(text) => {
+            TtlRules::parse(&text, min_ttl, max_ttl).map_err(|e| key_err(&PRESENCE_TTL_RULES, e))?
+        }
+        None => TtlRules::default(),
+    };
     Ok(PresenceConfig {
         ttl,
         min_ttl,
         max_ttl,
         forget_after: values.duration(&PRESENCE_FORGET_AFTER)?,
+        ttl_rules,
     })
 }
 

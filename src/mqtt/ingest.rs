@@ -65,8 +65,14 @@ impl Ingest {
             return;
         }
         let p = &self.presence;
-        let ttl = heartbeat_ttl(payload, p.ttl, p.min_ttl, p.max_ttl);
         let group = self.group(&device, group_level, payload);
+        // The device's class (the first rule that matches it, with the group this heartbeat
+        // names), unless the heartbeat asks for its own TTL.
+        let class_ttl = p
+            .ttl_rules
+            .ttl_for(device.as_str(), group.as_ref().map(GroupName::as_str))
+            .unwrap_or(p.ttl);
+        let ttl = heartbeat_ttl(payload, class_ttl, p.min_ttl, p.max_ttl);
         if self.held.insert(device, group, ttl, stamp) {
             self.metrics.heartbeat_accepted();
         } else if let Some(n) = self.held_full.check() {
