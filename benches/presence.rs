@@ -426,7 +426,7 @@ async fn cluster_ingest(s: &Sizes, r: &mut Report) {
 /// it accepted in all; the end is when the API shows the sentinel device (its heartbeat is
 /// sent after all the others, so it is applied in the last batch).
 async fn ingest_rate(redis_args: &[String], n: usize, d: usize) -> (f64, usize) {
-    ingest_rate_of(redis_args, n, d, &|_| Vec::new()).await
+    ingest_rate_of(redis_args, n, d, &|_| Vec::new(), &[]).await
 }
 
 /// [`ingest_rate`] with heartbeat `i`'s payload given (the same for the fleet's first
@@ -436,9 +436,10 @@ async fn ingest_rate_of(
     n: usize,
     d: usize,
     payload: &(impl Fn(usize) -> Vec<u8> + Sync),
+    extra: &[&str],
 ) -> (f64, usize) {
     let mqtt = Mosquitto::start();
-    let (child, addr) = monitor_on(redis_args, &mqtt, &[]);
+    let (child, addr) = monitor_on(redis_args, &mqtt, extra);
     wait_ready(addr).await;
     blast(&mqtt, d, d, payload).await;
     eventually("fleet online", || async move {
@@ -677,9 +678,11 @@ fn histogram_quantile(scrape: &str, q: f64) -> String {
 
 /// Ingest with every heartbeat naming one of 1,000 groups in its payload, vs the same JSON
 /// payload without a group (a key the monitor ignores, as long: the cost of the groups
-/// alone), vs an empty payload; same sizes, in rounds of all three back to back (this
-/// machine's noise moves single runs by ±20%): the median of the rounds' ratios, and their
-/// range.
+/// alone), vs an empty payload, and the grouped payload with 10 TTL rules (nine id globs with
+/// a leading `*` that match no device, each scanning the whole id, then a group glob: the
+/// longest path of every heartbeat); same sizes, in
+/// rounds of all four back to back (this machine's noise moves single runs by ±20%): the
+/// median of the rounds' ratios, and their range.
 async fn group_ingest(s: &Sizes, r: &mut Report) {
     const ROUNDS: usize = 5;
     let (n, d) = (s.ingest_msgs, s.group_devices);
@@ -688,16 +691,22 @@ async fn group_ingest(s: &Sizes, r: &mut Report) {
     };
     let (grouped, ungrouped) = (payload("group"), payload("other"));
     let plain = |_: usize| Vec::new();
-    let mut rounds: Vec<[f64; 3]> = Vec::new();
+    let rules: String = (0..9)
+        .map(|i| format!("*-class{i}=10m,"))
+        .chain(["group:g-00*=10m".to_owned()])
+        .collect();
+    let with_rules = ["--presence-ttl-rules", rules.as_str()];
+    let mut rounds: Vec<[f64; 4]> = Vec::new();
     for _ in 0..ROUNDS {
-        let mut round = [0f64; 3];
+        let mut round = [0f64; 4];
         for (k, rate) in round.iter_mut().enumerate() {
             let redis = RedisServer::start();
             let args = ["--redis-url".into(), redis.url()];
             *rate = match k {
-                0 => ingest_rate_of(&args, n, d, &grouped).await,
-                1 => ingest_rate_of(&args, n, d, &ungrouped).await,
-                _ => ingest_rate_of(&args, n, d, &plain).await,
+                0 => ingest_rate_of(&args, n, d, &grouped, &[]).await,
+                1 => ingest_rate_of(&args, n, d, &ungrouped, &[]).await,
+                2 => ingest_rate_of(&args, n, d, &plain, &[]).await,
+                _ => ingest_rate_of(&args, n, d, &grouped, &with_rules).await,
             }
             .0;
         }
@@ -720,6 +729,13 @@ async fn group_ingest(s: &Sizes, r: &mut Report) {
              {vs_empty:.2} × empty payloads ({empty:.0}/s; rounds {lo_e:.2}–{hi_e:.2}); \
              same run, {n} heartbeats per measurement"
         ),
+    );
+    let (ruled, _, _) = median(rounds.iter().map(|r| r[3]).collect());
+    let (vs_rules, lo_r, hi_r) = median(rounds.iter().map(|r| r[3] / r[0]).collect());
+    r.row(
+        "Ingest with 10 TTL rules (grouped payloads as above): heartbeats/s applied",
+        format!("{ruled:.0}/s (median of {ROUNDS} rounds)"),
+        format!("{vs_rules:.2} × without rules ({on:.0}/s; rounds {lo_r:.2}–{hi_r:.2}), same run"),
     );
 }
 

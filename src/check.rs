@@ -20,12 +20,12 @@ pub async fn report(cfg: &Config) -> Result<Vec<String>, Error> {
     let p = &cfg.presence;
     if p.ttl_rules.is_empty() {
         report.push(format!(
-            "ttl: {} for every device",
+            "ttl: {} for every device (unless its heartbeat asks with ttl_s)",
             humantime::format_duration(p.ttl)
         ));
     } else {
         report.push(format!(
-            "ttl rules (first match wins, else {}):",
+            "ttl rules (first match wins, else {}; a heartbeat's ttl_s wins over both):",
             humantime::format_duration(p.ttl)
         ));
         report.extend(p.ttl_rules.to_string().lines().map(|l| format!("  {l}")));

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::bucket::{bucket_of, Bucket, BUCKETS};
-use crate::config::MqttConfig;
+use crate::config::{MqttConfig, TtlRules};
 use crate::device::{DeviceId, DeviceRecord, GroupName, State, StatusEvent, TopicTemplate};
 use crate::group_status::{GroupStatus, GroupTopic};
 use crate::metrics::Metrics;
@@ -62,6 +62,8 @@ pub(crate) struct Rebuilder {
     pub(crate) mqtt: MqttConfig,
     /// What an online device gets from the rebuild to heartbeat again.
     pub(crate) ttl: Duration,
+    /// The classes' TTLs (an online device gets its own).
+    pub(crate) ttl_rules: TtlRules,
     /// The outage rule (an imported open outage's window).
     pub(crate) rule: OutageRule,
     pub(crate) metrics: Metrics,
@@ -180,7 +182,10 @@ impl Rebuilder {
             }
             let chunks = progress.chunks(by_bucket);
             let last: HashMap<Bucket, bool> = chunks.iter().map(|c| (c.bucket, c.last)).collect();
-            let done = self.store.import(&chunks, &import, self.ttl).await;
+            let done = self
+                .store
+                .import(&chunks, &import, self.ttl, &self.ttl_rules)
+                .await;
             for outcome in done.done {
                 written += progress.advance(outcome, &last)?;
             }

@@ -280,6 +280,7 @@ fn spawn_deciders(common: &Common, links: &Links, redis: RedisSide, workers: &mu
             store: store.clone(),
             mqtt: cfg.mqtt.clone(),
             ttl: cfg.presence.ttl,
+            ttl_rules: cfg.presence.ttl_rules.clone(),
             rule: OutageRule::new(&cfg.groups),
             metrics: metrics.clone(),
             reconcile: reconcile.clone(),

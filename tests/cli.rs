@@ -500,7 +500,10 @@ fn check_config_reaches_the_servers() {
         .and_then(RedisVersion::parse)
         .unwrap_or_else(|| panic!("no version in the report: {out}"));
     assert!(version.is_supported(), "{version}");
-    assert!(out.contains("ttl: 1s for every device"), "{out}");
+    assert!(
+        out.contains("ttl: 1s for every device (unless its heartbeat asks with ttl_s)"),
+        "{out}"
+    );
 
     // The effective TTL rules, in their order.
     let o = run({
@@ -514,7 +517,7 @@ fn check_config_reaches_the_servers() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains(
-            "ttl rules (first match wins, else 1s):\n  1. device id matches \"bat-*\": TTL 12h\n  2. group matches \"lab-*\": TTL 5m\n"
+            "ttl rules (first match wins, else 1s; a heartbeat's ttl_s wins over both):\n  1. device id matches \"bat-*\": TTL 12h\n  2. group matches \"lab-*\": TTL 5m\n"
         ),
         "{out}"
     );

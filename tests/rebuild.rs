@@ -290,3 +290,61 @@ async fn first_start_on_an_empty_redis_imports_the_retained_statuses() {
     check_invariants(&mqtt, second.http(), &statuses).await;
     second.stop().await.unwrap();
 }
+
+/// The rebuild gives an online device its class's TTL (`presence.ttl_rules`, with its
+/// stored group), not `presence.ttl`: a battery sensor online at the loss keeps its 12 h.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rebuild_gives_online_devices_their_class_ttl() {
+    let Fleet {
+        redis,
+        mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[
+        ("presence.ttl", "30s"),
+        ("presence.ttl_rules", "bat-*=12h,group:lab=1h"),
+    ])
+    .await;
+    for (id, payload) in [
+        ("bat-1", &b""[..]),
+        ("s-1", br#"{"group":"lab"}"#),
+        ("s-2", b""),
+    ] {
+        devices.heartbeat(id, payload).await;
+    }
+    statuses.wait_for("3 online", |s| s.len() >= 3).await;
+    let () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    let flushed = presenced::device::now_ms();
+    let deadline = |id: &'static str| {
+        let redis = &redis;
+        async move {
+            let b = presenced::bucket::bucket_of(id);
+            let d: Option<u64> = redis::cmd("ZSCORE")
+                .arg(format!("presence:{{{b}}}:deadline"))
+                .arg(id)
+                .query_async(&mut redis.conn().await)
+                .await
+                .ok()?;
+            d
+        }
+    };
+    let after = eventually("the three devices rebuilt online", || async {
+        let (a, b, c) = (
+            deadline("bat-1").await?,
+            deadline("s-1").await?,
+            deadline("s-2").await?,
+        );
+        (rebuilds(&app).await >= 1.0).then_some((a, b, c))
+    })
+    .await;
+    // One TTL from the rebuild (which follows the flush within the contract's 5 s).
+    let within = |d: u64, ttl: u64| d >= flushed + ttl && d <= flushed + ttl + 10_000;
+    assert!(within(after.0, 12 * 3_600_000), "bat-1: {after:?}");
+    assert!(within(after.1, 3_600_000), "s-1: {after:?}");
+    assert!(within(after.2, 30_000), "s-2: {after:?}");
+    check_invariants(&mqtt, app.http(), &statuses).await;
+}

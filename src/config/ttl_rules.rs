@@ -50,21 +50,32 @@ impl TtlRules {
     /// The TTL of the first rule that matches `device` (or `group`, for a `group:` rule; a
     /// device whose group is not known matches none of those).
     pub fn ttl_for(&self, device: &str, group: Option<&str>) -> Option<Duration> {
+        if self.rules.is_empty() {
+            return None;
+        }
+        // Each subject's characters once, and only if a rule of its kind is reached.
+        let (mut device_chars, mut group_chars) = (None::<Vec<char>>, None::<Vec<char>>);
         self.rules.iter().find_map(|r| {
             let subject = match r.target {
-                Target::Device => Some(device),
-                Target::Group => group,
-            }?;
-            glob(&r.pattern, &subject.chars().collect::<Vec<_>>()).then_some(r.ttl)
+                Target::Device => device_chars.get_or_insert_with(|| device.chars().collect()),
+                Target::Group => match group {
+                    Some(g) => group_chars.get_or_insert_with(|| g.chars().collect()),
+                    None => return None,
+                },
+            };
+            glob(&r.pattern, subject).then_some(r.ttl)
         })
     }
 }
 
 impl Rule {
     fn parse(raw: &str, min: Duration, max: Duration) -> Result<Rule, String> {
+        if raw.is_empty() {
+            return Err("an empty rule (a stray comma?)".into());
+        }
         let (pattern, ttl) = raw.rsplit_once('=').ok_or("expected PATTERN=DURATION")?;
         let (target, pattern) = match pattern.trim().strip_prefix("group:") {
-            Some(p) => (Target::Group, p),
+            Some(p) => (Target::Group, p.trim()),
             None => (Target::Device, pattern.trim()),
         };
         if pattern.is_empty() {
@@ -169,7 +180,7 @@ mod tests {
 
     #[test]
     fn first_match_wins_and_group_rules_need_a_group() {
-        let r = TtlRules::parse("bat-*=12h, gw-*=90s,group:lab-*=5m,*=10s", MIN, MAX).unwrap();
+        let r = TtlRules::parse("bat-*=12h, gw-*=90s,group: lab-*=5m,*=10s", MIN, MAX).unwrap();
         let h = Duration::from_secs;
         assert_eq!(r.ttl_for("bat-1", Some("lab-1")), Some(h(12 * 3600)));
         assert_eq!(r.ttl_for("gw-1", None), Some(h(90)));
@@ -197,7 +208,8 @@ mod tests {
             ("bat-*=soon", "duration"),
             ("bat-*=100ms", "must lie within"),
             ("bat-*=2d", "must lie within"),
-            ("a=5m,,b=5m", "expected PATTERN=DURATION"),
+            ("a=5m,,b=5m", "an empty rule"),
+            ("a=5m,", "an empty rule"),
         ] {
             let e = TtlRules::parse(bad, MIN, MAX).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");

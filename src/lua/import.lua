@@ -1,30 +1,30 @@
 -- Imports device statuses (the broker's retained messages) into one bucket whose data Redis
 -- lost, in chunks; the last chunk marks the bucket as present (its epoch key). A device is
 -- written only if it has no record or a lower seq: several replicas may import at once, and
--- the higher seq wins. An online device gets one TTL from now to heartbeat again.
+-- the higher seq wins. An online device gets one TTL (its class's) from now to heartbeat
+-- again.
 -- A chunk after the first goes on only if this import's token is still registered: if Redis
 -- lost the bucket again meanwhile, the earlier chunks are gone and the import starts over.
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 epoch key,
 --       6 importers set (tokens of the imports under way), 7 offline-since zset (forget.lua),
 --       8 group counts hash
--- ARGV: 1 TTL key prefix, 2 TTL (ms), 3 token, 4 '1' first chunk, 5 '1' last chunk,
---       then per device 7 values: id, state ('1'/'0'), seq, since, last_seen, detected_at,
---       group ('' for none)
+-- ARGV: 1 TTL key prefix, 2 token, 3 '1' first chunk, 4 '1' last chunk, then per device 8
+--       values: id, state ('1'/'0'), seq, since, last_seen, detected_at, group ('' for
+--       none), TTL (ms)
 -- Returns DONE (the bucket is present: nothing to import), AGAIN (start over), or the
 -- number of devices written.
 local recs, deadlines, online, offline, epoch, importers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 if redis.call('EXISTS', epoch) == 1 then return redis.status_reply('DONE') end
-local ttl_prefix, ttl, token = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-if ARGV[4] == '1' then
+local ttl_prefix, token = ARGV[1], ARGV[2]
+if ARGV[3] == '1' then
   redis.call('SADD', importers, token)
   redis.call('PEXPIRE', importers, 600000)
 elseif redis.call('SISMEMBER', importers, token) == 0 then
   return redis.status_reply('AGAIN')
 end
 local now = redis_now()
-local deadline = int(now + ttl)
 local written = 0
-for i = 6, #ARGV, 7 do
+for i = 5, #ARGV, 8 do
   local id, state, seq = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local cur_state, cur, _, _, _, cur_group = parse(redis.call('HGET', recs, id))
   if not cur or tonumber(cur) < seq then
@@ -33,6 +33,7 @@ for i = 6, #ARGV, 7 do
     if cur_state then count(KEYS[8], cur_state, cur_group, -1) end
     count(KEYS[8], state, group, 1)
     if state == '1' then
+      local deadline = int(now + tonumber(ARGV[i + 7]))
       redis.call('ZADD', deadlines, deadline, id)
       redis.call('SET', ttl_prefix .. id, '1', 'PXAT', deadline)
       redis.call('ZREM', offline, id)
@@ -48,7 +49,7 @@ for i = 6, #ARGV, 7 do
     written = written + 1
   end
 end
-if ARGV[5] == '1' then
+if ARGV[4] == '1' then
   redis.call('SET', epoch, token .. '|' .. int(now))
   redis.call('DEL', importers)
 end

@@ -14,7 +14,8 @@ use super::handle::Store;
 use super::keys::{Key, IMPORT_KEYS};
 use super::reply::decode;
 use crate::bucket::{Bucket, BUCKETS};
-use crate::device::DeviceRecord;
+use crate::config::TtlRules;
+use crate::device::{DeviceRecord, GroupName};
 
 /// One script call of an import: a chunk of one bucket's statuses.
 #[derive(Debug)]
@@ -68,10 +69,15 @@ impl Store {
                 records: &[],
             })
             .collect();
-        self.import(&chunks, &token, Duration::from_secs(1))
-            .await
-            .into_result()
-            .map(|_| ())
+        self.import(
+            &chunks,
+            &token,
+            Duration::from_secs(1),
+            &TtlRules::default(),
+        )
+        .await
+        .into_result()
+        .map(|_| ())
     }
 
     /// The buckets whose epoch key is missing: Redis lost their data, or never had it.
@@ -92,33 +98,35 @@ impl Store {
     }
 
     /// Imports chunks of statuses (at most one per bucket) in one round trip; an online
-    /// device gets `ttl` from now (see src/lua/import.lua). `token` names this import.
+    /// device gets its TTL from now: its class's (`rules`, with its group), else `ttl` (see
+    /// src/lua/import.lua). `token` names this import.
     pub(crate) async fn import(
         &self,
         chunks: &[ImportChunk<'_>],
         token: &str,
         ttl: Duration,
+        rules: &TtlRules,
     ) -> Partial<Imported> {
         self.per_bucket(
             chunks,
             |c| c.bucket,
-            |b, group| self.import_cmd(b, group.first().copied(), token, ttl),
+            |b, group| self.import_cmd(b, group.first().copied(), token, ttl, rules),
             |b, reply| Ok(vec![Imported::parse(b, reply)?]),
         )
         .await
     }
 
-    /// The call of import.lua for bucket `b`: its settings, then seven fields per device.
+    /// The call of import.lua for bucket `b`: its settings, then eight fields per device.
     fn import_cmd(
         &self,
         b: Bucket,
         chunk: Option<&ImportChunk<'_>>,
         token: &str,
         ttl: Duration,
+        rules: &TtlRules,
     ) -> Cmd {
         let mut args = vec![
             self.keys.ttl_prefix(b),
-            (ttl.as_millis() as u64).to_string(),
             token.to_owned(),
             flag(chunk.is_some_and(|c| c.first)),
             flag(chunk.is_some_and(|c| c.last)),
@@ -132,6 +140,11 @@ impl Store {
                 r.last_seen.to_string(),
                 r.detected_at.to_string(),
                 r.group.as_ref().map_or_else(String::new, |g| g.to_string()),
+                (rules
+                    .ttl_for(r.device.as_str(), r.group.as_ref().map(GroupName::as_str))
+                    .unwrap_or(ttl)
+                    .as_millis() as u64)
+                    .to_string(),
             ]);
         }
         self.scripts
