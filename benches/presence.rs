@@ -151,7 +151,7 @@ fn summary(mut v: Vec<i64>, total: usize) -> (String, Vec<i64>) {
 async fn run(s: &Sizes, quick: bool) -> Report {
     let mut r = Report::default();
     // BENCH_ONLY=ingest|steady|mass|footprint|recovery|cluster|groups runs one part (for
-    // investigation).
+    // investigation); BENCH_ONLY=outage only the group outage of `groups`.
     let only = std::env::var("BENCH_ONLY").ok();
     let part = |p: &str| only.as_deref().is_none_or(|o| o == p);
     if part("ingest") {
@@ -174,6 +174,8 @@ async fn run(s: &Sizes, quick: bool) -> Report {
     }
     if part("groups") {
         group_ingest(s, &mut r).await;
+    }
+    if part("groups") || only.as_deref() == Some("outage") {
         group_outage(s, &mut r).await;
     }
     if quick {

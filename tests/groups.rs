@@ -15,6 +15,40 @@ use support::*;
 
 const BEAT: Duration = Duration::from_millis(300);
 
+/// A [`Fleet`] whose group statuses are collected too, with its API address and a
+/// publisher the heartbeat loops share.
+struct Watched {
+    redis: RedisServer,
+    mqtt: Mosquitto,
+    app: TestApp,
+    api: std::net::SocketAddr,
+    statuses: Collector,
+    devices: Arc<Devices>,
+    outages: Collector,
+}
+
+impl Watched {
+    async fn start(extra: &[(&str, &str)]) -> Watched {
+        let Fleet {
+            redis,
+            mqtt,
+            app,
+            statuses,
+            devices,
+        } = Fleet::start(extra).await;
+        let outages = Collector::start(&mqtt, "groups/+/status").await;
+        Watched {
+            api: app.http(),
+            redis,
+            mqtt,
+            app,
+            statuses,
+            devices: Arc::new(devices),
+            outages,
+        }
+    }
+}
+
 /// A group's counts as Redis holds them: the sum of every bucket's fields.
 async fn redis_counts(redis: &RedisServer, group: &str) -> (i64, i64) {
     let mut conn = redis.conn().await;
@@ -231,16 +265,15 @@ async fn two_replicas_open_and_close_an_outage_once() {
 /// fraction 0.5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn below_the_thresholds_no_outage_opens() {
-    let Fleet {
+    let Watched {
         redis: _redis,
         mqtt,
         app,
+        api,
         statuses,
         devices,
-    } = Fleet::start(&[]).await;
-    let api = app.http();
-    let devices = Arc::new(devices);
-    let outages = Collector::start(&mqtt, "groups/+/status").await;
+        outages,
+    } = Watched::start(&[]).await;
     let (few, many, tiny) = (ids("few", 100), ids("many", 100), ids("tiny", 10));
     let mut steady = in_payload(&few[9..], "few");
     steady.extend(in_payload(&many[40..], "many"));
@@ -306,16 +339,15 @@ async fn outbox_drained(app: &TestApp) {
 /// window of 2 s (at most about 5 in any window, fewer than the minimum of 10).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_decline_is_no_outage() {
-    let Fleet {
+    let Watched {
         redis: _redis,
         mqtt,
         app,
+        api,
         statuses,
         devices,
-    } = Fleet::start(&[("groups.outage_window", "2s")]).await;
-    let api = app.http();
-    let devices = Arc::new(devices);
-    let outages = Collector::start(&mqtt, "groups/+/status").await;
+        outages,
+    } = Watched::start(&[("groups.outage_window", "2s")]).await;
     let all = ids("slow", 40);
     let mut beating: Vec<_> = all
         .iter()
@@ -435,12 +467,13 @@ async fn an_outage_a_dead_replica_staged_is_published() {
     assert_eq!(get_json(app.http(), "/groups/lab").await.0, 404);
 }
 
-/// note.lua itself, on a real Redis: a burst noted out of order (the latest `since` first,
-/// as two replicas and many buckets deliver it) opens one outage, and its affected figure
-/// counts every device of the burst, those noted after the crossing with an earlier `since`
-/// included.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_noted_out_of_order_counts_every_device() {
+/// A Redis for note.lua itself, called as the monitor calls it (common.lua first), with keys
+/// `t:gstate`, `t:outbox` and `t:epoch` (present: the bucket's state is in Redis).
+async fn note_script() -> (
+    RedisServer,
+    redis::aio::MultiplexedConnection,
+    redis::Script,
+) {
     let redis = RedisServer::start();
     let mut conn = redis.conn().await;
     let () = redis::cmd("SET")
@@ -454,6 +487,16 @@ async fn a_burst_noted_out_of_order_counts_every_device() {
         include_str!("../src/lua/common.lua"),
         include_str!("../src/lua/note.lua")
     ));
+    (redis, conn, script)
+}
+
+/// note.lua itself, on a real Redis: a burst noted out of order (the latest `since` first,
+/// as two replicas and many buckets deliver it) opens one outage, and its affected figure
+/// counts every device of the burst, those noted after the crossing with an earlier `since`
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_noted_out_of_order_counts_every_device() {
+    let (_redis, mut conn, script) = note_script().await;
     let t0: u64 = 1_800_000_000_000;
     let note = |ids: std::ops::Range<u64>| {
         let mut inv = script.prepare_invoke();
@@ -525,16 +568,15 @@ async fn open_outage(
 /// are back as far as the outage of the group they left is concerned: it closes, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_closes_when_its_devices_come_back_in_another_group() {
-    let Fleet {
+    let Watched {
         redis: _redis,
         mqtt,
-        app,
+        app: _app,
+        api,
         statuses,
         devices,
-    } = Fleet::start(&[]).await;
-    let api = app.http();
-    let devices = Arc::new(devices);
-    let outages = Collector::start(&mqtt, "groups/+/status").await;
+        outages,
+    } = Watched::start(&[]).await;
     let gw = ids("dev", 20);
     let beats = keep_publishing(devices.clone(), in_payload(&gw, "gw-a"), BEAT);
     open_outage(api, &outages, "gw-a", beats).await;
@@ -568,16 +610,15 @@ async fn an_outage_closes_when_its_devices_come_back_in_another_group() {
 /// otherwise stay open for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_closes_when_its_devices_are_forgotten() {
-    let Fleet {
+    let Watched {
         redis: _redis,
-        mqtt,
-        app,
+        mqtt: _mqtt,
+        app: _app,
+        api,
         statuses,
         devices,
-    } = Fleet::start(&[("presence.forget_after", "2s")]).await;
-    let api = app.http();
-    let devices = Arc::new(devices);
-    let outages = Collector::start(&mqtt, "groups/+/status").await;
+        outages,
+    } = Watched::start(&[("presence.forget_after", "2s")]).await;
     let gone = ids("gone", 20);
     let beats = keep_publishing(devices.clone(), in_payload(&gone, "gw-c"), BEAT);
     open_outage(api, &outages, "gw-c", beats).await;
@@ -622,19 +663,7 @@ async fn an_outage_closes_when_its_devices_are_forgotten() {
 /// is noted; and a late clear of an earlier life changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_copies_of_notes_change_nothing() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let () = redis::cmd("SET")
-        .arg("t:epoch")
-        .arg(1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let script = redis::Script::new(&format!(
-        "{}\n{}",
-        include_str!("../src/lua/common.lua"),
-        include_str!("../src/lua/note.lua")
-    ));
+    let (_redis, mut conn, script) = note_script().await;
     let mut note = async |id: &str, seq: u64, state: &str, since: u64| {
         let mut inv = script.prepare_invoke();
         inv.key("t:gstate").key("t:outbox").key("t:epoch");
@@ -729,16 +758,15 @@ async fn an_outage_survives_redis_losing_its_data() {
 /// gone, and the monitor's republish job publishes it again (as it does every device's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_lost_its_state_gets_the_group_statuses_again() {
-    let Fleet {
+    let Watched {
         redis: _redis,
         mut mqtt,
-        app,
+        app: _app,
+        api,
         statuses: _statuses,
         devices,
-    } = Fleet::start(&[]).await;
-    let api = app.http();
-    let devices = Arc::new(devices);
-    let outages = Collector::start(&mqtt, "groups/+/status").await;
+        outages,
+    } = Watched::start(&[]).await;
     let site = ids("amnesia", 20);
     let beats = keep_publishing(devices.clone(), in_payload(&site, "gw-m"), BEAT);
     open_outage(api, &outages, "gw-m", beats).await;
