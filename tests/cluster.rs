@@ -381,7 +381,7 @@ async fn an_outage_on_a_cluster_opens_and_closes_once() {
     let b = spawn_replica_on(&args, &mqtt, &extra);
     wait_ready(a.1).await;
     wait_ready(b.1).await;
-    support::outage::one_outage_opened_and_closed(&mqtt, a.1, &statuses).await;
+    let _beating = support::outage::one_outage_opened_and_closed(&mqtt, a.1, &statuses).await;
     let opened = metric(&scrape(a.1).await, "presenced_group_outages_total").unwrap()
         + metric(&scrape(b.1).await, "presenced_group_outages_total").unwrap();
     assert_eq!(opened, 1.0, "outages opened, summed over the replicas");

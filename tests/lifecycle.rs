@@ -59,7 +59,14 @@ async fn online_offline_online_with_exact_payloads() {
     assert_eq!(on["state"], "online");
     assert_eq!(on["reason"], "heartbeat");
     assert_eq!(on["since"], on["last_seen"]);
-    assert!(ms(&on["since"]) >= sent && ms(&on["since"]) < sent + 1000);
+    // Times are Redis's clock; an arrival is shifted to it within half a round trip of the
+    // monitor's Redis connection (tens of ms on a loaded machine), so `since` may lie a
+    // little before this process read its own clock.
+    let since = ms(&on["since"]);
+    assert!(
+        since + 100 >= sent && since < sent + 1000,
+        "since {since}, sent at {sent}"
+    );
     for t in ["since", "last_seen", "detected_at"] {
         let s = on[t].as_str().unwrap();
         assert!(
@@ -152,14 +159,17 @@ async fn ttl_rules_give_each_class_its_ttl() {
         ("s-1", br#"{"group":"lab"}"#, 2_000),
         ("s-2", br#"{"group":"prod"}"#, 1_000),
         ("s-3", b"", 1_000),
-        ("bat-2", br#"{"ttl_s": 0.7}"#, 700),
+        ("bat-2", br#"{"ttl_s": 1.2}"#, 1_200),
     ];
     for (id, payload, _) in beats {
         devices.heartbeat(id, payload).await;
     }
     statuses
-        .wait_for("all offline", |s| {
-            s.iter().filter(|m| m.json["state"] == "offline").count() == beats.len()
+        .wait_for("each offline", |s| {
+            beats.iter().all(|(id, _, _)| {
+                s.iter()
+                    .any(|m| m.json["device"] == *id && m.json["state"] == "offline")
+            })
         })
         .await;
     for (id, _, ttl) in beats {

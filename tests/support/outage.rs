@@ -33,7 +33,7 @@ pub fn group_statuses(seen: &Collector, group: &str) -> Vec<Value> {
 }
 
 /// One status per seq (delivery is at least once), in seq order.
-fn distinct(statuses: Vec<Value>) -> Vec<Value> {
+pub fn distinct(statuses: Vec<Value>) -> Vec<Value> {
     let mut by_seq = std::collections::BTreeMap::new();
     for s in statuses {
         by_seq.entry(s["seq"].as_u64().unwrap()).or_insert(s);
@@ -70,11 +70,14 @@ fn nth_offline_detected(statuses: &Collector, ids: &[String], n: usize) -> u64 {
 /// Runs the outage scenario of a group of 100 against monitors already started: 60 go
 /// silent at once (one outage, seq 1, within 2 s of the 50th offline), then 55 come back
 /// (one ok, seq 2); a calm group next to it has no outage status at all.
+///
+/// The devices still beating keep beating until the returned guard is dropped: the caller's
+/// invariant check must not race their expiry.
 pub async fn one_outage_opened_and_closed(
     mqtt: &Mosquitto,
     api: std::net::SocketAddr,
     statuses: &Collector,
-) {
+) -> Beating {
     let devices = Arc::new(Devices::connect(mqtt).await);
     let outages = Collector::start(mqtt, "groups/+/status").await;
     let site = ids("site", 100);
@@ -171,6 +174,16 @@ pub async fn one_outage_opened_and_closed(
     assert!(rec.get("affected").is_none());
     let m = scrape(api).await;
     assert_eq!(metric(&m, "presenced_groups{state=\"outage\"}"), Some(0.0));
-    beating_back.cancel();
-    beating_steady.cancel();
+    Beating(vec![beating_back, beating_steady])
+}
+
+/// Heartbeat loops that stop when this is dropped.
+pub struct Beating(Vec<tokio_util::sync::CancellationToken>);
+
+impl Drop for Beating {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.cancel();
+        }
+    }
 }
