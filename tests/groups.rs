@@ -565,6 +565,17 @@ async fn open_outage(
     .await;
 }
 
+/// Waits for `group`'s outage to close; its latest status (by seq).
+async fn closing(outages: &Collector, group: &str) -> Value {
+    outages
+        .wait_for("the outage closes", |s| {
+            s.iter()
+                .any(|m| m.json["group"] == group && m.json["state"] == "ok")
+        })
+        .await;
+    distinct(group_statuses(outages, group)).pop().unwrap()
+}
+
 /// Devices that come back through another gateway (their heartbeats name another group)
 /// are back as far as the outage of the group they left is concerned: it closes, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -583,18 +594,11 @@ async fn an_outage_closes_when_its_devices_come_back_in_another_group() {
     open_outage(api, &outages, "gw-a", beats).await;
     // 19 of 20 (0.9 x 20 = 18) come back through gw-b.
     let back = keep_publishing(devices.clone(), in_payload(&gw[..19], "gw-b"), BEAT);
-    outages
-        .wait_for("gw-a's outage closes", |s| {
-            s.iter()
-                .any(|m| m.json["group"] == "gw-a" && m.json["state"] == "ok")
-        })
-        .await;
-    let a = distinct(group_statuses(&outages, "gw-a"));
-    let last = a.last().unwrap();
+    let last = closing(&outages, "gw-a").await;
     assert_eq!(
         (last["seq"].as_u64(), last["affected"].as_i64()),
         (Some(2), Some(20)),
-        "{a:?}"
+        "{last}"
     );
     assert!(last["recovered"].as_i64().unwrap() >= 18, "{last}");
     eventually("19 online in gw-b", || async {
@@ -623,18 +627,11 @@ async fn an_outage_closes_when_its_devices_are_forgotten() {
     let gone = ids("gone", 20);
     let beats = keep_publishing(devices.clone(), in_payload(&gone, "gw-c"), BEAT);
     open_outage(api, &outages, "gw-c", beats).await;
-    outages
-        .wait_for("the outage closes", |s| {
-            s.iter()
-                .any(|m| m.json["group"] == "gw-c" && m.json["state"] == "ok")
-        })
-        .await;
-    let c = distinct(group_statuses(&outages, "gw-c"));
-    let last = c.last().unwrap();
+    let last = closing(&outages, "gw-c").await;
     assert_eq!(
         (last["seq"].as_u64(), last["affected"].as_i64()),
         (Some(2), Some(0)),
-        "{c:?}"
+        "{last}"
     );
     // A group without devices is no group; each device's statuses alternate from online
     // with seq +1, ending offline, and it was forgotten (the invariant check proper needs

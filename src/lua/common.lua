@@ -78,10 +78,13 @@ end
 -- where member is its latest outage status as staged in the outbox (see note.lua), `from`
 -- the start of the window that opened the current outage, affected and recovered its live
 -- figures. Returns from, affected, recovered, member (nil for a group never in an outage).
+local function parse_group_state(raw)
+  return string.match(raw, '^(%d+)|(%d+)|(%d+)|(.*)$')
+end
 local function group_state(key, group)
   local raw = redis.call('HGET', key, group)
   if not raw then return nil end
-  return string.match(raw, '^(%d+)|(%d+)|(%d+)|(.*)$')
+  return parse_group_state(raw)
 end
 local function group_current(key, group)
   local _, _, _, m = group_state(key, group)

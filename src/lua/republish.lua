@@ -30,8 +30,8 @@ if owner ~= me and tonumber(held_until) > now then return {} end
 local scan = redis.call('HSCAN', recs, cursor, 'COUNT', count)
 local out, args = {}, {}
 if cursor == '0' then
-  for _, g in ipairs(redis.call('HKEYS', KEYS[4])) do
-    local member = group_current(KEYS[4], g)
+  for _, v in ipairs(redis.call('HVALS', KEYS[4])) do
+    local _, _, _, member = parse_group_state(v)
     if member then
       redis.call('ZADD', outbox, now + lease, member)
       out[#out + 1] = member
