@@ -374,14 +374,6 @@ impl State {
         }
     }
 
-    /// The reason a transition to this state is made (contract: `heartbeat` or `ttl_expired`).
-    pub fn reason(self) -> &'static str {
-        match self {
-            State::Online => "heartbeat",
-            State::Offline => "ttl_expired",
-        }
-    }
-
     fn from_flag(flag: &str) -> Option<State> {
         match flag {
             "1" => Some(State::Online),
@@ -398,11 +390,42 @@ impl State {
     }
 }
 
+/// Why a transition was made (the status's `reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// To online: a heartbeat.
+    Heartbeat,
+    /// To offline: the TTL ran out.
+    TtlExpired,
+    /// To offline: the device's own will arrived.
+    Will,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Heartbeat => "heartbeat",
+            Reason::TtlExpired => "ttl_expired",
+            Reason::Will => "will",
+        }
+    }
+
+    /// The reason of a transition to `state`, given whether a will made it.
+    pub(crate) fn of(state: State, by_will: bool) -> Reason {
+        match (state, by_will) {
+            (State::Online, _) => Reason::Heartbeat,
+            (State::Offline, true) => Reason::Will,
+            (State::Offline, false) => Reason::TtlExpired,
+        }
+    }
+}
+
 /// One transition as committed in Redis: what the status payload says.
 ///
 /// Its wire form in Redis (the outbox member) is `seq|state|since|last_seen|detected_at|id`,
-/// id last because it may contain `|`, prefixed by `g<length>|<group>|` for a device with a
-/// group, then by `l<length>|<group>|` for the group it left. The same string identifies the
+/// id last because it may contain `|`, prefixed by `f<flags>|` when it has flags (`p`
+/// flapping, `w` taken offline by a will), then by `l<length>|<group>|` for the group it left,
+/// then by `g<length>|<group>|` for a device with a group. The same string identifies the
 /// outbox entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatusEvent {
@@ -417,6 +440,9 @@ pub struct StatusEvent {
     /// The group an offline device left by coming back online in another one: noted there
     /// as back (its outage counts it recovered). Not in the payload.
     pub left: Option<GroupName>,
+    pub reason: Reason,
+    /// Whether the device was flapping as of this transition.
+    pub flapping: bool,
 }
 
 /// The JSON of a status (MQTT payload) and of a device record (HTTP API): the same fields.
@@ -431,27 +457,22 @@ pub struct StatusJson<'a> {
     seq: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     group: Option<&'a str>,
+    flapping: bool,
 }
 
 impl<'a> StatusJson<'a> {
-    fn new(
-        device: &'a DeviceId,
-        state: State,
-        seq: u64,
-        since: Millis,
-        last_seen: Millis,
-        detected_at: Millis,
-        group: Option<&'a GroupName>,
-    ) -> Self {
+    /// A status's JSON; `flapping` as given (as of the transition, or as of now for a record).
+    fn new(ev: &'a StatusEvent, flapping: bool) -> Self {
         StatusJson {
-            group: group.map(GroupName::as_str),
-            device: device.as_str(),
-            state: state.as_str(),
-            since: format_time(since),
-            last_seen: format_time(last_seen),
-            detected_at: format_time(detected_at),
-            reason: state.reason(),
-            seq,
+            group: ev.group.as_ref().map(GroupName::as_str),
+            device: ev.device.as_str(),
+            state: ev.state.as_str(),
+            since: format_time(ev.since),
+            last_seen: format_time(ev.last_seen),
+            detected_at: format_time(ev.detected_at),
+            reason: ev.reason.as_str(),
+            seq: ev.seq,
+            flapping,
         }
     }
 }
@@ -461,6 +482,13 @@ impl StatusEvent {
     pub fn parse_member(member: &str) -> Option<StatusEvent> {
         let (group, member) = group_prefix(member, 'g')?;
         let (left, member) = group_prefix(member, 'l')?;
+        let (flags, member) = match member.strip_prefix('f') {
+            Some(rest) => rest.split_once('|')?,
+            None => ("", member),
+        };
+        if !flags.chars().all(|c| c == 'p' || c == 'w') {
+            return None;
+        }
         let mut parts = member.splitn(6, '|');
         let seq = parts.next()?.parse().ok()?;
         let state = State::from_flag(parts.next()?)?;
@@ -477,6 +505,8 @@ impl StatusEvent {
             detected_at,
             group,
             left,
+            reason: Reason::of(state, flags.contains('w')),
+            flapping: flags.contains('p'),
         })
     }
 
@@ -498,6 +528,10 @@ impl StatusEvent {
             last_seen: String,
             detected_at: String,
             group: Option<String>,
+            #[serde(default)]
+            reason: String,
+            #[serde(default)]
+            flapping: bool,
         }
         let w: Wire = serde_json::from_slice(payload).ok()?;
         let state = match w.state.as_str() {
@@ -515,11 +549,13 @@ impl StatusEvent {
             // A status with a malformed group is still a status (of a device without one).
             group: w.group.and_then(|g| GroupName::parse(&g).ok()),
             left: None,
+            reason: Reason::of(state, w.reason == "will"),
+            flapping: w.flapping,
         })
     }
 
     pub fn member(&self) -> String {
-        let prefix: String = [('g', &self.group), ('l', &self.left)]
+        let mut prefix: String = [('g', &self.group), ('l', &self.left)]
             .into_iter()
             .filter_map(|(tag, g)| {
                 Some(format!(
@@ -529,6 +565,12 @@ impl StatusEvent {
                 ))
             })
             .collect();
+        let flags = self.flags();
+        if !flags.is_empty() {
+            prefix.push('f');
+            prefix.push_str(flags);
+            prefix.push('|');
+        }
         format!(
             "{prefix}{}|{}|{}|{}|{}|{}",
             self.seq,
@@ -540,19 +582,20 @@ impl StatusEvent {
         )
     }
 
+    /// The flags of its outbox member: `p` flapping, `w` taken offline by a will.
+    pub fn flags(&self) -> &'static str {
+        match (self.flapping, self.reason == Reason::Will) {
+            (false, false) => "",
+            (true, false) => "p",
+            (false, true) => "w",
+            (true, true) => "pw",
+        }
+    }
+
     /// The retained status payload (contract: "Status").
     pub fn to_json(&self) -> Vec<u8> {
-        let json = StatusJson::new(
-            &self.device,
-            self.state,
-            self.seq,
-            self.since,
-            self.last_seen,
-            self.detected_at,
-            self.group.as_ref(),
-        );
-        // Serializing a struct of strings and integers cannot fail.
-        serde_json::to_vec(&json).unwrap_or_default()
+        // Serializing a struct of strings, integers and booleans cannot fail.
+        serde_json::to_vec(&StatusJson::new(self, self.flapping)).unwrap_or_default()
     }
 }
 
@@ -560,7 +603,8 @@ impl StatusEvent {
 /// `last_seen`, which is its latest heartbeat.
 ///
 /// Wire form: `state|seq|since|last_seen|detected_at`, then `|group` for a device with one
-/// (last: a group name may hold `|`).
+/// (last: a group name may hold `|`); before it `w|` when a will took it offline, and before
+/// that `p<penalty>,<at>,<until>|`, its flap state (see src/lua/common.lua).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceRecord {
     pub device: DeviceId,
@@ -570,10 +614,25 @@ pub struct DeviceRecord {
     pub last_seen: Millis,
     pub detected_at: Millis,
     pub group: Option<GroupName>,
+    pub reason: Reason,
+    /// When the device stops flapping, if it was flapping as of its last transition.
+    pub flapping_until: Option<Millis>,
 }
 
 impl DeviceRecord {
     pub fn parse(device: DeviceId, raw: &str) -> Option<DeviceRecord> {
+        let (flapping_until, raw) = match raw.strip_prefix('p') {
+            Some(rest) => {
+                let (flap, rest) = rest.split_once('|')?;
+                let until: Millis = flap.rsplit(',').next()?.parse().ok()?;
+                ((until > 0).then_some(until), rest)
+            }
+            None => (None, raw),
+        };
+        let (by_will, raw) = match raw.strip_prefix("w|") {
+            Some(rest) => (true, rest),
+            None => (false, raw),
+        };
         let mut parts = raw.splitn(6, '|');
         let state = State::from_flag(parts.next()?)?;
         let seq = parts.next()?.parse().ok()?;
@@ -592,20 +651,24 @@ impl DeviceRecord {
             last_seen,
             detected_at,
             group,
+            reason: Reason::of(state, by_will),
+            flapping_until,
         })
     }
 
-    /// The record for the HTTP API: the last status's fields, `last_seen` the latest heartbeat.
-    pub fn to_json(&self) -> StatusJson<'_> {
-        StatusJson::new(
-            &self.device,
-            self.state,
-            self.seq,
-            self.since,
-            self.last_seen,
-            self.detected_at,
-            self.group.as_ref(),
-        )
+    /// Whether the device is flapping at `now` (its penalty has not decayed below half the
+    /// threshold yet; a device only starts flapping at a transition).
+    pub fn flapping_at(&self, now: Millis) -> bool {
+        self.flapping_until.is_some_and(|until| now <= until)
+    }
+
+    /// The record for the HTTP API, as of `now`: the last status's fields, `last_seen` the
+    /// latest heartbeat, `flapping` as of now.
+    pub fn to_json(&self, now: Millis) -> serde_json::Value {
+        let mut status = self.status();
+        status.last_seen = self.last_seen;
+        // Serializing a struct of strings, integers and booleans cannot fail.
+        serde_json::to_value(StatusJson::new(&status, self.flapping_at(now))).unwrap_or_default()
     }
 
     /// The device's current status as it was published (for an online status `last_seen`
@@ -623,6 +686,8 @@ impl DeviceRecord {
             detected_at: self.detected_at,
             group: self.group.clone(),
             left: None,
+            reason: self.reason,
+            flapping: self.flapping_until.is_some(),
         }
     }
 }
@@ -739,6 +804,8 @@ mod tests {
             detected_at: 1_008,
             group: None,
             left: None,
+            reason: Reason::TtlExpired,
+            flapping: false,
         };
         let m = ev.member();
         assert_eq!(m, "42|0|1000|500|1008|a|b");
@@ -761,6 +828,39 @@ mod tests {
         assert_eq!(StatusEvent::from_json(zero.as_bytes()), None);
         assert_eq!(StatusEvent::parse_member("x|0|1|2|3|d"), None);
         assert_eq!(StatusEvent::parse_member("1|2|1|2|3|d"), None);
+        assert_eq!(v["flapping"], false);
+    }
+
+    #[test]
+    fn flags_travel_in_the_member_and_the_payload() {
+        let ev = StatusEvent {
+            device: DeviceId::parse("f|w").unwrap(),
+            state: State::Offline,
+            seq: 7,
+            since: 100,
+            last_seen: 90,
+            detected_at: 101,
+            group: Some(GroupName::parse("s").unwrap()),
+            left: None,
+            reason: Reason::Will,
+            flapping: true,
+        };
+        let m = ev.member();
+        assert_eq!(m, "g1|s|fpw|7|0|100|90|101|f|w");
+        assert_eq!(StatusEvent::parse_member(&m), Some(ev.clone()));
+        let v: serde_json::Value = serde_json::from_slice(&ev.to_json()).unwrap();
+        assert_eq!(
+            (v["reason"].as_str(), v["flapping"].as_bool()),
+            (Some("will"), Some(true))
+        );
+        assert_eq!(StatusEvent::from_json(&ev.to_json()), Some(ev.clone()));
+        let timed_out = StatusEvent {
+            reason: Reason::TtlExpired,
+            ..ev.clone()
+        };
+        assert_eq!(timed_out.member(), "g1|s|fp|7|0|100|90|101|f|w");
+        assert_eq!(StatusEvent::parse_member("fx|7|0|100|90|101|d"), None);
+        assert_eq!(StatusEvent::parse_member("fp7|0|100|90|101|d"), None);
     }
 
     #[test]
@@ -774,6 +874,8 @@ mod tests {
             detected_at: 11,
             group: Some(GroupName::parse("site|7").unwrap()),
             left: None,
+            reason: Reason::Heartbeat,
+            flapping: false,
         };
         let m = ev.member();
         assert_eq!(m, "g6|site|7|3|1|10|10|11|d|1");
@@ -869,6 +971,18 @@ mod tests {
         assert!(DeviceRecord::parse(id.clone(), "1|3|10|20").is_none());
         let r = DeviceRecord::parse(id.clone(), "0|3|10|20|11|site|7").unwrap();
         assert_eq!(r.group.as_ref().map(GroupName::as_str), Some("site|7"));
-        assert!(DeviceRecord::parse(id, "1|3|10|20|11|a/b").is_none());
+        assert!(DeviceRecord::parse(id.clone(), "1|3|10|20|11|a/b").is_none());
+        assert_eq!((r.reason, r.flapping_until), (Reason::TtlExpired, None));
+        // Flapping until 5000 (as of its last transition), taken offline by its will.
+        let r = DeviceRecord::parse(id.clone(), "p4.2500,3000,5000|w|0|3|10|20|11").unwrap();
+        assert_eq!((r.reason, r.flapping_until), (Reason::Will, Some(5000)));
+        assert!(r.flapping_at(5000) && !r.flapping_at(5001));
+        assert!(r.status().flapping);
+        assert_eq!(r.to_json(5001)["flapping"], false);
+        assert_eq!(r.to_json(4000)["flapping"], true);
+        // A penalty below the threshold: not flapping.
+        let r = DeviceRecord::parse(id.clone(), "p1.0000,3000,0|1|3|10|20|11").unwrap();
+        assert!(!r.flapping_at(3000) && !r.status().flapping);
+        assert!(DeviceRecord::parse(id, "p1.0,x|1|3|10|20|11").is_none());
     }
 }

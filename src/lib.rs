@@ -34,6 +34,7 @@ pub mod cluster;
 pub mod config;
 pub mod device;
 pub(crate) mod expiry;
+pub mod flap;
 pub(crate) mod forget;
 pub mod group_status;
 pub(crate) mod health;

@@ -18,7 +18,7 @@ use prometheus::{
 };
 
 use crate::device::{GroupName, State};
-use crate::store::GroupCounts;
+use crate::store::{FleetCounts, GroupCounts};
 
 /// The `group` label of the devices of every group without series of its own.
 pub(crate) const OTHER_GROUP: &str = "_other";
@@ -40,6 +40,7 @@ pub(crate) enum Rejected {
 pub(crate) struct Metrics {
     registry: Registry,
     devices: IntGaugeVec,
+    flapping: IntGauge,
     heartbeats: IntCounter,
     rejected: IntCounterVec,
     transitions: IntCounterVec,
@@ -136,6 +137,7 @@ impl Metrics {
     fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
         vec![
             Box::new(self.devices.clone()),
+            Box::new(self.flapping.clone()),
             Box::new(self.heartbeats.clone()),
             Box::new(self.rejected.clone()),
             Box::new(self.transitions.clone()),
@@ -160,6 +162,10 @@ impl Metrics {
                 "Devices known to the fleet, by state; every replica reports the same figure.",
             ),
             &["state"],
+        )?;
+        let flapping = IntGauge::new(
+            "presenced_devices_flapping",
+            "Devices flapping now, fleet-wide (presence.flap_threshold, presence.flap_half_life).",
         )?;
         let heartbeats = IntCounter::new(
             "presenced_heartbeats_total",
@@ -232,6 +238,7 @@ impl Metrics {
         Ok(Metrics {
             registry: registry.clone(),
             devices,
+            flapping,
             heartbeats,
             rejected,
             transitions,
@@ -281,9 +288,14 @@ impl Metrics {
         self.rebuilds.inc();
     }
 
-    pub(crate) fn set_fleet(&self, online: i64, offline: i64) {
-        self.devices.with_label_values(&["online"]).set(online);
-        self.devices.with_label_values(&["offline"]).set(offline);
+    pub(crate) fn set_fleet(&self, counts: FleetCounts) {
+        self.devices
+            .with_label_values(&["online"])
+            .set(counts.online);
+        self.devices
+            .with_label_values(&["offline"])
+            .set(counts.offline);
+        self.flapping.set(counts.flapping);
     }
 
     /// The group gauges, from every group's counts (fleet-wide, read from Redis).

@@ -349,6 +349,10 @@ impl Snapshot {
                     last_seen: ev.last_seen,
                     detected_at: ev.detected_at,
                     group: ev.group.clone(),
+                    reason: ev.reason,
+                    // Imported as flapping since its last transition (import.lua): only
+                    // whether it is flapping matters here.
+                    flapping_until: ev.flapping.then_some(ev.detected_at),
                 });
             }
         }
@@ -549,6 +553,8 @@ mod tests {
             detected_at: 1_000 * seq + 5,
             group: None,
             left: None,
+            reason: crate::device::Reason::of(state, false),
+            flapping: false,
         };
         let mut s = Snapshot::default();
         s.add(&t, b"devices/d1/status", &ev(3, State::Online).to_json());

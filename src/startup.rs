@@ -77,7 +77,8 @@ impl Base {
         let store = match &cfg.mqtt.shared_group {
             Some(_) => store.for_replica(&cfg.mqtt.client_id),
             None => store,
-        };
+        }
+        .with_flap(cfg.presence.flap);
         let common = Common {
             cfg,
             metrics,

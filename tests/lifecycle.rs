@@ -48,6 +48,7 @@ async fn online_offline_online_with_exact_payloads() {
         [
             "detected_at",
             "device",
+            "flapping",
             "last_seen",
             "reason",
             "seq",
@@ -87,6 +88,10 @@ async fn online_offline_online_with_exact_payloads() {
 
     assert_eq!(on2["state"], "online");
     assert_eq!(on2["seq"], 3);
+    // Three transitions stay below the default threshold (4).
+    for s in [on, off, on2] {
+        assert_eq!(s["flapping"], false, "{s}");
+    }
 
     // A subscriber arriving now gets the current status, retained.
     let late = Collector::start(&mqtt, "devices/sensor-17/status").await;

@@ -50,14 +50,10 @@ async fn redis_records(redis: &RedisServer, ids: &[String]) -> BTreeMap<String, 
             .await
             .unwrap();
         let raw = raw.unwrap_or_else(|| panic!("{id}: no record in Redis"));
-        let mut parts = raw.split('|');
-        let state = match parts.next() {
-            Some("1") => "online",
-            Some("0") => "offline",
-            other => panic!("{id}: unexpected record {raw:?} ({other:?})"),
-        };
-        let seq = parts.next().and_then(|s| s.parse().ok()).expect("seq");
-        out.insert(id.clone(), (state.to_owned(), seq));
+        let device = presenced::device::DeviceId::parse(id).unwrap();
+        let record = presenced::device::DeviceRecord::parse(device, &raw)
+            .unwrap_or_else(|| panic!("{id}: unexpected record {raw:?}"));
+        out.insert(id.clone(), (record.state.as_str().to_owned(), record.seq));
     }
     out
 }

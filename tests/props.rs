@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use presenced::config::{parse_duration, parse_size, Config, Sources};
-use presenced::device::{heartbeat_ttl, DeviceId, GroupName, State, StatusEvent, TopicTemplate};
+use presenced::device::{
+    heartbeat_ttl, DeviceId, GroupName, Reason, State, StatusEvent, TopicTemplate,
+};
 use proptest::prelude::*;
 
 fn valid_id() -> impl Strategy<Value = String> {
@@ -80,13 +82,19 @@ proptest! {
     fn outbox_member_round_trip(id in valid_id(), seq in 1u64..u64::MAX, online: bool,
                                 since in 0u64..1 << 50, last in 0u64..1 << 50, det in 0u64..1 << 50,
                                 group in proptest::option::of("[^/+#\\p{Cc}]{1,20}"),
-                                left in proptest::option::of("[^/+#\\p{Cc}]{1,20}")) {
+                                left in proptest::option::of("[^/+#\\p{Cc}]{1,20}"),
+                                flapping: bool, will: bool) {
         let group = group.and_then(|g| GroupName::parse(&g).ok());
         let left = left.and_then(|g| GroupName::parse(&g).ok());
+        let reason = match (online, will) {
+            (true, _) => Reason::Heartbeat,
+            (false, true) => Reason::Will,
+            (false, false) => Reason::TtlExpired,
+        };
         let ev = StatusEvent {
             device: DeviceId::parse(&id).unwrap(),
             state: if online { State::Online } else { State::Offline },
-            seq, since, last_seen: last, detected_at: det, group, left,
+            seq, since, last_seen: last, detected_at: det, group, left, reason, flapping,
         };
         prop_assert_eq!(StatusEvent::parse_member(&ev.member()), Some(ev));
     }

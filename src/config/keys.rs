@@ -196,6 +196,22 @@ pub const PRESENCE_FORGET_AFTER: Key = key!(
     "Forget devices offline for longer than this (from their offline since); unset: kept forever."
 );
 
+pub const PRESENCE_FLAP_THRESHOLD: Key = key!(
+    "presence",
+    "flap_threshold",
+    Count,
+    Some("4"),
+    "A device is flapping once its penalty (1 per transition, halving every flap_half_life) reaches this."
+);
+
+pub const PRESENCE_FLAP_HALF_LIFE: Key = key!(
+    "presence",
+    "flap_half_life",
+    Duration,
+    Some("5m"),
+    "How long a flap penalty takes to halve; flapping ends below half the threshold."
+);
+
 pub const PRESENCE_TTL_RULES: Key = key!(
     "presence",
     "ttl_rules",
@@ -291,6 +307,8 @@ pub const KEYS: &[Key] = &[
     PRESENCE_MAX_TTL,
     PRESENCE_FORGET_AFTER,
     PRESENCE_TTL_RULES,
+    PRESENCE_FLAP_THRESHOLD,
+    PRESENCE_FLAP_HALF_LIFE,
     GROUPS_OUTAGE_MIN_DEVICES,
     GROUPS_OUTAGE_FRACTION,
     GROUPS_OUTAGE_WINDOW,

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::device::TopicTemplate;
+use crate::flap::FlapRule;
 use crate::group_status::GroupTopic;
 use values::Values;
 
@@ -150,6 +151,8 @@ pub struct PresenceConfig {
     pub forget_after: Option<Duration>,
     /// Per-class TTLs instead of `ttl` (first match wins; a heartbeat's `ttl_s` still wins).
     pub ttl_rules: TtlRules,
+    /// When a device counts as flapping (a label; it decides nothing).
+    pub flap: FlapRule,
 }
 
 /// Groups: the outage rule and the metric series bound.

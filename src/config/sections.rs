@@ -17,6 +17,7 @@ use super::{
     PresenceConfig, Protocol, RedisConfig, Secret,
 };
 use crate::device::{Levels, TopicTemplate, DEVICE_PLACEHOLDER, GROUP_PLACEHOLDER};
+use crate::flap::FlapRule;
 use crate::group_status::GroupTopic;
 
 /// The smallest TTL supported (`presence.min_ttl` may not go below it).
@@ -182,6 +183,21 @@ pub(crate) fn presence(values: &Values) -> Result<PresenceConfig, ConfigError> {
         max_ttl,
         forget_after: values.duration(&PRESENCE_FORGET_AFTER)?,
         ttl_rules,
+        flap: flap_rule(values)?,
+    })
+}
+
+fn flap_rule(values: &Values) -> Result<FlapRule, ConfigError> {
+    let threshold = values.required_count(&PRESENCE_FLAP_THRESHOLD)?;
+    let threshold =
+        u32::try_from(threshold).map_err(|_| key_err(&PRESENCE_FLAP_THRESHOLD, "too large"))?;
+    let half_life = values.required_duration(&PRESENCE_FLAP_HALF_LIFE)?;
+    if half_life < Duration::from_millis(1) {
+        return Err(key_err(&PRESENCE_FLAP_HALF_LIFE, "must be at least 1ms"));
+    }
+    Ok(FlapRule {
+        threshold,
+        half_life,
     })
 }
 

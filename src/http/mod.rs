@@ -274,7 +274,7 @@ impl Api {
         // Fleet counts come from Redis at scrape time, so every replica reports the same
         // figure. If Redis does not answer, the last known figures stand.
         match tokio::time::timeout(REDIS_WAIT, self.store.counts()).await {
-            Ok(Ok((online, offline))) => self.metrics.set_fleet(online, offline),
+            Ok(Ok(counts)) => self.metrics.set_fleet(counts),
             Ok(Err(e)) => debug!(error = %e, "Fleet counts unavailable."),
             Err(_) => debug!("Fleet counts timed out."),
         }
@@ -292,7 +292,10 @@ impl Api {
             return error(StatusCode::NOT_FOUND, "unknown device");
         };
         match tokio::time::timeout(REDIS_WAIT, self.store.device(&id)).await {
-            Ok(Ok(Some(record))) => json(StatusCode::OK, &record.to_json()),
+            Ok(Ok(Some(record))) => {
+                let now = self.store.master_now(&record.device);
+                json(StatusCode::OK, &record.to_json(now))
+            }
             Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "unknown device"),
             Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
             Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "redis did not answer"),
@@ -302,6 +305,7 @@ impl Api {
     async fn list(&self, query: &str) -> Response<Body> {
         let mut state = None;
         let mut group = None;
+        let mut flapping = None;
         let mut limit = DEFAULT_LIMIT;
         let mut cursor = None;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -323,6 +327,15 @@ impl Api {
                     }
                 }
                 "group" => group = Some(GroupName::parse(&v)),
+                "flapping" => {
+                    flapping = match v.as_str() {
+                        "true" => Some(true),
+                        "false" => Some(false),
+                        _ => {
+                            return error(StatusCode::BAD_REQUEST, "flapping must be true or false")
+                        }
+                    }
+                }
                 "limit" => match parse_limit(&v) {
                     Some(n) => limit = n,
                     None => return error(StatusCode::BAD_REQUEST, "limit must be 1 to 1000"),
@@ -339,14 +352,22 @@ impl Api {
             // No device has an invalid group: an empty listing, as for an unknown one.
             Err(_) => return empty_listing(),
         };
-        let filter = ListFilter { state, group };
+        let filter = ListFilter {
+            state,
+            group,
+            flapping,
+        };
         let page = self.store.list(&filter, cursor.as_deref(), limit);
         match tokio::time::timeout(REDIS_WAIT, page).await {
             Ok(Ok(page)) => {
                 // The store's cursor, not the last record's id: a page may end with (or be
                 // all) ids that failed the filter, and the next page starts after them.
                 let next = page.next.as_deref().map(encode_cursor);
-                let devices: Vec<_> = page.records.iter().map(|r| r.to_json()).collect();
+                let devices: Vec<_> = page
+                    .records
+                    .iter()
+                    .map(|r| r.to_json(self.store.master_now(&r.device)))
+                    .collect();
                 json(
                     StatusCode::OK,
                     &serde_json::json!({ "devices": devices, "next_cursor": next }),

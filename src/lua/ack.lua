@@ -29,11 +29,11 @@ redis.call('ZREM', outbox, unpack(members))
 local raw = {}
 if #ids > 0 then raw = redis.call('HMGET', recs, unpack(ids)) end
 for i, id in ipairs(ids) do
-  local state, seq, since, last, det, group = parse(raw[i])
+  local state, seq, since, last, det, group, flap, will = parse(raw[i])
   if state and tonumber(seq) > seqs[i] then
     local seen = last
     if state == '1' then seen = since end
-    local member = outbox_member(seq, state, since, seen, det, id, group)
+    local member = outbox_member(seq, state, since, seen, det, id, group, nil, status_flags(flap, will))
     if not again[member] then
       again[member] = true
       out[#out + 1] = member

@@ -1,38 +1,110 @@
 -- Shared helpers, prepended to every script.
 -- A device record (hash field = device id) is "state|seq|since|last_seen|detected_at" plus,
 -- for a device with a group, "|group" (last: a group name may hold '|'); state "1" online,
--- "0" offline, times in ms since the epoch.
+-- "0" offline, times in ms since the epoch. Two optional prefixes come first: "w|" when its
+-- last transition was taken by the device's will, and before that "p<penalty>,<at>,<until>|",
+-- its flap state (see flap_next). A record never begins with 'p' or 'w' otherwise, so records
+-- written before those prefixes existed read the same.
 -- An outbox member is "seq|state|since|status_last_seen|detected_at|id" (id last: it may hold
--- '|'), prefixed by "g<length>|group|" for a device with a group, then by "l<length>|group|"
--- for the group an offline device left by coming back online in another.
+-- '|'), prefixed by "f<flags>|" when the status has flags ('p' flapping, 'w' reason will),
+-- then by "l<length>|group|" for the group an offline device left by coming back online in
+-- another, then by "g<length>|group|" for a device with a group.
 -- Seq 0 ("before the first status") is a forgotten device's clear: an empty retained message.
 -- Every time a script decides with or writes is this master's clock (TIME): replicas' clocks
 -- may disagree, the master of a device's bucket is one clock for all of them.
--- Returns state, seq, since, last_seen, detected_at, group ('' for none), or nil.
+-- Returns state, seq, since, last_seen, detected_at, group ('' for none), flap (nil for
+-- none), will ('1' if a will took the device offline), or nil.
 local function parse(rec)
   if not rec then return nil end
+  local flap, will = nil, ''
+  local f, body = string.match(rec, '^p([^|]*)|(.*)$')
+  if f then flap, rec = f, body end
+  if string.sub(rec, 1, 2) == 'w|' then will, rec = '1', string.sub(rec, 3) end
   local state, seq, since, last, det, rest = string.match(rec, '^([01])|(%d+)|(%d+)|(%d+)|(%d+)(.*)$')
   if not state then return nil end
   if rest ~= '' then
     if string.sub(rest, 1, 1) ~= '|' then return nil end
     rest = string.sub(rest, 2)
   end
-  return state, seq, since, last, det, rest
+  return state, seq, since, last, det, rest, flap, will
 end
-local function make_record(state, seq, since, last, det, group)
+local function make_record(state, seq, since, last, det, group, flap, will)
   local r = table.concat({state, seq, since, last, det}, '|')
   if group ~= nil and group ~= '' then r = r .. '|' .. group end
+  if will == '1' then r = 'w|' .. r end
+  if flap ~= nil and flap ~= '' then r = 'p' .. flap .. '|' .. r end
   return r
 end
 -- `left`: the group an offline device left by coming back online in another one (its old
 -- group's outage counts it recovered), prefixed as "l<len>|<group>|" after the group's.
-local function outbox_member(seq, state, since, seen, det, id, group, left)
+-- `flags`: '' or some of 'p' (flapping as of this transition) and 'w' (its reason is a will).
+local function outbox_member(seq, state, since, seen, det, id, group, left, flags)
   local m = table.concat({seq, state, since, seen, det, id}, '|')
+  if flags ~= nil and flags ~= '' then m = 'f' .. flags .. '|' .. m end
   if left ~= nil and left ~= '' and left ~= group then
     m = 'l' .. #left .. '|' .. left .. '|' .. m
   end
   if group ~= nil and group ~= '' then m = 'g' .. #group .. '|' .. group .. '|' .. m end
   return m
+end
+-- Flapping (route-flap damping, RFC 2439): every transition adds 1 to a device's penalty,
+-- which halves every half-life (continuously); the device is flapping from the transition
+-- whose penalty reaches the threshold until the penalty decays below half of it. The flap
+-- state "penalty,at,until" is the penalty as of `at` (its latest transition) and `until`,
+-- the moment it stops flapping (0: it is not). Flapping only labels: it decides nothing.
+-- The rule (threshold, half-life ms) comes as one argument "threshold|half_life".
+local function flap_rule(arg)
+  local thr, half = string.match(arg, '^(%d+)|(%d+)$')
+  return tonumber(thr), tonumber(half)
+end
+local function flap_until(flap)
+  if not flap then return 0 end
+  return tonumber(string.match(flap, ',(%d+)$')) or 0
+end
+-- Whether a record's flap state says flapping at `t`.
+local function flapping_at(flap, t)
+  local u = flap_until(flap)
+  return u > 0 and t <= u
+end
+-- The flap state after a transition at `now`, and whether the device is flapping as of it.
+local function flap_next(flap, now, thr, half)
+  local pen, at = 0, now
+  if flap then
+    local p, a = string.match(flap, '^([%d.]+),(%d+),')
+    if p then pen, at = tonumber(p), tonumber(a) end
+  end
+  local dt = now - at
+  if dt < 0 then dt = 0 end
+  local p = pen * math.pow(0.5, dt / half) + 1
+  local flapping = p >= thr or flapping_at(flap, now)
+  local u = 0
+  if flapping then
+    u = math.floor(now + half * math.log(2 * p / thr) / math.log(2))
+    if u < now then u = now end
+  end
+  return string.format('%.4f,%d,%d', p, now, u), flapping
+end
+-- The flags of a status from its record's flap state and will mark.
+local function status_flags(flap, will)
+  local f = ''
+  if flap_until(flap) > 0 then f = 'p' end
+  if will == '1' then f = f .. 'w' end
+  return f
+end
+-- Keeps a device's entries in the flap indexes (KEYS `until_key`: zset id -> until, for the
+-- fleet-wide count; `lex_key`: zset of the same ids at score 0, for listing) in step with
+-- its flap state, and drops up to 100 entries whose flapping ended (each was added by one
+-- transition, so this keeps up with them).
+local function flap_index(until_key, lex_key, id, u, now)
+  if u > 0 then
+    redis.call('ZADD', until_key, u, id)
+    redis.call('ZADD', lex_key, 0, id)
+  end
+  local ended = redis.call('ZRANGEBYSCORE', until_key, '-inf', '(' .. now, 'LIMIT', 0, 100)
+  if #ended > 0 then
+    redis.call('ZREM', until_key, unpack(ended))
+    redis.call('ZREM', lex_key, unpack(ended))
+  end
 end
 -- The device id of an outbox member (nil if it is not a device status).
 local function member_id(m)
@@ -40,6 +112,7 @@ local function member_id(m)
     local len = string.match(m, '^' .. p .. '(%d+)|')
     if len then m = string.sub(m, #len + 4 + tonumber(len)) end
   end
+  m = string.gsub(m, '^f[pw]*|', '')
   return string.match(m, '^%d+|[01]|%d+|%d+|%d+|(.*)$')
 end
 -- Per-bucket device counts per group: hash field "<state>|<group>" -> devices of that group

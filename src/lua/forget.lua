@@ -12,13 +12,13 @@
 -- Returns {1 if more may be due else 0, the clear members staged...}.
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
 --       6 floors hash, 7 offline-since zset (id -> since of its offline status),
---       8 group counts hash
+--       8 group counts hash, 9 flap until zset, 10 flap lex index
 -- ARGV: 1 TTL key prefix, 2 cutoff, 3 outbox lease (ms), 4 limit, 5 floor lease (ms),
---       6 the caller's name in the floors, 7 forget after (ms)
+--       6 the caller's name in the floors, 7 flap rule (unused here), 8 forget after (ms)
 local recs, offline, outbox, offsince = KEYS[1], KEYS[4], KEYS[5], KEYS[7]
 local cutoff = tonumber(ARGV[2])
 local lease, limit, floor_lease = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local after = tonumber(ARGV[7])
+local after = tonumber(ARGV[8])
 local now = redis_now()
 if now < cutoff then cutoff = now end
 local floor = lowest_floor(KEYS[6], floor_lease, now, ARGV[6])
@@ -62,6 +62,8 @@ if #gone > 0 then
   redis.call('HDEL', recs, unpack(gone))
   redis.call('ZREM', offline, unpack(gone))
   redis.call('ZREM', offsince, unpack(gone))
+  redis.call('ZREM', KEYS[9], unpack(gone))
+  redis.call('ZREM', KEYS[10], unpack(gone))
   redis.call('ZADD', outbox, unpack(outbox_args))
 end
 local result = {more}

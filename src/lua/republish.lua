@@ -40,11 +40,11 @@ if cursor == '0' then
 end
 local flat = scan[2]
 for i = 1, #flat, 2 do
-  local state, seq, since, last, det, group = parse(flat[i + 1])
+  local state, seq, since, last, det, group, flap, will = parse(flat[i + 1])
   if state then
     local seen = last
     if state == '1' then seen = since end
-    local member = outbox_member(seq, state, since, seen, det, flat[i], group)
+    local member = outbox_member(seq, state, since, seen, det, flat[i], group, nil, status_flags(flap, will))
     out[#out + 1] = member
     args[#args + 1] = now + lease
     args[#args + 1] = member

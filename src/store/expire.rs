@@ -102,7 +102,7 @@ impl Store {
         .await
     }
 
-    /// The arguments expire.lua and forget.lua begin with.
+    /// The arguments expire.lua and forget.lua begin with (seven).
     pub(crate) fn expire_args(&self, b: Bucket, cutoff: Cutoff, limit: usize) -> Vec<String> {
         vec![
             self.keys.ttl_prefix(b),
@@ -111,6 +111,7 @@ impl Store {
             limit.max(1).to_string(),
             cutoff.floor_lease_ms.to_string(),
             self.replica.to_string(),
+            self.flap.arg(),
         ]
     }
 }

@@ -11,7 +11,10 @@ use super::error::StoreError;
 use super::keys::Keys;
 use super::loss::Loss;
 use super::scripts::Scripts;
+use crate::bucket::bucket_of;
 use crate::clock::Clock;
+use crate::device::{DeviceId, Millis};
+use crate::flap::FlapRule;
 
 /// Handle to the Redis state. Cheap to clone: the connection is multiplexed and reconnects
 /// by itself (a command that hit a broken connection still fails; callers retry).
@@ -24,6 +27,8 @@ pub struct Store {
     pub(super) loss: Arc<Loss>,
     /// Our name in the replica floors ('' without a shared subscription).
     pub(super) replica: Arc<str>,
+    /// The flapping rule the transition scripts apply.
+    pub(super) flap: FlapRule,
 }
 
 impl Store {
@@ -35,6 +40,7 @@ impl Store {
             clock: Arc::default(),
             loss: Arc::default(),
             replica: Arc::from(""),
+            flap: FlapRule::default(),
         }
     }
 
@@ -85,9 +91,21 @@ impl Store {
         self
     }
 
+    /// The same store, applying `rule` in every transition it commits.
+    pub(crate) fn with_flap(mut self, rule: FlapRule) -> Store {
+        self.flap = rule;
+        self
+    }
+
     /// The offsets to every bucket's master clock (see [`Clock`]).
     pub(crate) fn clock(&self) -> &Arc<Clock> {
         &self.clock
+    }
+
+    /// Now, as the master owning `device`'s bucket reads it: the time its record's times
+    /// (a flapping end, say) compare with.
+    pub(crate) fn master_now(&self, device: &DeviceId) -> Millis {
+        self.clock.now(bucket_of(device.as_str()))
     }
 
     pub(crate) async fn ping(&self) -> Result<(), StoreError> {

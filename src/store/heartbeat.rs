@@ -38,6 +38,7 @@ impl Store {
             lease_ms().to_string(),
             floor_lease_ms.to_string(),
             self.replica.to_string(),
+            self.flap.arg(),
         ];
         let t = |local| self.clock.to_master(b, local).to_string();
         for beat in beats {

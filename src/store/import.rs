@@ -116,7 +116,7 @@ impl Store {
         .await
     }
 
-    /// The call of import.lua for bucket `b`: its settings, then eight fields per device.
+    /// The call of import.lua for bucket `b`: its settings, then nine fields per device.
     fn import_cmd(
         &self,
         b: Bucket,
@@ -130,6 +130,7 @@ impl Store {
             token.to_owned(),
             flag(chunk.is_some_and(|c| c.first)),
             flag(chunk.is_some_and(|c| c.last)),
+            self.flap.arg(),
         ];
         for r in chunk.map_or(&[][..], |c| c.records) {
             args.extend([
@@ -145,6 +146,7 @@ impl Store {
                     .unwrap_or(ttl)
                     .as_millis() as u64)
                     .to_string(),
+                r.status().flags().to_owned(),
             ]);
         }
         self.scripts

@@ -30,6 +30,10 @@ pub(crate) enum Key {
     GroupCounts,
     /// Hash group → its outage state (for the groups whose name falls in this bucket).
     GroupStates,
+    /// Zset of flapping devices by the moment they stop flapping (the fleet-wide gauge).
+    FlapUntil,
+    /// Zset (lex) of the same devices, for listing them by id (`/devices?flapping=true`).
+    FlapIndex,
     /// The prefix of the per-group outage keys (`…:g:dev:<group>`, `off:`, `rec:`, `fence:`;
     /// note.lua).
     GroupOutages,
@@ -50,6 +54,8 @@ impl Key {
             Key::GroupCounts => "groups",
             Key::GroupStates => "gstate",
             Key::GroupOutages => "g",
+            Key::FlapUntil => "flap",
+            Key::FlapIndex => "flapidx",
         }
     }
 }
@@ -63,9 +69,9 @@ const STATE_KEYS: [Key; 4] = [
     Key::Index(State::Offline),
 ];
 
-/// [`STATE_KEYS`], then a script's own, then the group counts (every script that changes
-/// a device's state or group keeps them in the same step).
-const fn state_and(own: [Key; 3]) -> [Key; 8] {
+/// [`STATE_KEYS`], then a script's own, then the group counts and the flap indexes (every
+/// script that changes a device's state or group keeps them in the same step).
+const fn state_and(own: [Key; 3]) -> [Key; 10] {
     let [records, deadlines, online, offline] = STATE_KEYS;
     let [a, b, c] = own;
     [
@@ -77,14 +83,17 @@ const fn state_and(own: [Key; 3]) -> [Key; 8] {
         b,
         c,
         Key::GroupCounts,
+        Key::FlapUntil,
+        Key::FlapIndex,
     ]
 }
 
 /// The `KEYS` of expire.lua and forget.lua (heartbeat.lua's begin so too).
-pub(crate) const EXPIRE_KEYS: [Key; 8] = state_and([Key::Outbox, Key::Floors, Key::OfflineSince]);
+pub(crate) const EXPIRE_KEYS: [Key; 10] = state_and([Key::Outbox, Key::Floors, Key::OfflineSince]);
 
 /// The `KEYS` of import.lua.
-pub(crate) const IMPORT_KEYS: [Key; 8] = state_and([Key::Epoch, Key::Importers, Key::OfflineSince]);
+pub(crate) const IMPORT_KEYS: [Key; 10] =
+    state_and([Key::Epoch, Key::Importers, Key::OfflineSince]);
 
 /// Key names under one prefix.
 #[derive(Clone, Debug)]
@@ -176,6 +185,8 @@ mod tests {
                 "p:{3}:floor",
                 "p:{3}:offsince",
                 "p:{3}:groups",
+                "p:{3}:flap",
+                "p:{3}:flapidx",
             ]
         );
         assert_eq!(

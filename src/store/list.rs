@@ -10,7 +10,7 @@ use super::handle::Store;
 use super::keys::Key;
 use super::reply::decode;
 use crate::bucket::{bucket_of, Bucket, BUCKETS};
-use crate::device::{DeviceId, DeviceRecord, GroupName, State};
+use crate::device::{DeviceId, DeviceRecord, GroupName, Millis, State};
 
 /// Most ids one `/devices` page examines (see `Store::list`).
 pub const LIST_BUDGET: usize = 10_000;
@@ -27,25 +27,38 @@ const LIST_TIME_BUDGET: std::time::Duration = std::time::Duration::from_millis(5
 pub(crate) struct ListFilter {
     pub state: Option<State>,
     pub group: Option<GroupName>,
+    pub flapping: Option<bool>,
 }
 
 impl ListFilter {
-    pub(crate) fn matches(&self, record: &DeviceRecord) -> bool {
+    /// Whether the filter keeps `record`, its flapping judged at `now` (its bucket master's).
+    pub(crate) fn matches(&self, record: &DeviceRecord, now: Millis) -> bool {
         self.state.is_none_or(|s| record.state == s)
             && self
                 .group
                 .as_ref()
                 .is_none_or(|g| record.group.as_ref() == Some(g))
+            && self.flapping.is_none_or(|f| record.flapping_at(now) == f)
     }
 
-    /// The state indexes that hold the ids the filter may keep.
-    fn states(&self) -> &'static [State] {
-        match self.state {
-            Some(State::Online) => &[State::Online],
-            Some(State::Offline) => &[State::Offline],
-            None => &[State::Online, State::Offline],
+    /// The id indexes (per bucket) that hold every id the filter may keep: the flapping
+    /// index when only flapping devices are wanted (it is small), else the state indexes.
+    fn indexes(&self) -> &'static [Key] {
+        match (self.flapping, self.state) {
+            (Some(true), _) => &[Key::FlapIndex],
+            (_, Some(State::Online)) => &[Key::Index(State::Online)],
+            (_, Some(State::Offline)) => &[Key::Index(State::Offline)],
+            (_, None) => &[Key::Index(State::Online), Key::Index(State::Offline)],
         }
     }
+}
+
+/// The fleet-wide device counts (`presenced_devices`, `presenced_devices_flapping`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FleetCounts {
+    pub online: i64,
+    pub offline: i64,
+    pub flapping: i64,
 }
 
 /// One page of a listing: its records, and the id to continue after when more may follow.
@@ -78,15 +91,29 @@ impl Store {
         Ok(raw.and_then(|r| DeviceRecord::parse(id.clone(), &r)))
     }
 
-    /// Fleet-wide counts `(online, offline)`, summed over the buckets.
-    pub(crate) async fn counts(&self) -> Result<(i64, i64), StoreError> {
+    /// Fleet-wide counts, summed over the buckets. A device is flapping while its flapping
+    /// end (in the bucket's master time) has not passed: the gauge falls without a
+    /// transition, as the penalty decays.
+    pub(crate) async fn counts(&self) -> Result<FleetCounts, StoreError> {
         let cmds = (0..BUCKETS)
-            .flat_map(|b| [State::Online, State::Offline].map(|s| zcard(self.keys.index(b, s))))
+            .flat_map(|b| {
+                let [on, off] =
+                    [State::Online, State::Offline].map(|s| zcard(self.keys.index(b, s)));
+                let mut flapping = redis::cmd("ZCOUNT");
+                flapping
+                    .arg(self.keys.of(b, Key::FlapUntil))
+                    .arg(self.clock.now(b))
+                    .arg("+inf");
+                [on, off, flapping]
+            })
             .collect();
         let cards: Vec<i64> = decode(self.exec(cmds).await.all()?)?;
-        let online = cards.iter().step_by(2).sum();
-        let offline = cards.iter().skip(1).step_by(2).sum();
-        Ok((online, offline))
+        let sum = |skip| cards.iter().skip(skip).step_by(3).sum();
+        Ok(FleetCounts {
+            online: sum(0),
+            offline: sum(1),
+            flapping: sum(2),
+        })
     }
 
     /// One page of devices in id order, after `after` (exclusive), holding at most `limit`
@@ -118,7 +145,11 @@ impl Store {
             for (i, (id, record)) in ids.iter().zip(records).enumerate() {
                 examined += 1;
                 after = Some(id.clone());
-                page.records.extend(record.filter(|r| filter.matches(r)));
+                page.records.extend(
+                    record.filter(|r| {
+                        filter.matches(r, self.clock.now(bucket_of(r.device.as_str())))
+                    }),
+                );
                 if page.records.len() == limit {
                     let more = index_more || i + 1 < ids.len();
                     page.next = after.filter(|_| more);
@@ -143,9 +174,14 @@ impl Store {
         after: Option<&str>,
         count: usize,
     ) -> Cmd {
+        self.lex_range(self.keys.index(b, state), after, count)
+    }
+
+    /// `ZRANGE … BYLEX` of an id index (every score 0): at most `count` ids after `after`.
+    fn lex_range(&self, key: String, after: Option<&str>, count: usize) -> Cmd {
         let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
         let mut cmd = redis::cmd("ZRANGE");
-        cmd.arg(self.keys.index(b, state))
+        cmd.arg(key)
             .arg(start)
             .arg("+")
             .arg("BYLEX")
@@ -155,7 +191,7 @@ impl Store {
         cmd
     }
 
-    /// The smallest `limit` ids after `after` in the state indexes `filter` may keep, and
+    /// The smallest `limit` ids after `after` in the indexes `filter` may keep, and
     /// whether more follow. Each bucket's index is read from `after` on, at most `limit + 1`
     /// ids each; the smallest `limit` overall are the answer.
     async fn index_ids(
@@ -167,9 +203,9 @@ impl Store {
         let cmds = (0..BUCKETS)
             .flat_map(|b| {
                 filter
-                    .states()
+                    .indexes()
                     .iter()
-                    .map(move |&s| self.index_range(b, s, after, limit + 1))
+                    .map(move |&k| self.lex_range(self.keys.of(b, k), after, limit + 1))
             })
             .collect();
         let pages: Vec<Vec<String>> = decode(self.exec(cmds).await.all()?)?;

@@ -64,6 +64,6 @@ pub use reply::Committed;
 
 pub(crate) use floor::Floor;
 pub(crate) use import::{ImportChunk, Imported};
-pub(crate) use list::ListFilter;
+pub(crate) use list::{FleetCounts, ListFilter};
 pub(crate) use notes::{Note, NoteMode, Noted, OutageRule};
 pub(crate) use notify::{ensure_notifications, touch, write_probe, Configure, NotifyConfig};
