@@ -40,6 +40,13 @@ pub enum Timing {
     OnTime,
 }
 
+/// What a heartbeat names besides its device: its group and its session (see `will`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Named {
+    pub group: Option<GroupName>,
+    pub session: Option<u64>,
+}
+
 /// The held heartbeats of one device, to apply (local wall-clock times).
 #[derive(Clone, Debug)]
 pub struct Beat {
@@ -55,6 +62,8 @@ pub struct Beat {
     pub timing: Timing,
     /// The group named by the latest heartbeat that named one.
     pub group: Option<GroupName>,
+    /// The session named by the latest heartbeat that named one.
+    pub session: Option<u64>,
 }
 
 impl Beat {
@@ -68,6 +77,7 @@ impl Beat {
             lapse: None,
             timing: Timing::Known,
             group: None,
+            session: None,
         }
     }
 }

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::beat::{Beat, Stamp, Timing};
+use crate::beat::{Beat, Named, Stamp, Timing};
 use crate::device::{now_ms, DeviceId, GroupName, Millis};
+use crate::will::Will;
 
 /// Most devices held for Redis at once (coalesced: one entry per device). Beyond it new
 /// devices' heartbeats are dropped (and logged); known ones still refresh their entry.
@@ -34,6 +35,7 @@ struct Entry {
     lapse: Option<(Millis, Millis)>,
     timing: Timing,
     group: Option<GroupName>,
+    session: Option<u64>,
 }
 
 impl Entry {
@@ -60,17 +62,98 @@ impl Entry {
                 b.timing
             },
             group: b.group.or(a.group),
+            session: b.session.or(a.session),
         }
     }
+}
+
+impl Entry {
+    fn of(beat: Beat) -> (DeviceId, Entry) {
+        let entry = Entry {
+            first: beat.first,
+            arrival: beat.arrival,
+            deadline: beat.deadline,
+            lapse: beat.lapse,
+            timing: beat.timing,
+            group: beat.group,
+            session: beat.session,
+        };
+        (beat.device, entry)
+    }
+
+    fn beat(self, device: DeviceId) -> Beat {
+        Beat {
+            device,
+            first: self.first,
+            arrival: self.arrival,
+            deadline: self.deadline,
+            lapse: self.lapse,
+            timing: self.timing,
+            group: self.group,
+            session: self.session,
+        }
+    }
+}
+
+/// `entry` merged into `slot` (see [`Tie`] for which wins on equal arrivals).
+fn merge_into(slot: &mut Option<Entry>, entry: Entry, tie: Tie) {
+    *slot = Some(match (slot.take(), tie) {
+        (Some(held), Tie::Incoming) => held.merge(entry),
+        (Some(held), Tie::Held) => entry.merge(held),
+        (None, _) => entry,
+    });
+}
+
+/// A will held for a device, and the device's heartbeats held from before it: those are
+/// applied first, so that per device the order of arrival is kept.
+#[derive(Clone, Debug)]
+struct HeldWill {
+    arrival: Millis,
+    session: Option<u64>,
+    before: Option<Entry>,
+}
+
+/// What the applier takes in one go, to apply in this order: the heartbeats held from before
+/// a will, the wills, the other heartbeats (which arrived after any will of their device).
+#[derive(Debug, Default)]
+pub(crate) struct Taken {
+    pub(crate) before: Vec<Beat>,
+    pub(crate) wills: Vec<Will>,
+    pub(crate) beats: Vec<Beat>,
+}
+
+impl Taken {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.before.is_empty() && self.wills.is_empty() && self.beats.is_empty()
+    }
+}
+
+/// How a will was held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WillHeld {
+    /// To apply (after the device's heartbeats held so far).
+    Held,
+    /// An earlier will of the device is held, with no heartbeat since: this one changes
+    /// nothing (the device is going offline already).
+    Redundant,
+    /// Dropped: as many devices are held as the cap allows.
+    Full,
 }
 
 #[derive(Default)]
 struct HeldInner {
     map: HashMap<DeviceId, Entry>,
+    /// Wills not yet applied, one per device (see [`Held::insert_will`]).
+    wills: HashMap<DeviceId, HeldWill>,
     /// Oldest arrival among `map`.
     oldest: Option<Millis>,
     /// Oldest arrival of the batch the applier is working on.
     oldest_in_flight: Option<Millis>,
+    /// The latest arrival given to a heartbeat, and to a will: within a millisecond the
+    /// order of arrival still decides (a will after a heartbeat is at least 1 ms later, a
+    /// heartbeat after a will at least as late), once the times alone are compared.
+    last_beat: Millis,
+    last_will: Millis,
     closed: bool,
 }
 
@@ -85,13 +168,52 @@ enum Tie {
 
 impl HeldInner {
     fn hold(&mut self, device: DeviceId, entry: Entry, tie: Tie) {
-        let merged = match (self.map.get(&device), tie) {
-            (Some(held), Tie::Incoming) => held.clone().merge(entry),
-            (Some(held), Tie::Held) => entry.merge(held.clone()),
-            (None, _) => entry,
-        };
-        self.oldest = Some(self.oldest.map_or(merged.first, |o| o.min(merged.first)));
-        self.map.insert(device, merged);
+        self.note_oldest(entry.first);
+        let mut slot = self.map.remove(&device);
+        merge_into(&mut slot, entry, tie);
+        if let Some(merged) = slot {
+            self.map.insert(device, merged);
+        }
+    }
+
+    /// Heartbeats that precede the device's held will (restored after a failed round).
+    fn hold_before(&mut self, device: DeviceId, entry: Entry) {
+        self.note_oldest(entry.first);
+        match self.wills.get_mut(&device) {
+            Some(will) => merge_into(&mut will.before, entry, Tie::Held),
+            None => self.hold(device, entry, Tie::Held),
+        }
+    }
+
+    fn note_oldest(&mut self, first: Millis) {
+        self.oldest = Some(self.oldest.map_or(first, |o| o.min(first)));
+    }
+
+    /// A will: the device's held heartbeats go before it. A will while an earlier one is
+    /// held with heartbeats after it collapses the three (bounded: one will per device):
+    /// those heartbeats join the ones before, and the later will stands.
+    fn hold_will(&mut self, device: DeviceId, arrival: Millis, session: Option<u64>) -> WillHeld {
+        let after = self.map.remove(&device);
+        match self.wills.get_mut(&device) {
+            Some(_) if after.is_none() => WillHeld::Redundant,
+            Some(will) => {
+                if let Some(after) = after {
+                    merge_into(&mut will.before, after, Tie::Incoming);
+                }
+                will.arrival = arrival;
+                will.session = session;
+                WillHeld::Held
+            }
+            None => {
+                let will = HeldWill {
+                    arrival,
+                    session,
+                    before: after,
+                };
+                self.wills.insert(device, will);
+                WillHeld::Held
+            }
+        }
     }
 }
 
@@ -123,7 +245,7 @@ impl Held {
     pub fn insert(
         &self,
         device: DeviceId,
-        group: Option<GroupName>,
+        named: Named,
         ttl: Duration,
         stamp: impl FnOnce() -> Stamp,
     ) -> bool {
@@ -137,17 +259,20 @@ impl Held {
             Stamp::BrokerReturned(at) => (at.min(now), Timing::Known),
             Stamp::OnTime => (now, Timing::OnTime),
         };
-        let (arrival, deadline) = (now, now + ttl_ms);
         if inner.map.len() >= self.cap && !inner.map.contains_key(&device) {
             return false;
         }
+        let arrival = now.max(inner.last_will);
+        inner.last_beat = inner.last_beat.max(arrival);
+        let deadline = arrival + ttl_ms;
         let entry = Entry {
             first,
             arrival,
             deadline,
             lapse: None,
             timing,
-            group,
+            group: named.group,
+            session: named.session,
         };
         inner.hold(device, entry, Tie::Incoming);
         drop(inner);
@@ -155,25 +280,44 @@ impl Held {
         true
     }
 
-    /// Takes every held heartbeat; they count towards the watermark until [`Held::applied`]
-    /// (or [`Held::restore`]).
-    pub(crate) fn take(&self) -> Vec<Beat> {
+    /// Holds a will that arrives now (after every heartbeat held so far).
+    pub fn insert_will(&self, device: DeviceId, session: Option<u64>) -> WillHeld {
+        let mut inner = self.lock();
+        if inner.wills.len() >= self.cap && !inner.wills.contains_key(&device) {
+            return WillHeld::Full;
+        }
+        let arrival = now_ms().max(inner.last_beat + 1);
+        inner.last_will = inner.last_will.max(arrival);
+        let held = inner.hold_will(device, arrival, session);
+        drop(inner);
+        self.notify.notify_one();
+        held
+    }
+
+    /// Takes everything held; the heartbeats count towards the watermark until
+    /// [`Held::applied`] (or [`Held::restore`]).
+    pub(crate) fn take(&self) -> Taken {
         let mut inner = self.lock();
         let map = std::mem::take(&mut inner.map);
+        let wills = std::mem::take(&mut inner.wills);
         if let Some(oldest) = inner.oldest.take() {
             inner.oldest_in_flight = Some(inner.oldest_in_flight.map_or(oldest, |o| o.min(oldest)));
         }
-        map.into_iter()
-            .map(|(device, e)| Beat {
+        let mut taken = Taken {
+            beats: map.into_iter().map(|(d, e)| e.beat(d)).collect(),
+            ..Taken::default()
+        };
+        for (device, w) in wills {
+            if let Some(before) = w.before {
+                taken.before.push(before.beat(device.clone()));
+            }
+            taken.wills.push(Will {
                 device,
-                first: e.first,
-                arrival: e.arrival,
-                deadline: e.deadline,
-                lapse: e.lapse,
-                timing: e.timing,
-                group: e.group,
-            })
-            .collect()
+                arrival: w.arrival,
+                session: w.session,
+            });
+        }
+        taken
     }
 
     /// The batch taken last is in Redis.
@@ -181,27 +325,52 @@ impl Held {
         self.lock().oldest_in_flight = None;
     }
 
-    /// The batch taken last could not be applied (in part): hold it again, merged with
-    /// what arrived meanwhile, so a device never has more than one entry.
-    pub(crate) fn restore(&self, beats: Vec<Beat>) {
+    /// What was taken last and not applied: held again, before what arrived meanwhile,
+    /// so that a device never has more than one entry and one will, in order of arrival.
+    /// A restored will of a device that has a will held since collapses into it (see
+    /// `hold_will`).
+    pub(crate) fn restore(&self, rest: Taken) {
         let mut inner = self.lock();
-        for beat in beats {
-            let entry = Entry {
-                first: beat.first,
-                arrival: beat.arrival,
-                deadline: beat.deadline,
-                lapse: beat.lapse,
-                timing: beat.timing,
-                group: beat.group,
-            };
-            inner.hold(beat.device, entry, Tie::Held);
+        let mut before: HashMap<DeviceId, Entry> = rest.before.into_iter().map(Entry::of).collect();
+        let mut after: HashMap<DeviceId, Entry> = rest.beats.into_iter().map(Entry::of).collect();
+        for will in rest.wills {
+            let device = will.device;
+            let (prior, next) = (before.remove(&device), after.remove(&device));
+            for e in prior.iter().chain(next.iter()) {
+                inner.note_oldest(e.first);
+            }
+            match inner.wills.get_mut(&device) {
+                Some(newer) => {
+                    // prior, will, next, then newer.before, newer: the newer will stands.
+                    for e in [prior, next].into_iter().flatten() {
+                        merge_into(&mut newer.before, e, Tie::Held);
+                    }
+                }
+                None => {
+                    // prior, will, next, then what is held since (after the will).
+                    let held = HeldWill {
+                        arrival: will.arrival,
+                        session: will.session,
+                        before: prior,
+                    };
+                    inner.wills.insert(device.clone(), held);
+                    if let Some(next) = next {
+                        inner.hold(device, next, Tie::Held);
+                    }
+                }
+            }
+        }
+        // Heartbeats without a restored will: before anything held since.
+        for (device, entry) in before.into_iter().chain(after) {
+            inner.hold_before(device, entry);
         }
         inner.oldest_in_flight = None;
     }
 
-    /// How many devices are held.
+    /// How many devices are held (with heartbeats or a will).
     pub(crate) fn len(&self) -> usize {
-        self.lock().map.len()
+        let inner = self.lock();
+        inner.map.len() + inner.wills.len()
     }
 
     /// Every heartbeat that arrived before this time has been applied; `None`: all have.
@@ -244,7 +413,7 @@ impl Held {
 
     pub(crate) fn is_closed_and_empty(&self) -> bool {
         let inner = self.lock();
-        inner.closed && inner.map.is_empty()
+        inner.closed && inner.map.is_empty() && inner.wills.is_empty()
     }
 }
 
@@ -261,17 +430,37 @@ mod tests {
         let held = Held::new(2);
         assert_eq!(held.watermark(), None);
         assert_eq!(held.cutoff(1_000), 1_000);
-        assert!(held.insert(id("a"), None, Duration::from_secs(10), || Stamp::Live));
+        assert!(
+            held.insert(id("a"), Named::default(), Duration::from_secs(10), || {
+                Stamp::Live
+            })
+        );
         let w = held.watermark().unwrap();
-        assert!(held.insert(id("a"), None, Duration::from_secs(1), || Stamp::Live));
-        assert!(held.insert(id("b"), None, Duration::from_secs(1), || Stamp::Live));
+        assert!(
+            held.insert(id("a"), Named::default(), Duration::from_secs(1), || {
+                Stamp::Live
+            })
+        );
+        assert!(
+            held.insert(id("b"), Named::default(), Duration::from_secs(1), || {
+                Stamp::Live
+            })
+        );
         // Capacity counts devices, not heartbeats.
-        assert!(!held.insert(id("c"), None, Duration::from_secs(1), || Stamp::Live));
-        assert!(held.insert(id("a"), None, Duration::from_secs(1), || Stamp::Live));
+        assert!(
+            !held.insert(id("c"), Named::default(), Duration::from_secs(1), || {
+                Stamp::Live
+            })
+        );
+        assert!(
+            held.insert(id("a"), Named::default(), Duration::from_secs(1), || {
+                Stamp::Live
+            })
+        );
         assert_eq!(held.watermark(), Some(w));
         assert_eq!(held.cutoff(w + 100), w - 1);
 
-        let batch = held.take();
+        let batch = held.take().beats;
         assert_eq!(batch.len(), 2);
         let a = batch.iter().find(|b| b.device == id("a")).unwrap();
         // The latest heartbeat's deadline wins, even when it is the sooner one.
@@ -291,6 +480,7 @@ mod tests {
             lapse: None,
             timing,
             group: None,
+            session: None,
         }
     }
 
@@ -341,13 +531,21 @@ mod tests {
     fn a_failed_batch_is_held_again_as_one_entry_per_device() {
         let held = Held::new(10);
         for _ in 0..3 {
-            assert!(held.insert(id("a"), None, Duration::from_secs(5), || Stamp::Live));
+            assert!(
+                held.insert(id("a"), Named::default(), Duration::from_secs(5), || {
+                    Stamp::Live
+                })
+            );
         }
         let batch = held.take();
-        assert!(held.insert(id("a"), None, Duration::from_secs(7), || Stamp::Live));
+        assert!(
+            held.insert(id("a"), Named::default(), Duration::from_secs(7), || {
+                Stamp::Live
+            })
+        );
         held.restore(batch);
         assert_eq!(held.len(), 1);
-        let again = held.take();
+        let again = held.take().beats;
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].deadline, again[0].arrival + 7_000);
     }
@@ -356,16 +554,135 @@ mod tests {
     fn heartbeats_queued_while_the_broker_was_down_arrive_when_it_came_back() {
         let held = Held::new(10);
         let back = now_ms() - 5_000;
-        assert!(held.insert(id("a"), None, Duration::from_secs(1), || {
-            Stamp::BrokerReturned(back)
-        }));
-        let beat = &held.take()[0];
+        assert!(
+            held.insert(id("a"), Named::default(), Duration::from_secs(1), || {
+                Stamp::BrokerReturned(back)
+            })
+        );
+        let beat = &held.take().beats[0];
         assert_eq!((beat.first, beat.timing), (back, Timing::Known));
         assert!(
             beat.deadline >= now_ms() + 500,
             "its deadline counts from its reading, not from the broker's return: {beat:?}"
         );
-        assert!(held.insert(id("b"), None, Duration::from_secs(1), || Stamp::OnTime));
-        assert_eq!(held.take()[0].timing, Timing::OnTime);
+        assert!(
+            held.insert(id("b"), Named::default(), Duration::from_secs(1), || {
+                Stamp::OnTime
+            })
+        );
+        assert_eq!(held.take().beats[0].timing, Timing::OnTime);
+    }
+
+    fn beat(held: &Held, device: &str) {
+        assert!(
+            held.insert(id(device), Named::default(), Duration::from_secs(5), || {
+                Stamp::Live
+            })
+        );
+    }
+
+    fn devices(beats: &[Beat]) -> Vec<&str> {
+        let mut v: Vec<&str> = beats.iter().map(|b| b.device.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn a_will_keeps_the_heartbeats_before_it_apart_from_those_after() {
+        let held = Held::new(10);
+        beat(&held, "a");
+        beat(&held, "b");
+        assert_eq!(held.insert_will(id("a"), Some(3)), WillHeld::Held);
+        // A second will with no heartbeat between changes nothing.
+        assert_eq!(held.insert_will(id("a"), Some(4)), WillHeld::Redundant);
+        assert_eq!(held.insert_will(id("c"), None), WillHeld::Held);
+        beat(&held, "a");
+        let t = held.take();
+        assert_eq!(devices(&t.before), ["a"]);
+        assert_eq!(devices(&t.beats), ["a", "b"]);
+        let mut wills: Vec<_> = t
+            .wills
+            .iter()
+            .map(|w| (w.device.as_str(), w.session))
+            .collect();
+        wills.sort_unstable();
+        assert_eq!(wills, [("a", Some(3)), ("c", None)]);
+        let (pre, post) = (
+            &t.before[0],
+            t.beats.iter().find(|b| b.device == id("a")).unwrap(),
+        );
+        assert!(pre.arrival <= t.wills[0].arrival.max(t.wills[1].arrival));
+        assert!(post.first >= pre.arrival);
+        assert!(held.take().is_empty());
+    }
+
+    #[test]
+    fn a_will_between_heartbeats_and_another_will_collapses_into_the_later_one() {
+        let held = Held::new(10);
+        beat(&held, "a");
+        assert_eq!(held.insert_will(id("a"), Some(1)), WillHeld::Held);
+        beat(&held, "a");
+        assert_eq!(held.insert_will(id("a"), Some(2)), WillHeld::Held);
+        let t = held.take();
+        // Both heartbeats go before the one will that stands.
+        assert_eq!(devices(&t.before), ["a"]);
+        assert!(t.beats.is_empty());
+        assert_eq!(t.wills.len(), 1);
+        assert_eq!(t.wills[0].session, Some(2));
+        assert!(t.before[0].first <= t.before[0].arrival);
+    }
+
+    #[test]
+    fn wills_are_capped_per_device_like_heartbeats() {
+        let held = Held::new(1);
+        assert_eq!(held.insert_will(id("a"), None), WillHeld::Held);
+        assert_eq!(held.insert_will(id("b"), None), WillHeld::Full);
+        assert_eq!(held.len(), 1);
+    }
+
+    #[test]
+    fn a_restored_round_keeps_the_order_of_arrival() {
+        let held = Held::new(10);
+        beat(&held, "a");
+        assert_eq!(held.insert_will(id("a"), None), WillHeld::Held);
+        beat(&held, "a");
+        beat(&held, "b");
+        let t = held.take();
+        // Meanwhile: b's will arrives, then a heartbeat of a.
+        assert_eq!(held.insert_will(id("b"), None), WillHeld::Held);
+        beat(&held, "a");
+        held.restore(t);
+        let again = held.take();
+        // a: its heartbeat before the will, the will, then both heartbeats after it.
+        // b: its restored heartbeat before its new will.
+        assert_eq!(devices(&again.before), ["a", "b"]);
+        let mut wills: Vec<_> = again.wills.iter().map(|w| w.device.as_str()).collect();
+        wills.sort_unstable();
+        assert_eq!(wills, ["a", "b"]);
+        assert_eq!(devices(&again.beats), ["a"]);
+        let a_after = &again.beats[0];
+        assert!(
+            a_after.first <= a_after.arrival,
+            "both heartbeats after the will: {a_after:?}"
+        );
+        assert!(held.watermark().is_some());
+    }
+
+    #[test]
+    fn a_restored_will_collapses_into_one_held_since() {
+        let held = Held::new(10);
+        assert_eq!(held.insert_will(id("a"), Some(1)), WillHeld::Held);
+        beat(&held, "a");
+        let t = held.take();
+        assert_eq!(held.insert_will(id("a"), Some(2)), WillHeld::Held);
+        beat(&held, "a");
+        held.restore(t);
+        let again = held.take();
+        assert_eq!(again.wills.len(), 1);
+        assert_eq!(again.wills[0].session, Some(2));
+        // The restored heartbeat precedes the newer will; the latest one follows it.
+        assert_eq!(devices(&again.before), ["a"]);
+        assert_eq!(devices(&again.beats), ["a"]);
+        assert!(again.before[0].arrival <= again.beats[0].first);
     }
 }

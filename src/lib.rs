@@ -21,6 +21,7 @@
 //! * [`metrics`], `health`, [`telemetry`]: what operators see.
 //! * [`simulate`]: the fleet simulator behind `presenced simulate`.
 //! * [`check`]: `presenced check-config`, the read-only checks of Redis and the broker.
+//! * [`flap`], [`will`]: the flapping rule and what a will is (pure).
 //! * [`bucket`], [`beat`], `held`, [`status`]: the values the tasks hand each other (the
 //!   fleet's partition, heartbeats as received and as applied, statuses to publish).
 //!
@@ -53,6 +54,7 @@ pub mod status;
 pub mod store;
 mod supervisor;
 pub mod telemetry;
+pub mod will;
 mod wiring;
 
 use std::future::Future;

@@ -36,6 +36,27 @@ pub(crate) enum Rejected {
     TooLarge,
 }
 
+/// What became of a message on the will topic (the `result` label).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum WillResult {
+    /// It took its device offline.
+    Applied,
+    /// Older than the device's latest heartbeat.
+    Stale,
+    /// Not a will, a replay, or a will of a device not online.
+    Ignored,
+}
+
+impl WillResult {
+    fn label(self) -> &'static str {
+        match self {
+            WillResult::Applied => "applied",
+            WillResult::Stale => "stale",
+            WillResult::Ignored => "ignored",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Metrics {
     registry: Registry,
@@ -44,6 +65,7 @@ pub(crate) struct Metrics {
     heartbeats: IntCounter,
     rejected: IntCounterVec,
     transitions: IntCounterVec,
+    wills: IntCounterVec,
     lag: Histogram,
     missed: IntCounter,
     forgotten: IntCounter,
@@ -119,6 +141,9 @@ impl Metrics {
         for reason in ["invalid_id", "too_large"] {
             m.rejected.with_label_values(&[reason]).reset();
         }
+        for r in [WillResult::Applied, WillResult::Stale, WillResult::Ignored] {
+            m.wills.with_label_values(&[r.label()]).reset();
+        }
         for state in ["ok", "outage"] {
             m.groups.with_label_values(&[state]).set(0);
         }
@@ -141,6 +166,7 @@ impl Metrics {
             Box::new(self.heartbeats.clone()),
             Box::new(self.rejected.clone()),
             Box::new(self.transitions.clone()),
+            Box::new(self.wills.clone()),
             Box::new(self.lag.clone()),
             Box::new(self.missed.clone()),
             Box::new(self.forgotten.clone()),
@@ -185,10 +211,17 @@ impl Metrics {
             ),
             &["to"],
         )?;
+        let wills = IntCounterVec::new(
+            Opts::new(
+                "presenced_wills_total",
+                "Messages on the will topic this replica handled, by result.",
+            ),
+            &["result"],
+        )?;
         let lag = Histogram::with_opts(
             HistogramOpts::new(
                 "presenced_notification_lag_seconds",
-                "Time from a device's TTL deadline to its offline status acknowledged by the broker.",
+                "Time from a device's TTL deadline (or its will's arrival) to its offline status acknowledged by the broker.",
             )
             .buckets(LAG_BUCKETS.to_vec()),
         )?;
@@ -242,6 +275,7 @@ impl Metrics {
             heartbeats,
             rejected,
             transitions,
+            wills,
             lag,
             missed,
             forgotten,
@@ -266,6 +300,10 @@ impl Metrics {
             Rejected::TooLarge => "too_large",
         };
         self.rejected.with_label_values(&[label]).inc();
+    }
+
+    pub(crate) fn will_handled(&self, result: WillResult, n: u64) {
+        self.wills.with_label_values(&[result.label()]).inc_by(n);
     }
 
     pub(crate) fn transition_committed(&self, to: State) {

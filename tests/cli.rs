@@ -111,6 +111,32 @@ fn bad_configuration_exits_2_naming_the_key() {
         assert!(e.contains("presence.ttl_rules"), "{bad}: {e}");
     }
 
+    // Wills: a topic that overlaps the heartbeat topic, one without {device}, an empty payload.
+    for (flag, bad, key) in [
+        (
+            "--mqtt-will-topic",
+            "devices/+/heartbeat",
+            "mqtt.will_topic",
+        ),
+        (
+            "--mqtt-will-topic",
+            "devices/{device}/heartbeat",
+            "mqtt.will_topic",
+        ),
+        ("--mqtt-will-topic", "devices/will", "mqtt.will_topic"),
+        ("--mqtt-will-payload", "  ", "mqtt.will_payload"),
+    ] {
+        let o = run({
+            let mut c = presenced();
+            c.args(["check-config", flag, bad]);
+            c
+        });
+        assert_eq!(o.status.code(), Some(2), "{bad}");
+        let e = stderr(&o);
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains(key), "{bad}: {e}");
+    }
+
     let o = run({
         let mut c = presenced();
         c.env("PRESENCED_HTTP_LISTEN", "everywhere");

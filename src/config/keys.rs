@@ -130,6 +130,22 @@ pub const MQTT_SHARED_GROUP: Key = key!(
     "Share heartbeats between replicas via $share/<group>/..."
 );
 
+pub const MQTT_WILL_TOPIC: Key = key!(
+    "mqtt",
+    "will_topic",
+    Str,
+    None,
+    "Where devices' own MQTT wills arrive, e.g. devices/{device}/will or tele/{device}/LWT ({group} may be another level); unset: wills are not read."
+);
+
+pub const MQTT_WILL_PAYLOAD: Key = key!(
+    "mqtt",
+    "will_payload",
+    Str,
+    Some("offline"),
+    "The will payload that means connection lost (trimmed, any case); a JSON object with \"state\":\"offline\" is one too."
+);
+
 pub const MQTT_MAX_PACKET_SIZE: Key = key!(
     "mqtt",
     "max_packet_size",
@@ -297,6 +313,8 @@ pub const KEYS: &[Key] = &[
     MQTT_STATUS_TOPIC,
     MQTT_GROUP_TOPIC,
     MQTT_SHARED_GROUP,
+    MQTT_WILL_TOPIC,
+    MQTT_WILL_PAYLOAD,
     MQTT_MAX_PACKET_SIZE,
     REDIS_URL,
     REDIS_CLUSTER_NODES,

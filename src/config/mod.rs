@@ -112,6 +112,10 @@ pub struct MqttConfig {
     pub heartbeat_topic: TopicTemplate,
     pub status_topic: TopicTemplate,
     pub group_topic: GroupTopic,
+    /// Where devices' wills arrive; `None`: wills are not read.
+    pub will_topic: Option<TopicTemplate>,
+    /// The will payload, trimmed and lowercased (compared ignoring case).
+    pub will_payload: String,
     pub shared_group: Option<String>,
     pub max_packet_size: usize,
 }
@@ -125,9 +129,18 @@ impl MqttConfig {
 
     /// The heartbeat subscription, with the `$share/<group>/` prefix when sharing.
     pub fn heartbeat_filter(&self) -> String {
+        self.shared(self.heartbeat_topic.filter())
+    }
+
+    /// The will subscription (shared as heartbeats are), if wills are read.
+    pub fn will_filter(&self) -> Option<String> {
+        Some(self.shared(self.will_topic.as_ref()?.filter()))
+    }
+
+    fn shared(&self, filter: String) -> String {
         match &self.shared_group {
-            Some(group) => format!("$share/{group}/{}", self.heartbeat_topic.filter()),
-            None => self.heartbeat_topic.filter(),
+            Some(group) => format!("$share/{group}/{filter}"),
+            None => filter,
         }
     }
 }

@@ -53,6 +53,11 @@ pub(crate) fn mqtt(values: &Values) -> Result<MqttConfig, ConfigError> {
     let protocol = protocol(values)?;
     let (heartbeat_topic, status_topic) = topics(values)?;
     let group_topic = group_topic(values, &heartbeat_topic)?;
+    let will_topic = will_topic(values, &heartbeat_topic, &status_topic)?;
+    let will_payload = values.required(&MQTT_WILL_PAYLOAD)?.trim().to_lowercase();
+    if will_payload.is_empty() {
+        return Err(key_err(&MQTT_WILL_PAYLOAD, "must not be empty"));
+    }
     Ok(MqttConfig {
         url,
         client_id,
@@ -62,6 +67,8 @@ pub(crate) fn mqtt(values: &Values) -> Result<MqttConfig, ConfigError> {
         heartbeat_topic,
         status_topic,
         group_topic,
+        will_topic,
+        will_payload,
         shared_group,
         max_packet_size: values.required_size(&MQTT_MAX_PACKET_SIZE)?,
     })
@@ -110,6 +117,32 @@ fn group_topic(values: &Values, heartbeat: &TopicTemplate) -> Result<GroupTopic,
         ));
     }
     Ok(topic)
+}
+
+/// The will topic, if set: it must name the device and must not overlap the heartbeat or
+/// the status topic (a message must be one thing).
+fn will_topic(
+    values: &Values,
+    heartbeat: &TopicTemplate,
+    status: &TopicTemplate,
+) -> Result<Option<TopicTemplate>, ConfigError> {
+    let Some(text) = values.text(&MQTT_WILL_TOPIC)? else {
+        return Ok(None);
+    };
+    let will = TopicTemplate::parse_with(&text, Levels::DeviceAndGroup)
+        .map_err(|e| bad_value(&MQTT_WILL_TOPIC)(e.into()))?;
+    for (other, name) in [
+        (heartbeat, "mqtt.heartbeat_topic"),
+        (status, "mqtt.status_topic"),
+    ] {
+        if will.overlaps(other) {
+            return Err(key_err(
+                &MQTT_WILL_TOPIC,
+                format!("must not overlap {name} (no topic may match both)"),
+            ));
+        }
+    }
+    Ok(Some(will))
 }
 
 pub(crate) fn redis(values: &Values) -> Result<RedisConfig, ConfigError> {

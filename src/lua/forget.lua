@@ -12,7 +12,7 @@
 -- Returns {1 if more may be due else 0, the clear members staged...}.
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
 --       6 floors hash, 7 offline-since zset (id -> since of its offline status),
---       8 group counts hash, 9 flap until zset, 10 flap lex index
+--       8 group counts hash, 9 flap until zset, 10 flap lex index, 11 sessions hash
 -- ARGV: 1 TTL key prefix, 2 cutoff, 3 outbox lease (ms), 4 limit, 5 floor lease (ms),
 --       6 the caller's name in the floors, 7 flap rule (unused here), 8 forget after (ms)
 local recs, offline, outbox, offsince = KEYS[1], KEYS[4], KEYS[5], KEYS[7]
@@ -64,6 +64,7 @@ if #gone > 0 then
   redis.call('ZREM', offsince, unpack(gone))
   redis.call('ZREM', KEYS[9], unpack(gone))
   redis.call('ZREM', KEYS[10], unpack(gone))
+  redis.call('HDEL', KEYS[11], unpack(gone))
   redis.call('ZADD', outbox, unpack(outbox_args))
 end
 local result = {more}

@@ -3,15 +3,18 @@
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
 --       6 floors hash (see expire.lua), 7 offline-since zset (forget.lua), 8 group counts
 --       hash, 9 flap until zset, 10 flap lex index (see flap_index), 11 epoch key (present
---       exactly when the bucket's state is in Redis)
+--       exactly when the bucket's state is in Redis), 12 sessions hash (see will.lua)
 -- ARGV: 1 TTL key prefix, 2 outbox lease (ms), 3 floor lease (ms), 4 the caller's name in the
---       floors, 5 flap rule ("threshold|half_life ms"), then per device 8 values:
+--       floors, 5 flap rule ("threshold|half_life ms"), then per device 9 values:
 --   id, first arrival, latest arrival, latest deadline, lapse from, lapse to (0 0: none),
 --   timing ('1': queued while the monitor was away, counts as on time; '0': live),
---   group named by the latest heartbeat ('': none named, the device keeps its group)
+--   group named by the latest heartbeat ('': none named, the device keeps its group),
+--   session named by the latest heartbeat that named one ('': none)
 -- Rules: the latest heartbeat wins (its deadline replaces the earlier one, by arrival, across
 -- replicas); a heartbeat that arrived after the deadline ends an offline period (offline
 -- since the deadline, then online); a gap inside the held heartbeats is one such period.
+-- A heartbeat that arrived before the will that took its device offline makes no transition
+-- (it only proves presence before the will); one at or after it brings the device online.
 -- Such a period is only known once no replica can hold an earlier heartbeat that covers it
 -- (the deadline is before every live floor); until then the heartbeat counts as on time.
 -- Without the epoch key Redis lost the bucket's data (or it was never imported): nothing
@@ -37,11 +40,11 @@ local function stage(id, nseq, state, since, seen, group, left, flags)
   redis.call('ZADD', outbox, now + lease, member)
   out[#out + 1] = member
 end
-for i = 6, #ARGV, 8 do
+for i = 6, #ARGV, 9 do
   local id, first, arrival = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local deadline, lapse_from, lapse_to = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
   local on_time = ARGV[i + 6] == '1'
-  local named = ARGV[i + 7]
+  local named, session = ARGV[i + 7], ARGV[i + 8]
   -- Arrivals are the caller's clock shifted to ours (within half a round trip): never later
   -- than now, so that no published time runs ahead of the decision.
   if first > now then first = now end
@@ -50,8 +53,14 @@ for i = 6, #ARGV, 8 do
   local state, seq, since, last, det, group, flap, will = parse(redis.call('HGET', recs, id))
   -- The group the device has after this heartbeat: the one it names, if it is the latest.
   local new_group = group or ''
-  if named ~= '' and (not last or arrival > tonumber(last)) then new_group = named end
+  local latest = not last or arrival > tonumber(last)
+  if named ~= '' and latest then new_group = named end
+  if session ~= '' and latest then redis.call('HSET', KEYS[12], id, session) end
   local online_since = first
+  -- Offline by a will: only a heartbeat from at or after the will ends it, and the offline
+  -- period lasts until the first such heartbeat (coalesced ones: the latest is one).
+  local before_will = state == '0' and will == '1' and arrival < tonumber(since)
+  if state == '0' and will == '1' and first < tonumber(since) then online_since = arrival end
   if state == '1' then
     local dl = tonumber(redis.call('ZSCORE', deadlines, id))
     local off_at
@@ -96,7 +105,7 @@ for i = 6, #ARGV, 8 do
     -- Otherwise an older heartbeat than one already applied (another replica's): no change.
   end
   if state ~= '1' then
-    if deadline > now then
+    if deadline > now and not before_will then
       -- New or offline: a transition to online.
       local s = online_since
       if since and tonumber(since) > s then s = tonumber(since) end

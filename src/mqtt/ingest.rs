@@ -1,25 +1,42 @@
-//! Heartbeats at the edge: a message on the heartbeat subscription is validated (topic,
-//! device id, size), its TTL read, and it is held for Redis with the [`Stamp`] the session
-//! says. Bad input is counted and skipped, never an error. It must not decide the stamp
-//! (that is the sync marker's business) nor talk to Redis.
+//! Heartbeats and wills at the edge: a message on the heartbeat subscription is validated
+//! (topic, device id, size), its TTL read, and it is held for Redis with the [`Stamp`] the
+//! session says; a message on the will topic is read (see [`WillPayload`]) and a will is held
+//! after the device's heartbeats. Bad input is counted and skipped, never an error. It must
+//! not decide the stamp (that is the sync marker's business) nor talk to Redis.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{error, warn};
 
-use crate::beat::Stamp;
+use crate::beat::{Named, Stamp};
 use crate::config::{MqttConfig, PresenceConfig};
 use crate::device::{
     heartbeat_ttl, payload_group, DeviceId, GroupName, InvalidGroup, TopicTemplate,
 };
-use crate::held::Held;
-use crate::metrics::{Metrics, Rejected};
+use crate::held::{Held, WillHeld};
+use crate::metrics::{Metrics, Rejected, WillResult};
 use crate::telemetry::LogLimiter;
+use crate::will::{session_of, WillPayload};
+
+/// Whether a message was published while we were subscribed (news) or replayed because we
+/// (re)subscribed (a retained copy: not news).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Delivery {
+    Live,
+    Replay,
+}
+
+/// The will topic and the will payload (trimmed, lowercase).
+struct WillTopic {
+    topic: TopicTemplate,
+    payload: String,
+}
 
 /// Takes heartbeats into [`Held`].
 pub(super) struct Ingest {
     topic: TopicTemplate,
+    will: Option<WillTopic>,
     max_packet_size: usize,
     presence: PresenceConfig,
     metrics: Metrics,
@@ -28,6 +45,7 @@ pub(super) struct Ingest {
     bad_group: LogLimiter,
     too_large: LogLimiter,
     held_full: LogLimiter,
+    bad_will: LogLimiter,
 }
 
 impl Ingest {
@@ -39,6 +57,10 @@ impl Ingest {
     ) -> Ingest {
         Ingest {
             topic: cfg.heartbeat_topic.clone(),
+            will: cfg.will_topic.clone().map(|topic| WillTopic {
+                topic,
+                payload: cfg.will_payload.clone(),
+            }),
             max_packet_size: cfg.max_packet_size,
             presence,
             metrics,
@@ -47,6 +69,61 @@ impl Ingest {
             bad_group: LogLimiter::new(Duration::from_secs(10)),
             too_large: LogLimiter::new(Duration::from_secs(10)),
             held_full: LogLimiter::new(Duration::from_secs(10)),
+            bad_will: LogLimiter::new(Duration::from_secs(10)),
+        }
+    }
+
+    /// Whether `topic` is on the will topic.
+    pub(super) fn is_will(&self, topic: &[u8]) -> bool {
+        let Some(will) = &self.will else {
+            return false;
+        };
+        std::str::from_utf8(topic).is_ok_and(|t| will.topic.extract_levels(t).is_some())
+    }
+
+    /// One message on the will topic: a live will is held, after the device's heartbeats
+    /// (it is counted once applied); anything else is counted ignored.
+    pub(super) fn will(&self, topic: &[u8], payload: &[u8], delivery: Delivery) {
+        let Some(will) = &self.will else {
+            return;
+        };
+        let device = std::str::from_utf8(topic)
+            .ok()
+            .and_then(|t| will.topic.extract_levels(t))
+            .map(|(d, _)| DeviceId::parse(d));
+        let device = match device {
+            Some(Ok(device)) => device,
+            _ => {
+                if let Some(n) = self.bad_will.check() {
+                    warn!(
+                        suppressed = n,
+                        "Ignored a will whose topic names no valid device id."
+                    );
+                }
+                self.metrics.will_handled(WillResult::Ignored, 1);
+                return;
+            }
+        };
+        let session = match (delivery, WillPayload::read(payload, &will.payload)) {
+            (Delivery::Live, WillPayload::Will { session })
+                if payload.len() <= self.max_packet_size =>
+            {
+                session
+            }
+            _ => return self.metrics.will_handled(WillResult::Ignored, 1),
+        };
+        match self.held.insert_will(device, session) {
+            WillHeld::Held => {}
+            WillHeld::Redundant => self.metrics.will_handled(WillResult::Ignored, 1),
+            WillHeld::Full => {
+                self.metrics.will_handled(WillResult::Ignored, 1);
+                if let Some(n) = self.held_full.check() {
+                    error!(
+                        suppressed = n,
+                        "Wills held for Redis are at their limit; dropping new devices' wills."
+                    );
+                }
+            }
         }
     }
 
@@ -73,7 +150,11 @@ impl Ingest {
             .ttl_for(device.as_str(), group.as_ref().map(GroupName::as_str))
             .unwrap_or(p.ttl);
         let ttl = heartbeat_ttl(payload, class_ttl, p.min_ttl, p.max_ttl);
-        if self.held.insert(device, group, ttl, stamp) {
+        let named = Named {
+            group,
+            session: session_of(payload),
+        };
+        if self.held.insert(device, named, ttl, stamp) {
             self.metrics.heartbeat_accepted();
         } else if let Some(n) = self.held_full.check() {
             error!(

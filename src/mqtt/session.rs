@@ -24,7 +24,7 @@ use super::connect::{client, ConnectOptions, SessionMode};
 use super::drain::{Outstanding, Phase, Shutdown, Step};
 use super::error::Error;
 use super::events::{Event, EventLoop};
-use super::ingest::Ingest;
+use super::ingest::{Delivery, Ingest};
 use super::outgoing::{offline_payload, Kind, Outgoing, StatusTopics};
 use super::share::{gone_instance, Share};
 use super::sync::SyncMarker;
@@ -172,15 +172,17 @@ impl Session {
             },
         });
         let sync = SyncMarker::new(&instance, task.ingest.clone());
-        let mut filters = vec![
-            cfg.heartbeat_filter(),
-            sync.topic().to_owned(),
-            BROKER_TOPIC.to_owned(),
-        ];
+        // Heartbeats first (the SUBACK's first code says whether we get them).
+        let shared: Vec<String> = [Some(cfg.heartbeat_filter()), cfg.will_filter()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut filters = shared.clone();
+        filters.extend([sync.topic().to_owned(), BROKER_TOPIC.to_owned()]);
         let share = cfg.shared_group.as_ref().map(|group| {
             filters.extend(Share::filters(group));
             let (redis_ok, health) = (task.redis_ok.clone(), task.health.clone());
-            Share::new(group, &instance, filters[0].clone(), redis_ok, health)
+            Share::new(group, &instance, shared, redis_ok, health)
         });
         let ingest = Ingest::new(
             cfg,
@@ -452,6 +454,13 @@ impl Session {
                 // Full: the floor's lease ends it anyway.
                 let _ = self.gone.try_send(who);
             }
+        } else if self.ingest.is_will(topic) {
+            let delivery = if retained {
+                Delivery::Replay
+            } else {
+                Delivery::Live
+            };
+            self.ingest.will(topic, payload, delivery);
         } else if retained {
             // A replay of a retained message because we (re)subscribed: not news.
         } else if topic.as_ref() == self.sync.topic().as_bytes() {

@@ -28,8 +28,8 @@ const PEER_OK_AFTER: Duration = Duration::from_millis(1500);
 pub(super) struct Share {
     /// Our beacon topic.
     me: String,
-    /// The shared heartbeat filter.
-    heartbeats: String,
+    /// The shared filters: heartbeats, and wills if they are read.
+    shared: Vec<String>,
     member: bool,
     /// When our Redis trouble began.
     trouble: Option<Instant>,
@@ -45,13 +45,13 @@ impl Share {
     pub(super) fn new(
         group: &str,
         me: &str,
-        heartbeats: String,
+        shared: Vec<String>,
         redis_ok: watch::Receiver<bool>,
         health: Arc<Health>,
     ) -> Share {
         Share {
             me: beacon_topic(group, me),
-            heartbeats,
+            shared,
             member: true,
             trouble: None,
             peer_ok: None,
@@ -88,11 +88,7 @@ impl Share {
                 let beacon = Bytes::from_static(b"redis-ok");
                 let _ = client.try_publish(&self.me, Qos::AtMostOnce, Retain::No, beacon);
             }
-            if !self.member
-                && client
-                    .try_subscribe_many(std::slice::from_ref(&self.heartbeats))
-                    .is_ok()
-            {
+            if !self.member && client.try_subscribe_many(&self.shared).is_ok() {
                 self.member = true;
                 info!("Redis answers again; rejoining the shared subscription.");
             }
@@ -100,7 +96,13 @@ impl Share {
         }
         let began = *self.trouble.get_or_insert(now);
         let peer_fine = self.peer_ok.is_some_and(|at| at > began + PEER_OK_AFTER);
-        if self.member && peer_fine && client.try_unsubscribe(&self.heartbeats).is_ok() {
+        if self.member
+            && peer_fine
+            && self
+                .shared
+                .iter()
+                .all(|f| client.try_unsubscribe(f).is_ok())
+        {
             self.member = false;
             self.health.set_mqtt(MqttLink::Connected);
             warn!("Cannot reach Redis while other replicas can; leaving the shared subscription so that they get our share of heartbeats.");

@@ -1,6 +1,7 @@
-//! Applying held heartbeats to Redis (`heartbeat.lua` decides; this only batches, retries
-//! and hands on what was committed), and [`Recent`]: the heartbeats applied lately, applied
-//! again when their master fails. Must not decide a transition itself.
+//! Applying held heartbeats and wills to Redis (`heartbeat.lua` and `will.lua` decide; this
+//! only batches, orders, retries and hands on what was committed), and [`Recent`]: the
+//! heartbeats applied lately, applied again when their master fails. Must not decide a
+//! transition itself.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -12,8 +13,11 @@ use tracing::{debug, warn};
 use super::handoff::Committer;
 use crate::beat::Beat;
 use crate::bucket::{bucket_of, Bucket};
+use crate::held::Taken;
+use crate::metrics::WillResult;
 use crate::store::StoreError;
 use crate::telemetry::{Backoff, LogLimiter};
+use crate::will::Will;
 
 /// Most heartbeats applied in one pipelined round trip.
 const APPLY_BATCH: usize = 5_000;
@@ -127,8 +131,43 @@ impl Applier {
         debug!("Heartbeat applier stopped.");
     }
 
-    /// Applies one batch in chunks; on failure, what was not applied is held again.
-    async fn apply(&mut self, batch: Vec<Beat>) -> Result<(), StoreError> {
+    /// Applies what was taken, in order (per device the order of arrival): the heartbeats
+    /// from before a will, the wills, the other heartbeats. On failure what was not applied
+    /// is held again, and so is everything after it (a later step must not overtake it).
+    async fn apply(&mut self, taken: Taken) -> Result<(), StoreError> {
+        let Taken {
+            before,
+            wills,
+            beats,
+        } = taken;
+        if let Err((e, before)) = self.apply_beats(before).await {
+            self.commit.held.restore(Taken {
+                before,
+                wills,
+                beats,
+            });
+            return Err(e);
+        }
+        if let Err((e, wills)) = self.apply_wills(wills).await {
+            self.commit.held.restore(Taken {
+                before: Vec::new(),
+                wills,
+                beats,
+            });
+            return Err(e);
+        }
+        if let Err((e, beats)) = self.apply_beats(beats).await {
+            self.commit.held.restore(Taken {
+                beats,
+                ..Taken::default()
+            });
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Applies heartbeats in chunks; on failure returns what was not applied.
+    async fn apply_beats(&mut self, batch: Vec<Beat>) -> Result<(), (StoreError, Vec<Beat>)> {
         let mut retry: Vec<Beat> = Vec::new();
         let mut done: Vec<Beat> = Vec::new();
         let mut failed = None;
@@ -150,10 +189,39 @@ impl Applier {
             None => Ok(()),
             Some(e) => {
                 retry.extend(chunks.flatten().cloned());
-                self.commit.held.restore(retry);
-                Err(e)
+                Err((e, retry))
             }
         }
+    }
+
+    /// Applies wills in one round trip (they are few: a device has at most one held);
+    /// counts them, hands on the offline transitions; on failure returns the wills of the
+    /// buckets that failed.
+    async fn apply_wills(&mut self, wills: Vec<Will>) -> Result<(), (StoreError, Vec<Will>)> {
+        if wills.is_empty() {
+            return Ok(());
+        }
+        let turn = self.commit.order.turn().await;
+        let applied = self.commit.store.apply_wills(&wills).await;
+        let mut committed = Vec::new();
+        let metrics = &self.commit.metrics;
+        for bucket in applied.done {
+            metrics.will_handled(WillResult::Applied, bucket.applied);
+            metrics.will_handled(WillResult::Stale, bucket.stale);
+            metrics.will_handled(WillResult::Ignored, bucket.ignored);
+            committed.extend(bucket.committed);
+        }
+        self.commit.hand_on(committed).await;
+        drop(turn);
+        let Some(e) = applied.error else {
+            return Ok(());
+        };
+        let failed = applied.failed;
+        let rest = wills
+            .into_iter()
+            .filter(|w| failed.contains(&bucket_of(w.device.as_str())))
+            .collect();
+        Err((e, rest))
     }
 
     /// Applies one chunk in one round trip: the heartbeats of the buckets that worked go to

@@ -101,7 +101,7 @@ impl Backlog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::beat::Stamp;
+    use crate::beat::{Named, Stamp};
     use crate::device::DeviceId;
 
     fn backlog() -> (watch::Sender<Option<Synced>>, Backlog) {
@@ -173,7 +173,9 @@ mod tests {
         let id = DeviceId::parse("d").unwrap();
         backlog
             .held()
-            .insert(id, None, Duration::from_secs(60), || Stamp::Live);
+            .insert(id, Named::default(), Duration::from_secs(60), || {
+                Stamp::Live
+            });
         tx.send_replace(Some(Synced {
             at: now_ms() + 1,
             stalls: 0,

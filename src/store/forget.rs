@@ -12,7 +12,7 @@ use super::batch::Partial;
 use super::error::StoreError;
 use super::expire::Cutoff;
 use super::handle::Store;
-use super::keys::{Key, EXPIRE_KEYS};
+use super::keys::{Key, FORGET_KEYS};
 use super::list::zcard;
 use super::reply::{decode, Committed, Fields};
 use crate::bucket::Bucket;
@@ -59,7 +59,7 @@ impl Store {
                 args.push(after.clone());
                 self.scripts
                     .forget
-                    .cmd(&self.keys.script(b, &EXPIRE_KEYS), args)
+                    .cmd(&self.keys.script(b, &FORGET_KEYS), args)
             },
             |b, reply| Ok(vec![Forgot::parse(b, &reply)?]),
         )

@@ -8,7 +8,7 @@ use redis::{Cmd, Value};
 use super::batch::Partial;
 use super::error::StoreError;
 use super::handle::Store;
-use super::keys::{Key, EXPIRE_KEYS};
+use super::keys::APPLY_KEYS;
 use super::outbox::lease_ms;
 use super::reply::{members, Committed};
 use crate::beat::{Beat, Timing};
@@ -30,7 +30,7 @@ impl Store {
         .await
     }
 
-    /// The call of heartbeat.lua for bucket `b`: its settings, then eight fields per beat
+    /// The call of heartbeat.lua for bucket `b`: its settings, then nine fields per beat
     /// (every time as the bucket's master reads it).
     fn heartbeat_cmd(&self, b: Bucket, beats: &[&Beat], floor_lease_ms: u64) -> Cmd {
         let mut args = vec![
@@ -61,17 +61,16 @@ impl Store {
                 beat.group
                     .as_ref()
                     .map_or_else(String::new, |g| g.to_string()),
+                beat.session.map_or_else(String::new, |s| s.to_string()),
             ]);
         }
-        // expire.lua's keys, then the epoch key (a bucket without it is lost).
-        let mut keys = self.keys.script(b, &EXPIRE_KEYS);
-        keys.push(self.keys.of(b, Key::Epoch));
+        let keys = self.keys.script(b, &APPLY_KEYS);
         self.scripts.heartbeat.cmd(&keys, args)
     }
 
     /// The online transitions heartbeat.lua committed in bucket `b`; `LOST` (the bucket has
     /// no epoch key) is reported to the rebuilder.
-    fn applied(&self, b: Bucket, reply: Value) -> Result<Vec<Committed>, StoreError> {
+    pub(super) fn applied(&self, b: Bucket, reply: Value) -> Result<Vec<Committed>, StoreError> {
         if matches!(&reply, Value::SimpleString(s) if s == "LOST") {
             self.loss.report();
             return Err(StoreError::Lost(b));

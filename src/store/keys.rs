@@ -34,6 +34,8 @@ pub(crate) enum Key {
     FlapUntil,
     /// Zset (lex) of the same devices, for listing them by id (`/devices?flapping=true`).
     FlapIndex,
+    /// Hash id → the session its latest heartbeat named (stale wills are fenced by it).
+    Sessions,
     /// The prefix of the per-group outage keys (`…:g:dev:<group>`, `off:`, `rec:`, `fence:`;
     /// note.lua).
     GroupOutages,
@@ -56,6 +58,7 @@ impl Key {
             Key::GroupOutages => "g",
             Key::FlapUntil => "flap",
             Key::FlapIndex => "flapidx",
+            Key::Sessions => "session",
         }
     }
 }
@@ -90,6 +93,19 @@ const fn state_and(own: [Key; 3]) -> [Key; 10] {
 
 /// The `KEYS` of expire.lua and forget.lua (heartbeat.lua's begin so too).
 pub(crate) const EXPIRE_KEYS: [Key; 10] = state_and([Key::Outbox, Key::Floors, Key::OfflineSince]);
+
+/// The `KEYS` of heartbeat.lua and will.lua: expire.lua's, the epoch key (a bucket without
+/// it is lost) and the sessions.
+pub(crate) const APPLY_KEYS: [Key; 12] = {
+    let [a, b, c, d, e, f, g, h, i, j] = EXPIRE_KEYS;
+    [a, b, c, d, e, f, g, h, i, j, Key::Epoch, Key::Sessions]
+};
+
+/// The `KEYS` of forget.lua: expire.lua's and the sessions.
+pub(crate) const FORGET_KEYS: [Key; 11] = {
+    let [a, b, c, d, e, f, g, h, i, j] = EXPIRE_KEYS;
+    [a, b, c, d, e, f, g, h, i, j, Key::Sessions]
+};
 
 /// The `KEYS` of import.lua.
 pub(crate) const IMPORT_KEYS: [Key; 10] =
@@ -194,5 +210,10 @@ mod tests {
             ["p:{3}:epoch", "p:{3}:importing"]
         );
         assert_eq!(keys.of(3, Key::RepublishJob), "p:{3}:republish");
+        assert_eq!(
+            keys.script(3, &APPLY_KEYS)[10..],
+            ["p:{3}:epoch", "p:{3}:session"]
+        );
+        assert_eq!(keys.script(3, &FORGET_KEYS)[10], "p:{3}:session");
     }
 }

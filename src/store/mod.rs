@@ -7,7 +7,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `P:{b}:ttl:<id>` | string, with TTL | the heartbeat TTL key; its `expired` event is the fast path |
-//! | `P:{b}:rec` | hash id → record | `state\|seq\|since\|last_seen\|detected_at[\|group]`: what is needed at expiry lives here, not in the TTL key |
+//! | `P:{b}:rec` | hash id → record | `[p<penalty>,<at>,<until>\|][w\|]state\|seq\|since\|last_seen\|detected_at[\|group]` (flap state, will mark): what is needed at expiry lives here, not in the TTL key |
 //! | `P:{b}:deadline` | zset id → deadline ms | online devices, queryable by time (reconciliation, the deadline sweep) |
 //! | `P:{b}:online`, `P:{b}:offline` | zset (lex) | the state index: counts (ZCARD) and paging (ZRANGE BYLEX) |
 //! | `P:{b}:outbox` | zset member → lease ms | committed transitions not yet acknowledged by the broker |
@@ -16,6 +16,8 @@
 //! | `P:{b}:epoch` | string | present exactly when the bucket's state is in Redis (imported or started empty); gone with a loss |
 //! | `P:{b}:importing` | set | tokens of the rebuilds importing into the bucket |
 //! | `P:{b}:groups` | hash `<state>\|<group>` → n | the bucket's devices per group and state (fleet-wide: the sum over the buckets) |
+//! | `P:{b}:flap`, `P:{b}:flapidx` | zset id → until ms, zset (lex) | flapping devices by when they stop (the fleet gauge counts, no scan), and by id (listing) |
+//! | `P:{b}:session` | hash id → session | the session its latest heartbeat named (heartbeat.lua), which fences stale wills (will.lua) |
 //! | `P:{b}:republish` | string | the bucket's republish job `cursor\|lease end\|owner\|started` (republish.lua) |
 //!
 //! Every transition is decided by one Lua script on one bucket (src/lua/*.lua), so exactly one
@@ -24,7 +26,7 @@
 //! The parts: [`Store`] (`handle`) holds what every operation shares; `keys` spells the
 //! layout; `connection` carries commands (and replaces a wedged connection); `scripts`
 //! loads the Lua; `batch` runs one round trip and sorts its replies by bucket; `reply` reads
-//! replies. The operations, one concern each: `heartbeat`, `expire`, `forget`, `outbox`,
+//! replies. The operations, one concern each: `heartbeat`, `wills`, `expire`, `forget`, `outbox`,
 //! `import`, `floor` (clock sync), `list` (reads), `groups` (group counts), `notify`
 //! (keyspace notification setup).
 //! This file only declares them; nothing in it is imported by them.
@@ -47,6 +49,7 @@ mod notify;
 mod outbox;
 mod reply;
 mod scripts;
+mod wills;
 
 #[cfg(doc)]
 use crate::bucket::BUCKETS;
@@ -61,6 +64,7 @@ pub use list::LIST_BUDGET;
 pub use notes::GroupOutage;
 pub use outbox::OUTBOX_LEASE;
 pub use reply::Committed;
+pub use wills::WillsApplied;
 
 pub(crate) use floor::Floor;
 pub(crate) use import::{ImportChunk, Imported};

@@ -50,6 +50,7 @@ pub(crate) struct Scripts {
     pub(crate) republish: LuaScript,
     pub(crate) note: LuaScript,
     pub(crate) import_groups: LuaScript,
+    pub(crate) will: LuaScript,
 }
 
 impl Scripts {
@@ -66,10 +67,11 @@ impl Scripts {
             republish: LuaScript::new(include_str!("../lua/republish.lua")),
             note: LuaScript::new(include_str!("../lua/note.lua")),
             import_groups: LuaScript::new(include_str!("../lua/import_groups.lua")),
+            will: LuaScript::new(include_str!("../lua/will.lua")),
         }
     }
 
-    fn all(&self) -> [&LuaScript; 11] {
+    fn all(&self) -> [&LuaScript; 12] {
         [
             &self.heartbeat,
             &self.expire,
@@ -82,6 +84,7 @@ impl Scripts {
             &self.republish,
             &self.note,
             &self.import_groups,
+            &self.will,
         ]
     }
 

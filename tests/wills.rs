@@ -1,0 +1,430 @@
+//! Device wills: a will takes an online device offline at once (reason `will`, since = its
+//! arrival) and nothing else does; payloads, replays and stale sessions change nothing and
+//! are counted; per device the order of arrival is kept between heartbeats and wills; real
+//! MQTT wills of dropped connections.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
+use serde_json::Value;
+use support::*;
+
+const WILLS: &str = "devices/{device}/will";
+
+fn local_now() -> u64 {
+    presenced::device::now_ms()
+}
+
+fn statuses_of(statuses: &Collector, id: &str) -> Vec<Value> {
+    invariants::accepted(&statuses.device(id))
+}
+
+async fn wills_total(api: SocketAddr, result: &str) -> f64 {
+    let series = format!("presenced_wills_total{{result=\"{result}\"}}");
+    metric(&scrape(api).await, &series).unwrap_or(0.0)
+}
+
+/// Waits until `id` has `n` statuses; returns them.
+async fn wait_statuses(statuses: &Collector, id: &str, n: usize) -> Vec<Value> {
+    statuses
+        .wait_for(&format!("{id}: {n} statuses"), |_| {
+            statuses_of(statuses, id).len() >= n
+        })
+        .await;
+    statuses_of(statuses, id)
+}
+
+/// Waits until the counter of `result` reaches `n`.
+async fn wait_wills(api: SocketAddr, result: &str, n: f64) {
+    eventually(&format!("{n} wills {result}"), || async move {
+        (wills_total(api, result).await >= n).then_some(())
+    })
+    .await;
+}
+
+/// A will takes the device offline at once with reason `will` and since = its arrival; its
+/// TTL no longer runs (no second offline once its deadline passes); its next heartbeat
+/// brings it back online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_takes_an_online_device_offline_at_once_until_its_next_heartbeat() {
+    let Fleet {
+        redis: _redis,
+        mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[("mqtt.will_topic", WILLS)]).await;
+    let api = app.http();
+    devices.heartbeat("d1", br#"{"ttl_s":2}"#).await;
+    let online = wait_statuses(&statuses, "d1", 1).await;
+    let deadline = ms(&online[0]["since"]) + 2_000;
+
+    let sent = local_now();
+    devices.publish("devices/d1/will", b" Offline\n").await;
+    let seen = wait_statuses(&statuses, "d1", 2).await;
+    let off = &seen[1];
+    assert_eq!(off["state"], "offline", "{off}");
+    assert_eq!(off["reason"], "will", "{off}");
+    assert_eq!(off["seq"], 2);
+    let since = ms(&off["since"]);
+    assert!(
+        since + 100 >= sent && since <= ms(&off["detected_at"]),
+        "since {since} is not the will's arrival (sent at {sent}): {off}"
+    );
+    assert!(since < deadline, "{off}");
+    let (_, rec) = get_json(api, "/devices/d1").await;
+    assert_eq!(
+        (rec["state"].as_str(), rec["reason"].as_str()),
+        (Some("offline"), Some("will"))
+    );
+    assert_eq!(wills_total(api, "applied").await, 1.0);
+
+    // Past the deadline the heartbeat had set: no ttl_expired follows the will.
+    eventually("the old deadline to pass", || async move {
+        (local_now() > deadline + 500).then_some(())
+    })
+    .await;
+    devices.heartbeat("d1", br#"{"ttl_s":60}"#).await;
+    let seen = wait_statuses(&statuses, "d1", 3).await;
+    assert_eq!(seen.len(), 3, "{seen:#?}");
+    assert_eq!(
+        (seen[2]["state"].as_str(), seen[2]["reason"].as_str()),
+        (Some("online"), Some("heartbeat"))
+    );
+    check_invariants(&mqtt, api, &statuses).await;
+    app.stop().await.unwrap();
+}
+
+/// Only the will payload (any case, trimmed) or a JSON object saying offline is a will; a
+/// will of an offline or unknown device changes nothing; every message is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_wills_take_devices_offline_and_every_message_is_counted() {
+    let Fleet {
+        redis: _redis,
+        mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[
+        ("mqtt.will_topic", "tele/{device}/LWT"),
+        ("mqtt.will_payload", "Dead"),
+    ])
+    .await;
+    let api = app.http();
+    for id in ["a", "b", "c"] {
+        devices.heartbeat(id, br#"{"ttl_s":60}"#).await;
+        wait_statuses(&statuses, id, 1).await;
+    }
+    // Not wills: Tasmota's Online, the default payload (not configured here), a JSON
+    // object that says online, and a will of a device never seen.
+    for (topic, payload) in [
+        ("tele/a/LWT", &b"Online"[..]),
+        ("tele/a/LWT", b"offline"),
+        ("tele/a/LWT", br#"{"state":"online"}"#),
+        ("tele/nobody/LWT", b"dead"),
+    ] {
+        devices.publish(topic, payload).await;
+    }
+    wait_wills(api, "ignored", 4.0).await;
+    // Wills: the configured payload in another case, and a JSON object saying offline.
+    devices.publish("tele/a/LWT", b"  DEAD ").await;
+    devices
+        .publish("tele/b/LWT", br#"{"state":"offline"}"#)
+        .await;
+    wait_wills(api, "applied", 2.0).await;
+    for id in ["a", "b"] {
+        let seen = wait_statuses(&statuses, id, 2).await;
+        assert_eq!(seen[1]["reason"], "will", "{id}: {seen:?}");
+    }
+    // A will of a device already offline.
+    devices.publish("tele/a/LWT", b"dead").await;
+    wait_wills(api, "ignored", 5.0).await;
+    assert_eq!(statuses_of(&statuses, "a").len(), 2);
+    assert_eq!(statuses_of(&statuses, "c").len(), 1);
+    assert!(statuses.device("nobody").is_empty());
+    let (code, _) = get_json(api, "/devices/nobody").await;
+    assert_eq!(code, 404);
+    assert_eq!(wills_total(api, "applied").await, 2.0);
+    assert_eq!(wills_total(api, "stale").await, 0.0);
+    check_invariants(&mqtt, api, &statuses).await;
+    app.stop().await.unwrap();
+}
+
+/// Tasmota style: retained `Online` / `Offline` on `tele/<id>/LWT`. A live `Offline` applies;
+/// the retained copy a monitor gets when it subscribes is a replay and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_will_delivered_at_subscription_is_not_news() {
+    let extra = [("mqtt.will_topic", "tele/{device}/LWT")];
+    let Fleet {
+        redis,
+        mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&extra).await;
+    devices.heartbeat("t1", br#"{"ttl_s":60}"#).await;
+    wait_statuses(&statuses, "t1", 1).await;
+    devices.publish_retained("tele/t1/LWT", b"Online").await;
+    devices.publish_retained("tele/t1/LWT", b"Offline").await;
+    let seen = wait_statuses(&statuses, "t1", 2).await;
+    assert_eq!(seen[1]["reason"], "will", "{seen:?}");
+    devices.heartbeat("t1", br#"{"ttl_s":60}"#).await;
+    wait_statuses(&statuses, "t1", 3).await;
+    app.stop().await.unwrap();
+
+    // A new monitor (a clean session): the broker replays the retained Offline.
+    let app = TestApp::spawn(config(&redis, &mqtt, &extra)).await;
+    let api = app.http();
+    wait_wills(api, "ignored", 1.0).await;
+    assert_eq!(wills_total(api, "applied").await, 0.0);
+    let (_, rec) = get_json(api, "/devices/t1").await;
+    assert_eq!(
+        (rec["state"].as_str(), rec["seq"].as_u64()),
+        (Some("online"), Some(3))
+    );
+    assert_eq!(statuses_of(&statuses, "t1").len(), 3);
+    check_invariants(&mqtt, api, &statuses).await;
+    app.stop().await.unwrap();
+}
+
+/// A will that names a session lower than the device's latest heartbeat's is stale: counted,
+/// and the device stays online; the current session's will applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_of_an_earlier_session_is_stale() {
+    let Fleet {
+        redis: _redis,
+        mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[("mqtt.will_topic", WILLS)]).await;
+    let api = app.http();
+    devices
+        .heartbeat("s1", br#"{"ttl_s":60,"session":4}"#)
+        .await;
+    devices
+        .heartbeat("s1", br#"{"ttl_s":60,"session":5}"#)
+        .await;
+    wait_statuses(&statuses, "s1", 1).await;
+    eventually("both heartbeats applied", || async move {
+        (metric(&scrape(api).await, "presenced_heartbeats_total") >= Some(2.0)).then_some(())
+    })
+    .await;
+    devices
+        .publish("devices/s1/will", br#"{"state":"offline","session":4}"#)
+        .await;
+    wait_wills(api, "stale", 1.0).await;
+    let (_, rec) = get_json(api, "/devices/s1").await;
+    assert_eq!(rec["state"], "online", "{rec}");
+    devices
+        .publish("devices/s1/will", br#"{"state":"offline","session":5}"#)
+        .await;
+    let seen = wait_statuses(&statuses, "s1", 2).await;
+    assert_eq!(seen[1]["reason"], "will");
+    assert_eq!(wills_total(api, "applied").await, 1.0);
+    assert_eq!(wills_total(api, "stale").await, 1.0);
+    check_invariants(&mqtt, api, &statuses).await;
+    app.stop().await.unwrap();
+}
+
+/// Per device the order of arrival is kept, even when a heartbeat and a will are applied in
+/// one round: a will then the reconnect heartbeat is offline then online; a heartbeat of an
+/// offline device then its will is online then offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_and_wills_apply_in_their_order_of_arrival() {
+    let Fleet {
+        redis: _redis,
+        mqtt,
+        app,
+        statuses,
+        devices,
+    } = Fleet::start(&[("mqtt.will_topic", WILLS), ("presence.min_ttl", "100ms")]).await;
+    let api = app.http();
+    let ids = outage::ids("r", 20);
+    for id in &ids {
+        devices.heartbeat(id, br#"{"ttl_s":60}"#).await;
+    }
+    for id in &ids {
+        wait_statuses(&statuses, id, 1).await;
+    }
+    // Will, then at once the reconnect heartbeat (one client: the broker keeps the order).
+    for id in &ids {
+        devices
+            .publish(&format!("devices/{id}/will"), b"offline")
+            .await;
+        devices.heartbeat(id, br#"{"ttl_s":0.5}"#).await;
+    }
+    for id in &ids {
+        let seen = wait_statuses(&statuses, id, 3).await;
+        let got: Vec<_> = seen
+            .iter()
+            .map(|s| (s["state"].as_str().unwrap(), s["reason"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            got[1..],
+            [("offline", "will"), ("online", "heartbeat")],
+            "{id}"
+        );
+        assert!(ms(&seen[2]["since"]) >= ms(&seen[1]["since"]), "{seen:?}");
+    }
+    // Their short TTL runs out; then a heartbeat, at once followed by the will.
+    for id in &ids {
+        wait_statuses(&statuses, id, 4).await;
+    }
+    for id in &ids {
+        devices.heartbeat(id, br#"{"ttl_s":60}"#).await;
+        devices
+            .publish(&format!("devices/{id}/will"), b"offline")
+            .await;
+    }
+    for id in &ids {
+        let seen = wait_statuses(&statuses, id, 6).await;
+        let got: Vec<_> = seen
+            .iter()
+            .map(|s| (s["state"].as_str().unwrap(), s["reason"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            got[3..],
+            [
+                ("offline", "ttl_expired"),
+                ("online", "heartbeat"),
+                ("offline", "will")
+            ],
+            "{id}"
+        );
+    }
+    assert_eq!(wills_total(api, "applied").await, 40.0);
+    check_invariants(&mqtt, api, &statuses).await;
+    app.stop().await.unwrap();
+}
+
+/// A device-side client with a will, as a real device registers it.
+async fn device_with_will(
+    mqtt: &Mosquitto,
+    id: &str,
+) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+    let mut opts = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", mqtt.port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_last_will(LastWill::new(
+        format!("devices/{id}/will"),
+        "offline",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (client, mut el) = AsyncClient::new(opts, 10);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut tx = Some(tx);
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) => {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("device ConnAck")
+        .unwrap();
+    (client, task)
+}
+
+/// 100 devices with real wills, TTL 3 s: their connections dropped without DISCONNECT (the
+/// event loop and its socket gone), the broker publishes their wills: every device is offline
+/// with reason `will` within 2 s of its will, since within 100 ms of the will's arrival at
+/// another subscriber, and no `ttl_expired` follows once their deadlines pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_are_offline_by_their_wills() {
+    let Fleet {
+        redis: _redis,
+        mqtt,
+        app,
+        statuses,
+        devices: _devices,
+    } = Fleet::start(&[("mqtt.will_topic", WILLS)]).await;
+    let api = app.http();
+    let wills = Collector::start(&mqtt, "devices/+/will").await;
+    let ids = outage::ids("lwt", 100);
+    let mut clients = Vec::new();
+    for id in &ids {
+        let (client, task) = device_with_will(&mqtt, id).await;
+        client
+            .publish(
+                format!("devices/{id}/heartbeat"),
+                QoS::AtLeastOnce,
+                false,
+                &br#"{"ttl_s":3}"#[..],
+            )
+            .await
+            .unwrap();
+        clients.push((client, task));
+    }
+    for id in &ids {
+        wait_statuses(&statuses, id, 1).await;
+    }
+    let latest_deadline = ids
+        .iter()
+        .map(|id| ms(&statuses_of(&statuses, id)[0]["since"]) + 3_000)
+        .max()
+        .unwrap();
+    // Drop every connection: aborting the event loop closes its socket, no DISCONNECT.
+    for (_, task) in &clients {
+        task.abort();
+    }
+    let n = ids.len();
+    wills.wait_for("every will", |s| s.len() >= n).await;
+    for id in &ids {
+        let seen = wait_statuses(&statuses, id, 2).await;
+        let off = &seen[1];
+        assert_eq!(
+            (off["state"].as_str(), off["reason"].as_str()),
+            (Some("offline"), Some("will")),
+            "{off}"
+        );
+        let will = wills
+            .all()
+            .into_iter()
+            .find(|s| s.topic == format!("devices/{id}/will"))
+            .unwrap();
+        let since = ms(&off["since"]);
+        assert!(
+            since.abs_diff(will.at_ms) <= 100,
+            "{id}: since {since}, will seen at {}",
+            will.at_ms
+        );
+        let status_at = statuses
+            .all()
+            .into_iter()
+            .find(|s| s.json["device"] == id.as_str() && s.json["seq"] == 2)
+            .unwrap()
+            .at_ms;
+        assert!(
+            status_at <= will.at_ms + 2_000,
+            "{id}: offline {} ms after its will",
+            status_at - will.at_ms
+        );
+    }
+    eventually("every deadline to pass", || async move {
+        (local_now() > latest_deadline + 1_000).then_some(())
+    })
+    .await;
+    for id in &ids {
+        assert_eq!(
+            statuses_of(&statuses, id).len(),
+            2,
+            "{id}: a status after the will"
+        );
+    }
+    assert_eq!(wills_total(api, "applied").await, 100.0);
+    check_invariants(&mqtt, api, &statuses).await;
+    app.stop().await.unwrap();
+}
