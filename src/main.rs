@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{value_parser, Arg, ArgMatches, Command};
 use presenced::config::{self, Config, Sources, KEYS};
+use presenced::device::{Levels, TopicTemplate};
 use presenced::simulate::{Outage, SimOptions};
 use presenced::telemetry::LogFormat;
 
@@ -132,6 +133,15 @@ fn cli() -> Command {
                         .value_name("GROUP@DELAY+LENGTH")
                         .value_parser(|s: &str| Outage::parse(s).map_err(|e| e.to_string()))
                         .help("Silence every device of GROUP after DELAY for LENGTH, e.g. sim-g003@60s+30s (repeatable)"),
+                )
+                .arg(
+                    Arg::new("will-topic")
+                        .long("will-topic")
+                        .value_name("TEMPLATE")
+                        .value_parser(|s: &str| {
+                            TopicTemplate::parse_with(s, Levels::DeviceAndGroup).map_err(|e| e.to_string())
+                        })
+                        .help("Devices that go silent publish their will (\"offline\") here, e.g. devices/{device}/will"),
                 ),
         )
         .subcommand(
@@ -176,6 +186,7 @@ fn sim_options(sub: &ArgMatches) -> SimOptions {
             .get_many::<Outage>("outage")
             .map(|o| o.cloned().collect())
             .unwrap_or_default(),
+        will_topic: sub.get_one::<TopicTemplate>("will-topic").cloned(),
     }
 }
 

@@ -126,10 +126,17 @@ async fn dashboard_and_alerts_evaluate_against_real_prometheus() {
     let mqtt = Mosquitto::start();
     // With a token, as deployed: Prometheus sends it from a file, like deploy/'s config.
     const TOKEN: &str = "operators-test-token";
-    let app = TestApp::spawn(config(&redis, &mqtt, &[("http.auth_token", TOKEN)])).await;
+    let wills = "devices/{device}/will";
+    let app = TestApp::spawn(config(
+        &redis,
+        &mqtt,
+        &[("http.auth_token", TOKEN), ("mqtt.will_topic", wills)],
+    ))
+    .await;
     presenced::metrics::register_process_collector();
 
-    // The simulator in-process: 200 devices, a quarter of them go silent (offline, lag).
+    // The simulator in-process: 200 devices, a quarter of them go silent (offline by their
+    // wills, lag).
     let mqtt_cfg = app.cfg.mqtt.clone();
     let sim = tokio::spawn(async move {
         let opts = presenced::simulate::SimOptions {
@@ -140,6 +147,13 @@ async fn dashboard_and_alerts_evaluate_against_real_prometheus() {
             prefix: "sim".into(),
             groups: 4,
             outages: Vec::new(),
+            will_topic: Some(
+                presenced::device::TopicTemplate::parse_with(
+                    wills,
+                    presenced::device::Levels::DeviceAndGroup,
+                )
+                .unwrap(),
+            ),
         };
         let _ = presenced::simulate::run(&mqtt_cfg, opts, std::future::pending()).await;
     });

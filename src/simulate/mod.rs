@@ -1,7 +1,8 @@
 //! `presenced simulate`: a fleet of N devices heartbeating over MQTT, a fraction of which go
 //! silent after their first heartbeat, optionally in groups, some of which go silent for a
-//! while (an outage). For demos, tests and benchmarks; it needs only the broker. What the
-//! fleet does is `plan`; this file publishes it.
+//! while (an outage); with `--will-topic` a device that goes silent publishes its will, as
+//! the broker would for a dropped connection. For demos, tests and benchmarks; it needs only
+//! the broker. What the fleet does is `plan`; this file publishes it.
 //!
 //! Schedule: heartbeat `j` (device `j mod N`, round `j / N`) is due at `j × interval / N`
 //! after the start, so the first round is spread over the first interval and every device
@@ -23,7 +24,7 @@ use crate::mqtt::{self, Client, ConnectOptions, Event, EventLoop, Qos};
 
 mod plan;
 
-pub use plan::{device_name, group_name, Outage, SimError, SimOptions};
+pub use plan::{device_name, group_name, Outage, SimError, SimOptions, WILL_PAYLOAD};
 
 /// Devices per MQTT connection (at most [`MAX_CONNECTIONS`] connections).
 const DEVICES_PER_CONNECTION: usize = 25_000;
@@ -166,11 +167,16 @@ async fn publish(
             let i = (j % n as u64) as usize;
             let round = j / n as u64;
             j += 1;
-            if !opts.heartbeats(i, round, now - started) {
-                continue;
-            }
+            let elapsed = now - started;
             // `validate` proved every generated id valid.
-            let Some((topic, payload)) = opts.heartbeat(&cfg.heartbeat_topic, i) else {
+            let message = if opts.heartbeats(i, round, elapsed) {
+                opts.heartbeat(&cfg.heartbeat_topic, i)
+            } else if opts.stops(i, round, elapsed) {
+                opts.will(i)
+            } else {
+                None
+            };
+            let Some((topic, payload)) = message else {
                 continue;
             };
             let client = &clients[i % clients.len()];

@@ -20,7 +20,13 @@ pub struct SimOptions {
     pub groups: usize,
     /// Groups silenced for a while (`--outage GROUP@DELAY+LENGTH`).
     pub outages: Vec<Outage>,
+    /// Where a device publishes its will when it goes silent (`--will-topic`), as the
+    /// broker would for a device whose connection dropped.
+    pub will_topic: Option<TopicTemplate>,
 }
+
+/// The payload of a simulated will (the default `mqtt.will_payload`).
+pub const WILL_PAYLOAD: &[u8] = b"offline";
 
 /// One `--outage`: every device of `group` is silent from `delay` after the start, for
 /// `length`; then they heartbeat again.
@@ -132,6 +138,27 @@ impl SimOptions {
             .any(|o| o.group == group && o.covers(elapsed))
     }
 
+    /// Whether device `i` goes silent at heartbeat `round` (it sent the one before): the
+    /// moment its will is published.
+    pub fn stops(&self, i: usize, round: u64, elapsed: Duration) -> bool {
+        let Some(before) = round.checked_sub(1) else {
+            return false;
+        };
+        !self.heartbeats(i, round, elapsed)
+            && self.heartbeats(i, before, elapsed.saturating_sub(self.interval))
+    }
+
+    /// The topic and payload of device `i`'s will, with `--will-topic`.
+    pub fn will(&self, i: usize) -> Option<(String, Bytes)> {
+        let template = self.will_topic.as_ref()?;
+        let id = DeviceId::parse(&device_name(&self.prefix, i)).ok()?;
+        let topic = match self.group_of(i) {
+            Some(g) if template.has_group() => template.render_in(&id, &g),
+            _ => template.render(&id),
+        };
+        Some((topic, Bytes::from_static(WILL_PAYLOAD)))
+    }
+
     /// The topic and payload of device `i`'s heartbeat: the group as the topic's `{group}`
     /// level if the template has one, else in a JSON payload (none without groups).
     pub fn heartbeat(&self, template: &TopicTemplate, i: usize) -> Option<(String, Bytes)> {
@@ -161,7 +188,35 @@ mod tests {
             prefix: "sim".into(),
             groups: 0,
             outages: Vec::new(),
+            will_topic: None,
         }
+    }
+
+    #[test]
+    fn silent_devices_publish_their_will_once_when_they_stop() {
+        let o = SimOptions {
+            groups: 3,
+            outages: vec![Outage::parse("sim-g002@60s+30s").unwrap()],
+            will_topic: Some(
+                TopicTemplate::parse_with("tele/{group}/{device}/LWT", Levels::DeviceAndGroup)
+                    .unwrap(),
+            ),
+            ..opts()
+        };
+        let at = Duration::from_secs;
+        // Device 9 is silent after its first heartbeat (the last quarter of ten).
+        assert!(!o.stops(9, 0, at(0)));
+        assert!(o.stops(9, 1, at(1)));
+        assert!(!o.stops(9, 2, at(2)));
+        // Device 1 (sim-g002): at the first heartbeat its outage silences, once.
+        assert!(!o.stops(1, 59, at(59)));
+        assert!(o.stops(1, 60, at(60)));
+        assert!(!o.stops(1, 61, at(61)));
+        assert!(!o.stops(0, 60, at(60)));
+        let (topic, payload) = o.will(1).unwrap();
+        assert_eq!(topic, "tele/sim-g002/sim-000002/LWT");
+        assert_eq!(&payload[..], WILL_PAYLOAD);
+        assert!(opts().will(1).is_none());
     }
 
     #[test]
