@@ -15,6 +15,9 @@
 //! 6. Groups: ingest with every heartbeat naming one of 1,000 groups vs none; a one-group
 //!    mass expiry: the outage's detection after the crossing, and the last device status at
 //!    a subscriber vs the broker alone carrying as many retained QoS 1 messages.
+//! 7. Wills: devices with real MQTT wills drop their connections within 1 s; from each will's
+//!    arrival at a plain subscriber (the broker's publish of it, as seen by anyone) to the
+//!    device's offline status at a subscriber.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -43,6 +46,7 @@ struct Sizes {
     recovery: usize,
     group_devices: usize,
     group_outage: usize,
+    will_devices: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -54,6 +58,7 @@ const FULL: Sizes = Sizes {
     recovery: 100_000,
     group_devices: 100_000,
     group_outage: 10_000,
+    will_devices: 10_000,
 };
 
 const QUICK: Sizes = Sizes {
@@ -65,6 +70,7 @@ const QUICK: Sizes = Sizes {
     recovery: 5_000,
     group_devices: 5_000,
     group_outage: 2_000,
+    will_devices: 300,
 };
 
 fn main() {
@@ -150,7 +156,7 @@ fn summary(mut v: Vec<i64>, total: usize) -> (String, Vec<i64>) {
 
 async fn run(s: &Sizes, quick: bool) -> Report {
     let mut r = Report::default();
-    // BENCH_ONLY=ingest|steady|mass|footprint|recovery|cluster|groups runs one part (for
+    // BENCH_ONLY=ingest|steady|mass|footprint|recovery|cluster|groups|wills runs one part (for
     // investigation); BENCH_ONLY=outage only the group outage of `groups`.
     let only = std::env::var("BENCH_ONLY").ok();
     let part = |p: &str| only.as_deref().is_none_or(|o| o == p);
@@ -177,6 +183,9 @@ async fn run(s: &Sizes, quick: bool) -> Report {
     }
     if part("groups") || only.as_deref() == Some("outage") {
         group_outage(s, &mut r).await;
+    }
+    if part("wills") {
+        wills(s, &mut r).await;
     }
     if quick {
         r.notes
@@ -1012,4 +1021,124 @@ fn render(r: &Report, quick: bool, took: Duration) -> String {
         t.push_str("\n![lag distributions](lag.png)\n");
     }
     t
+}
+
+// === 7. Wills ===
+
+/// A device's own connection with a will on `devices/<id>/will`, connected; its event loop
+/// runs in the returned task (aborting it drops the socket without DISCONNECT: the broker
+/// publishes the will).
+async fn device_with_will(
+    mqtt: &Mosquitto,
+    id: &str,
+) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+    let mut opts = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", mqtt.port);
+    opts.set_keep_alive(Duration::from_secs(60));
+    opts.set_last_will(rumqttc::LastWill::new(
+        format!("devices/{id}/will"),
+        "offline",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (client, mut el) = AsyncClient::new(opts, 10);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut tx = Some(tx);
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    rx.await.unwrap();
+    (client, task)
+}
+
+async fn wills(s: &Sizes, r: &mut Report) {
+    let n = s.will_devices;
+    let redis = RedisServer::start();
+    let mqtt = Mosquitto::start();
+    let (child, addr) = monitor(
+        &redis,
+        &mqtt,
+        &["--mqtt-will-topic", "devices/{device}/will"],
+    );
+    wait_ready(addr).await;
+    let statuses = Collector::start(&mqtt, "devices/+/status").await;
+    let seen_wills = Collector::start(&mqtt, "devices/+/will").await;
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("will-{i:06}");
+        let (client, task) = device_with_will(&mqtt, &id).await;
+        client
+            .publish(
+                format!("devices/{id}/heartbeat"),
+                QoS::AtLeastOnce,
+                false,
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        tasks.push(task);
+    }
+    while_progressing("every device online", || async {
+        let online = statuses.count(|m| m.json["state"] == "online");
+        (online as u64, online >= n)
+    })
+    .await;
+    // Every connection dropped, spread over one second.
+    let t0 = Instant::now();
+    for (i, task) in tasks.iter().enumerate() {
+        tokio::time::sleep_until((t0 + Duration::from_secs(1) * i as u32 / n as u32).into()).await;
+        task.abort();
+    }
+    while_progressing("every offline by its will", || async {
+        let offline = statuses.count(|m| m.json["state"] == "offline");
+        (offline as u64, offline >= n)
+    })
+    .await;
+    let scrape_text = scrape(addr).await;
+    stop(child);
+    let arrived: HashMap<String, u64> = seen_wills
+        .all()
+        .into_iter()
+        .map(|m| {
+            (
+                m.topic
+                    .trim_end_matches("/will")
+                    .trim_start_matches("devices/")
+                    .to_owned(),
+                m.at_ms,
+            )
+        })
+        .collect();
+    let (mut lag, mut since_off, mut by_will) = (Vec::new(), Vec::new(), 0);
+    for m in statuses
+        .all()
+        .into_iter()
+        .filter(|m| m.json["state"] == "offline")
+    {
+        let Some(&at) = m.json["device"].as_str().and_then(|d| arrived.get(d)) else {
+            continue;
+        };
+        by_will += usize::from(m.json["reason"] == "will");
+        lag.push(m.at_ms as i64 - at as i64);
+        since_off.push((ms(&m.json["since"]) as i64 - at as i64).abs());
+    }
+    let (text, _) = summary(lag, n);
+    let (since_text, _) = summary(since_off, n);
+    r.row(
+        &format!("Wills: {n} devices drop their connections within 1 s; will at a subscriber → offline status at a subscriber"),
+        text,
+        format!(
+            "{by_will} of {n} with reason will; since vs the will at the subscriber, absolute difference: {since_text}; presenced_notification_lag_seconds p99 ≤ {} s (histogram bucket)",
+            histogram_quantile(&scrape_text, 0.99)
+        ),
+    );
 }
