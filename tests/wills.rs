@@ -428,3 +428,84 @@ async fn dropped_connections_are_offline_by_their_wills() {
     check_invariants(&mqtt, api, &statuses).await;
     app.stop().await.unwrap();
 }
+
+/// The race rules across replicas, at the store: a heartbeat and a will of one device that
+/// two replicas apply, in either order, end in the state of the later arrival (on equal
+/// arrivals the heartbeat's); the will first and the later heartbeat second is offline then
+/// online; every seq +1 and states alternating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_replicas_the_later_arrival_wins_in_either_order() {
+    use presenced::beat::Beat;
+    use presenced::device::{now_ms, DeviceId, State};
+    use presenced::store::Store;
+    use presenced::will::Will;
+
+    let redis = RedisServer::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let a = Store::connect(&client, "presence").await.unwrap();
+    let b = Store::connect(&client, "presence").await.unwrap();
+    a.start_empty().await.unwrap();
+    // (will's arrival − heartbeat's, will applied first, the state it ends in)
+    let cases = [
+        (0, true, State::Online),
+        (0, false, State::Online),
+        (1, true, State::Offline),
+        (1, false, State::Offline),
+        (-1, true, State::Online),
+        (-1, false, State::Online),
+    ];
+    for (k, (offset, will_first, expected)) in cases.into_iter().enumerate() {
+        let id = DeviceId::parse(&format!("race-{k}")).unwrap();
+        let mut seen = a
+            .apply_heartbeats(&[Beat::live(id.clone(), now_ms() - 50, 60_000)], 12_000)
+            .await
+            .into_result()
+            .unwrap();
+        let t = now_ms() - 20;
+        let beat = Beat::live(id.clone(), t, 60_000);
+        let will = Will {
+            device: id.clone(),
+            arrival: t.saturating_add_signed(offset),
+            session: None,
+        };
+        for step in if will_first {
+            [true, false]
+        } else {
+            [false, true]
+        } {
+            if step {
+                let done = b
+                    .apply_wills(std::slice::from_ref(&will))
+                    .await
+                    .into_result()
+                    .unwrap();
+                seen.extend(done.into_iter().flat_map(|w| w.committed));
+            } else {
+                seen.extend(
+                    a.apply_heartbeats(std::slice::from_ref(&beat), 12_000)
+                        .await
+                        .into_result()
+                        .unwrap(),
+                );
+            }
+        }
+        let events: Vec<_> = seen
+            .iter()
+            .filter_map(|c| c.event.device().cloned())
+            .collect();
+        let case = format!("case {k}: will {offset:+} ms, will first {will_first}: {events:?}");
+        for (i, ev) in events.iter().enumerate() {
+            assert_eq!(ev.seq, i as u64 + 1, "{case}");
+            let want = if i % 2 == 0 {
+                State::Online
+            } else {
+                State::Offline
+            };
+            assert_eq!(ev.state, want, "{case}");
+        }
+        assert_eq!(events.last().unwrap().state, expected, "{case}");
+        if offset < 0 && will_first {
+            assert_eq!(events.len(), 3, "offline by the will, then online: {case}");
+        }
+    }
+}
