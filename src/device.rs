@@ -603,7 +603,7 @@ impl StatusEvent {
 /// `last_seen`, which is its latest heartbeat.
 ///
 /// Wire form: `state|seq|since|last_seen|detected_at`, then `|group` for a device with one
-/// (last: a group name may hold `|`); before it `w|` when a will took it offline, and before
+/// (last: a group name may hold `|`); before it `w|` (or `w<session>|`) when a will took it offline, and before
 /// that `p<penalty>,<at>,<until>|`, its flap state (see src/lua/common.lua).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceRecord {
@@ -629,8 +629,15 @@ impl DeviceRecord {
             }
             None => (None, raw),
         };
-        let (by_will, raw) = match raw.strip_prefix("w|") {
-            Some(rest) => (true, rest),
+        // `w|`, or `w<session>|` for a will that named its session.
+        let (by_will, raw) = match raw.strip_prefix('w') {
+            Some(rest) => {
+                let (session, rest) = rest.split_once('|')?;
+                if !session.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                (true, rest)
+            }
             None => (false, raw),
         };
         let mut parts = raw.splitn(6, '|');
@@ -983,6 +990,10 @@ mod tests {
         // A penalty below the threshold: not flapping.
         let r = DeviceRecord::parse(id.clone(), "p1.0000,3000,0|1|3|10|20|11").unwrap();
         assert!(!r.flapping_at(3000) && !r.status().flapping);
-        assert!(DeviceRecord::parse(id, "p1.0,x|1|3|10|20|11").is_none());
+        assert!(DeviceRecord::parse(id.clone(), "p1.0,x|1|3|10|20|11").is_none());
+        // A will that named its session.
+        let r = DeviceRecord::parse(id.clone(), "w17|0|3|10|20|11").unwrap();
+        assert_eq!((r.reason, r.seq), (Reason::Will, 3));
+        assert!(DeviceRecord::parse(id, "wx|0|3|10|20|11").is_none());
     }
 }

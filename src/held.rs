@@ -95,6 +95,21 @@ impl Entry {
     }
 }
 
+/// Beats by device, those of one device merged (a retry may hold a device twice: the failed
+/// heartbeat and the recent one applied again).
+fn coalesce(beats: Vec<Beat>) -> HashMap<DeviceId, Entry> {
+    let mut out: HashMap<DeviceId, Entry> = HashMap::with_capacity(beats.len());
+    for beat in beats {
+        let (device, entry) = Entry::of(beat);
+        let mut slot = out.remove(&device);
+        merge_into(&mut slot, entry, Tie::Incoming);
+        if let Some(merged) = slot {
+            out.insert(device, merged);
+        }
+    }
+    out
+}
+
 /// `entry` merged into `slot` (see [`Tie`] for which wins on equal arrivals).
 fn merge_into(slot: &mut Option<Entry>, entry: Entry, tie: Tie) {
     *slot = Some(match (slot.take(), tie) {
@@ -149,11 +164,13 @@ struct HeldInner {
     oldest: Option<Millis>,
     /// Oldest arrival of the batch the applier is working on.
     oldest_in_flight: Option<Millis>,
-    /// The latest arrival given to a heartbeat, and to a will: within a millisecond the
-    /// order of arrival still decides (a will after a heartbeat is at least 1 ms later, a
-    /// heartbeat after a will at least as late), once the times alone are compared.
-    last_beat: Millis,
-    last_will: Millis,
+    /// Within a millisecond the order of arrival must still decide once only times are
+    /// compared (Redis sees times, not order): per device, a will is at least 1 ms after the
+    /// heartbeat before it, a heartbeat no earlier than the will before it. Held entries
+    /// carry their arrivals; these keep those of the last batch taken that are not in the
+    /// past yet (arrived in the millisecond of the take, or later): a few devices at most.
+    taken_beats: HashMap<DeviceId, Millis>,
+    taken_wills: HashMap<DeviceId, Millis>,
     closed: bool,
 }
 
@@ -185,24 +202,43 @@ impl HeldInner {
         }
     }
 
+    /// Whether `device` may be held: it is already, or fewer than `cap` devices are (a
+    /// device with both heartbeats and a will counts twice: the bound is conservative).
+    fn has_room_for(&self, device: &DeviceId, cap: usize) -> bool {
+        self.map.len() + self.wills.len() < cap
+            || self.map.contains_key(device)
+            || self.wills.contains_key(device)
+    }
+
     fn note_oldest(&mut self, first: Millis) {
         self.oldest = Some(self.oldest.map_or(first, |o| o.min(first)));
     }
 
-    /// A will: the device's held heartbeats go before it. A will while an earlier one is
-    /// held with heartbeats after it collapses the three (bounded: one will per device):
-    /// those heartbeats join the ones before, and the later will stands.
+    /// A will: the device's held heartbeats go before it (and it after them). A second will
+    /// with no heartbeat between changes nothing, unless it names a later session (the one
+    /// held was stale): then it replaces it. A will while an earlier one is held with
+    /// heartbeats after it collapses the three (bounded: one will per device): those
+    /// heartbeats join the ones before, and the later will stands. Either way one of the two
+    /// wills is `Redundant` (counted now), the other counted once applied.
     fn hold_will(&mut self, device: DeviceId, arrival: Millis, session: Option<u64>) -> WillHeld {
         let after = self.map.remove(&device);
+        let arrival = after
+            .as_ref()
+            .map_or(arrival, |a| arrival.max(a.arrival + 1));
         match self.wills.get_mut(&device) {
-            Some(_) if after.is_none() => WillHeld::Redundant,
+            Some(will) if after.is_none() => {
+                if session > will.session {
+                    (will.arrival, will.session) = (arrival.max(will.arrival), session);
+                }
+                WillHeld::Redundant
+            }
             Some(will) => {
                 if let Some(after) = after {
                     merge_into(&mut will.before, after, Tie::Incoming);
                 }
                 will.arrival = arrival;
                 will.session = session;
-                WillHeld::Held
+                WillHeld::Redundant
             }
             None => {
                 let will = HeldWill {
@@ -259,11 +295,12 @@ impl Held {
             Stamp::BrokerReturned(at) => (at.min(now), Timing::Known),
             Stamp::OnTime => (now, Timing::OnTime),
         };
-        if inner.map.len() >= self.cap && !inner.map.contains_key(&device) {
+        if !inner.has_room_for(&device, self.cap) {
             return false;
         }
-        let arrival = now.max(inner.last_will);
-        inner.last_beat = inner.last_beat.max(arrival);
+        let will = inner.wills.get(&device).map(|w| w.arrival);
+        let taken = inner.taken_wills.get(&device).copied();
+        let arrival = [will, taken].into_iter().flatten().fold(now, Millis::max);
         let deadline = arrival + ttl_ms;
         let entry = Entry {
             first,
@@ -283,11 +320,11 @@ impl Held {
     /// Holds a will that arrives now (after every heartbeat held so far).
     pub fn insert_will(&self, device: DeviceId, session: Option<u64>) -> WillHeld {
         let mut inner = self.lock();
-        if inner.wills.len() >= self.cap && !inner.wills.contains_key(&device) {
+        if !inner.has_room_for(&device, self.cap) {
             return WillHeld::Full;
         }
-        let arrival = now_ms().max(inner.last_beat + 1);
-        inner.last_will = inner.last_will.max(arrival);
+        let taken = inner.taken_beats.get(&device).map_or(0, |a| a + 1);
+        let arrival = now_ms().max(taken);
         let held = inner.hold_will(device, arrival, session);
         drop(inner);
         self.notify.notify_one();
@@ -300,6 +337,26 @@ impl Held {
         let mut inner = self.lock();
         let map = std::mem::take(&mut inner.map);
         let wills = std::mem::take(&mut inner.wills);
+        // Those of earlier takes that are still current stay.
+        let now = now_ms();
+        inner.taken_beats.retain(|_, at| *at >= now);
+        inner.taken_wills.retain(|_, at| *at >= now);
+        let beats = map
+            .iter()
+            .chain(
+                wills
+                    .iter()
+                    .filter_map(|(d, w)| Some((d, w.before.as_ref()?))),
+            )
+            .filter(|(_, e)| e.arrival >= now)
+            .map(|(d, e)| (d.clone(), e.arrival));
+        let current_wills = wills
+            .iter()
+            .filter(|(_, w)| w.arrival >= now)
+            .map(|(d, w)| (d.clone(), w.arrival));
+        let (beats, current_wills): (Vec<_>, Vec<_>) = (beats.collect(), current_wills.collect());
+        inner.taken_beats.extend(beats);
+        inner.taken_wills.extend(current_wills);
         if let Some(oldest) = inner.oldest.take() {
             inner.oldest_in_flight = Some(inner.oldest_in_flight.map_or(oldest, |o| o.min(oldest)));
         }
@@ -331,8 +388,8 @@ impl Held {
     /// `hold_will`).
     pub(crate) fn restore(&self, rest: Taken) {
         let mut inner = self.lock();
-        let mut before: HashMap<DeviceId, Entry> = rest.before.into_iter().map(Entry::of).collect();
-        let mut after: HashMap<DeviceId, Entry> = rest.beats.into_iter().map(Entry::of).collect();
+        let mut before = coalesce(rest.before);
+        let mut after = coalesce(rest.beats);
         for will in rest.wills {
             let device = will.device;
             let (prior, next) = (before.remove(&device), after.remove(&device));
@@ -593,7 +650,9 @@ mod tests {
         beat(&held, "a");
         beat(&held, "b");
         assert_eq!(held.insert_will(id("a"), Some(3)), WillHeld::Held);
-        // A second will with no heartbeat between changes nothing.
+        // A second will with no heartbeat between changes nothing, unless it names a later
+        // session (the first was stale).
+        assert_eq!(held.insert_will(id("a"), Some(2)), WillHeld::Redundant);
         assert_eq!(held.insert_will(id("a"), Some(4)), WillHeld::Redundant);
         assert_eq!(held.insert_will(id("c"), None), WillHeld::Held);
         beat(&held, "a");
@@ -606,13 +665,14 @@ mod tests {
             .map(|w| (w.device.as_str(), w.session))
             .collect();
         wills.sort_unstable();
-        assert_eq!(wills, [("a", Some(3)), ("c", None)]);
-        let (pre, post) = (
-            &t.before[0],
-            t.beats.iter().find(|b| b.device == id("a")).unwrap(),
-        );
-        assert!(pre.arrival <= t.wills[0].arrival.max(t.wills[1].arrival));
-        assert!(post.first >= pre.arrival);
+        assert_eq!(wills, [("a", Some(4)), ("c", None)]);
+        let will = t.wills.iter().find(|w| w.device == id("a")).unwrap();
+        let pre = &t.before[0];
+        let post = t.beats.iter().find(|b| b.device == id("a")).unwrap();
+        // Within one millisecond too: strictly after the heartbeat before it, not after the
+        // one that follows it.
+        assert!(pre.arrival < will.arrival, "{pre:?} {will:?}");
+        assert!(post.arrival >= will.arrival, "{post:?} {will:?}");
         assert!(held.take().is_empty());
     }
 
@@ -622,14 +682,30 @@ mod tests {
         beat(&held, "a");
         assert_eq!(held.insert_will(id("a"), Some(1)), WillHeld::Held);
         beat(&held, "a");
-        assert_eq!(held.insert_will(id("a"), Some(2)), WillHeld::Held);
+        // One of the two wills is dropped (and counted so by the caller).
+        assert_eq!(held.insert_will(id("a"), Some(2)), WillHeld::Redundant);
         let t = held.take();
         // Both heartbeats go before the one will that stands.
         assert_eq!(devices(&t.before), ["a"]);
         assert!(t.beats.is_empty());
         assert_eq!(t.wills.len(), 1);
         assert_eq!(t.wills[0].session, Some(2));
-        assert!(t.before[0].first <= t.before[0].arrival);
+        assert!(t.before[0].arrival < t.wills[0].arrival);
+    }
+
+    #[test]
+    fn the_order_within_a_millisecond_holds_across_takes() {
+        let held = Held::new(10);
+        beat(&held, "a");
+        let h = held.take().beats[0].arrival;
+        // Another take in between forgets nothing still current.
+        beat(&held, "b");
+        held.take();
+        assert_eq!(held.insert_will(id("a"), None), WillHeld::Held);
+        let w = held.take().wills[0].arrival;
+        beat(&held, "a");
+        let h2 = held.take().beats[0].arrival;
+        assert!(h < w && w <= h2, "{h} {w} {h2}");
     }
 
     #[test]
@@ -661,11 +737,11 @@ mod tests {
         assert_eq!(wills, ["a", "b"]);
         assert_eq!(devices(&again.beats), ["a"]);
         let a_after = &again.beats[0];
-        assert!(
-            a_after.first <= a_after.arrival,
-            "both heartbeats after the will: {a_after:?}"
-        );
-        assert!(held.watermark().is_some());
+        let a_will = again.wills.iter().find(|w| w.device == id("a")).unwrap();
+        let a_before = again.before.iter().find(|b| b.device == id("a")).unwrap();
+        assert!(a_before.arrival < a_will.arrival, "{a_before:?} {a_will:?}");
+        assert!(a_after.arrival >= a_will.arrival, "{a_after:?} {a_will:?}");
+        assert_eq!(held.watermark(), Some(a_before.first));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 -- A device record (hash field = device id) is "state|seq|since|last_seen|detected_at" plus,
 -- for a device with a group, "|group" (last: a group name may hold '|'); state "1" online,
 -- "0" offline, times in ms since the epoch. Two optional prefixes come first: "w|" when its
--- last transition was taken by the device's will, and before that "p<penalty>,<at>,<until>|",
+-- last transition was taken by the device's will ("w<session>|" for a will that named its
+-- session), and before that "p<penalty>,<at>,<until>|",
 -- its flap state (see flap_next). A record never begins with 'p' or 'w' otherwise, so records
 -- written before those prefixes existed read the same.
 -- An outbox member is "seq|state|since|status_last_seen|detected_at|id" (id last: it may hold
@@ -13,25 +14,27 @@
 -- Every time a script decides with or writes is this master's clock (TIME): replicas' clocks
 -- may disagree, the master of a device's bucket is one clock for all of them.
 -- Returns state, seq, since, last_seen, detected_at, group ('' for none), flap (nil for
--- none), will ('1' if a will took the device offline), or nil.
+-- none), will ('1' if a will took the device offline), the session that will named ('' for
+-- none), or nil.
 local function parse(rec)
   if not rec then return nil end
-  local flap, will = nil, ''
+  local flap, will, will_session = nil, '', ''
   local f, body = string.match(rec, '^p([^|]*)|(.*)$')
   if f then flap, rec = f, body end
-  if string.sub(rec, 1, 2) == 'w|' then will, rec = '1', string.sub(rec, 3) end
+  local ws, rest_w = string.match(rec, '^w(%d*)|(.*)$')
+  if ws then will, will_session, rec = '1', ws, rest_w end
   local state, seq, since, last, det, rest = string.match(rec, '^([01])|(%d+)|(%d+)|(%d+)|(%d+)(.*)$')
   if not state then return nil end
   if rest ~= '' then
     if string.sub(rest, 1, 1) ~= '|' then return nil end
     rest = string.sub(rest, 2)
   end
-  return state, seq, since, last, det, rest, flap, will
+  return state, seq, since, last, det, rest, flap, will, will_session
 end
-local function make_record(state, seq, since, last, det, group, flap, will)
+local function make_record(state, seq, since, last, det, group, flap, will, will_session)
   local r = table.concat({state, seq, since, last, det}, '|')
   if group ~= nil and group ~= '' then r = r .. '|' .. group end
-  if will == '1' then r = 'w|' .. r end
+  if will == '1' then r = 'w' .. (will_session or '') .. '|' .. r end
   if flap ~= nil and flap ~= '' then r = 'p' .. flap .. '|' .. r end
   return r
 end

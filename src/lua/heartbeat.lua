@@ -50,16 +50,21 @@ for i = 6, #ARGV, 9 do
   if first > now then first = now end
   if lapse_to > now then lapse_to = now end
   if arrival > now then deadline, arrival = deadline - (arrival - now), now end
-  local state, seq, since, last, det, group, flap, will = parse(redis.call('HGET', recs, id))
+  local state, seq, since, last, det, group, flap, will, will_session = parse(redis.call('HGET', recs, id))
   -- The group the device has after this heartbeat: the one it names, if it is the latest.
   local new_group = group or ''
   local latest = not last or arrival > tonumber(last)
   if named ~= '' and latest then new_group = named end
-  if session ~= '' and latest then redis.call('HSET', KEYS[12], id, session) end
+  if session ~= '' and latest and (state or deadline > now) then
+    redis.call('HSET', KEYS[12], id, session)
+  end
   local online_since = first
   -- Offline by a will: only a heartbeat from at or after the will ends it, and the offline
-  -- period lasts until the first such heartbeat (coalesced ones: the latest is one).
+  -- period lasts until the first such heartbeat (coalesced ones: the latest is one). A
+  -- heartbeat of a later session than the will's ends it whenever it arrived: that will
+  -- was stale (this heartbeat was held elsewhere when it was applied).
   local before_will = state == '0' and will == '1' and arrival < tonumber(since)
+    and not (session ~= '' and will_session ~= '' and tonumber(session) > tonumber(will_session))
   if state == '0' and will == '1' and first < tonumber(since) then online_since = arrival end
   if state == '1' then
     local dl = tonumber(redis.call('ZSCORE', deadlines, id))
@@ -128,7 +133,7 @@ for i = 6, #ARGV, 9 do
       -- but the record knows the latest heartbeat. The device stays offline in the group its
       -- offline status was noted in: its next online status tells that group it is back
       -- (the `left` of its member), wherever it comes back.
-      redis.call('HSET', recs, id, make_record('0', seq, since, int(arrival), det, group, flap, will))
+      redis.call('HSET', recs, id, make_record('0', seq, since, int(arrival), det, group, flap, will, will_session))
     end
   end
 end

@@ -22,6 +22,8 @@ local now = redis_now()
 local applied, stale, ignored = 0, 0, 0
 local out = {}
 local function is_stale(id, arrival, session, last)
+  -- The arrival as the caller gave it: capping it to `now` could tie it with a heartbeat it
+  -- follows.
   if arrival <= tonumber(last) then return true end
   if session == '' then return false end
   local known = tonumber(redis.call('HGET', KEYS[12], id))
@@ -29,22 +31,22 @@ local function is_stale(id, arrival, session, last)
 end
 for i = 4, #ARGV, 3 do
   local id, arrival, session = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-  -- As for heartbeats: no published time runs ahead of the decision.
-  if arrival > now then arrival = now end
   local state, seq, since, last, _, group, flap = parse(redis.call('HGET', recs, id))
   if state ~= '1' then
     ignored = ignored + 1
   elseif is_stale(id, arrival, session, last) then
     stale = stale + 1
   else
+    -- As for heartbeats: no published time runs ahead of the decision.
     local s = arrival
+    if s > now then s = now end
     if s < tonumber(since) then s = tonumber(since) end
     local nseq = int(tonumber(seq) + 1)
     local nflap, flapping = flap_next(flap, now, thr, half)
     flap_index(KEYS[9], KEYS[10], id, flap_until(nflap), now)
     local flags = 'w'
     if flapping then flags = 'pw' end
-    redis.call('HSET', recs, id, make_record('0', nseq, int(s), last, int(now), group, nflap, '1'))
+    redis.call('HSET', recs, id, make_record('0', nseq, int(s), last, int(now), group, nflap, '1', session))
     count(KEYS[8], '1', group, -1)
     count(KEYS[8], '0', group, 1)
     redis.call('ZREM', KEYS[2], id)

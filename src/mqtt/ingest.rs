@@ -104,13 +104,11 @@ impl Ingest {
                 return;
             }
         };
-        let session = match (delivery, WillPayload::read(payload, &will.payload)) {
-            (Delivery::Live, WillPayload::Will { session })
-                if payload.len() <= self.max_packet_size =>
-            {
-                session
-            }
-            _ => return self.metrics.will_handled(WillResult::Ignored, 1),
+        if delivery == Delivery::Replay || payload.len() > self.max_packet_size {
+            return self.metrics.will_handled(WillResult::Ignored, 1);
+        }
+        let WillPayload::Will { session } = WillPayload::read(payload, &will.payload) else {
+            return self.metrics.will_handled(WillResult::Ignored, 1);
         };
         match self.held.insert_will(device, session) {
             WillHeld::Held => {}

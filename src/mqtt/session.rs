@@ -122,6 +122,8 @@ struct Session {
     instance: String,
     /// Heartbeats first.
     filters: Vec<String>,
+    /// The will subscription, second in `filters`, if wills are read.
+    will_filter: Option<String>,
     status_topic: StatusTopics,
     tracker: Tracker,
     /// To be moved into the client, in order, as soon as there is room.
@@ -194,6 +196,7 @@ impl Session {
             client,
             instance,
             filters,
+            will_filter: cfg.will_filter(),
             status_topic: StatusTopics {
                 device: cfg.status_topic.clone(),
                 group: cfg.group_topic.clone(),
@@ -431,6 +434,11 @@ impl Session {
     }
 
     fn on_suback(&self, granted: &[bool]) {
+        if let Some(wills) = self.will_filter.as_ref() {
+            if granted.get(1) == Some(&false) {
+                error!(filter = %wills, "The broker refused the will subscription; wills are not read.");
+            }
+        }
         let heartbeats = &self.filters[0];
         if granted.first() == Some(&true) {
             self.health.set_mqtt(MqttLink::Subscribed);

@@ -96,13 +96,16 @@ impl Share {
         }
         let began = *self.trouble.get_or_insert(now);
         let peer_fine = self.peer_ok.is_some_and(|at| at > began + PEER_OK_AFTER);
-        if self.member
-            && peer_fine
-            && self
-                .shared
+        // Left once any filter is left: rejoining subscribes to them all again.
+        let leave = |shared: &[String]| {
+            // Every filter is tried (no short circuit).
+            let left: Vec<bool> = shared
                 .iter()
-                .all(|f| client.try_unsubscribe(f).is_ok())
-        {
+                .map(|f| client.try_unsubscribe(f).is_ok())
+                .collect();
+            left.contains(&true)
+        };
+        if self.member && peer_fine && leave(&self.shared) {
             self.member = false;
             self.health.set_mqtt(MqttLink::Connected);
             warn!("Cannot reach Redis while other replicas can; leaving the shared subscription so that they get our share of heartbeats.");

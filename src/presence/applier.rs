@@ -36,49 +36,72 @@ pub(crate) struct Applier {
     pub(crate) floor_lease: Duration,
 }
 
-/// Heartbeats applied within the last `REPLICATION_WINDOW` (2 s), per batch.
+/// What was applied within the last `REPLICATION_WINDOW` (2 s), per round.
 #[derive(Default)]
 pub(crate) struct Recent {
-    batches: VecDeque<(Instant, Vec<Beat>)>,
+    rounds: VecDeque<(Instant, Taken)>,
     len: usize,
 }
 
+fn size(t: &Taken) -> usize {
+    t.before.len() + t.wills.len() + t.beats.len()
+}
+
 impl Recent {
-    fn push(&mut self, beats: Vec<Beat>) {
+    fn push(&mut self, round: Taken) {
+        if round.is_empty() {
+            return;
+        }
         let now = Instant::now();
-        self.len += beats.len();
-        self.batches.push_back((now, beats));
+        self.len += size(&round);
+        self.rounds.push_back((now, round));
         self.trim(now, RECENT_CAP);
     }
 
-    /// Drops the batches older than the window, and the oldest beyond `cap` heartbeats.
+    /// Drops the rounds older than the window, and the oldest beyond `cap` entries.
     fn trim(&mut self, now: Instant, cap: usize) {
-        while let Some((at, b)) = self.batches.front() {
+        while let Some((at, round)) = self.rounds.front() {
             if now.duration_since(*at) <= REPLICATION_WINDOW && self.len <= cap {
                 break;
             }
-            self.len -= b.len();
-            self.batches.pop_front();
+            self.len -= size(round);
+            self.rounds.pop_front();
         }
     }
 
-    /// The kept heartbeats of the failed buckets (they leave the window: they are held).
-    fn take(&mut self, failed: &[Bucket]) -> Vec<Beat> {
+    /// What was applied lately to the failed buckets, newest round first (they leave the
+    /// window: they are held again).
+    fn take(&mut self, failed: &[Bucket]) -> Vec<Taken> {
         self.trim(Instant::now(), usize::MAX);
+        let lost = |device: &crate::device::DeviceId| failed.contains(&bucket_of(device.as_str()));
         let mut out = Vec::new();
-        for (_, batch) in &mut self.batches {
-            let before = batch.len();
-            batch.retain(|beat| {
-                let lost = failed.contains(&bucket_of(beat.device.as_str()));
-                if lost {
-                    out.push(beat.clone());
-                }
-                !lost
-            });
-            self.len -= before - batch.len();
+        for (_, round) in self.rounds.iter_mut().rev() {
+            let before = size(round);
+            let taken = Taken {
+                before: drain(&mut round.before, |b| lost(&b.device)),
+                wills: drain(&mut round.wills, |w| lost(&w.device)),
+                beats: drain(&mut round.beats, |b| lost(&b.device)),
+            };
+            self.len -= before - size(round);
+            out.push(taken);
         }
         out
     }
+}
+
+/// Moves the items `lost` picks out of `v`.
+fn drain<T>(v: &mut Vec<T>, lost: impl Fn(&T) -> bool) -> Vec<T> {
+    let (out, keep) = std::mem::take(v).into_iter().partition(|x| lost(x));
+    *v = keep;
+    out
+}
+
+/// A step of a round that failed: the error, what was not applied (this step's failed part
+/// and every later step), and the buckets that failed.
+struct Failure {
+    error: StoreError,
+    rest: Taken,
+    buckets: Vec<Bucket>,
 }
 
 /// Whether the chunks after a failed one are still tried.
@@ -131,49 +154,87 @@ impl Applier {
         debug!("Heartbeat applier stopped.");
     }
 
-    /// Applies what was taken, in order (per device the order of arrival): the heartbeats
-    /// from before a will, the wills, the other heartbeats. On failure what was not applied
-    /// is held again, and so is everything after it (a later step must not overtake it).
+    /// Applies what was taken; on failure what was not applied is held again, and before it
+    /// what was applied lately to the buckets that failed (their master may be gone with
+    /// writes it had acknowledged: asynchronous replication), oldest first.
     async fn apply(&mut self, taken: Taken) -> Result<(), StoreError> {
+        let mut done = Taken::default();
+        let result = self.apply_in_order(taken, &mut done).await;
+        self.recent.push(done);
+        let Err(failure) = result else {
+            return Ok(());
+        };
+        // `restore` puts what it gets before what is held: the newest first.
+        self.commit.held.restore(failure.rest);
+        for round in self.recent.take(&failure.buckets) {
+            self.commit.held.restore(round);
+        }
+        Err(failure.error)
+    }
+
+    /// The steps of a round, in order (per device the order of arrival): the heartbeats from
+    /// before a will, the wills, the other heartbeats. A step that fails stops the round: a
+    /// later step must not overtake it.
+    async fn apply_in_order(&mut self, taken: Taken, done: &mut Taken) -> Result<(), Failure> {
         let Taken {
             before,
             wills,
             beats,
         } = taken;
-        if let Err((e, before)) = self.apply_beats(before).await {
-            self.commit.held.restore(Taken {
+        if let Err((error, before, buckets)) = self.apply_beats(before, &mut done.before).await {
+            let rest = Taken {
                 before,
                 wills,
                 beats,
+            };
+            return Err(Failure {
+                error,
+                rest,
+                buckets,
             });
-            return Err(e);
         }
-        if let Err((e, wills)) = self.apply_wills(wills).await {
-            self.commit.held.restore(Taken {
+        if let Err((error, wills, buckets)) = self.apply_wills(wills, &mut done.wills).await {
+            let rest = Taken {
                 before: Vec::new(),
                 wills,
                 beats,
+            };
+            return Err(Failure {
+                error,
+                rest,
+                buckets,
             });
-            return Err(e);
         }
-        if let Err((e, beats)) = self.apply_beats(beats).await {
-            self.commit.held.restore(Taken {
+        if let Err((error, beats, buckets)) = self.apply_beats(beats, &mut done.beats).await {
+            let rest = Taken {
                 beats,
                 ..Taken::default()
+            };
+            return Err(Failure {
+                error,
+                rest,
+                buckets,
             });
-            return Err(e);
         }
         Ok(())
     }
 
-    /// Applies heartbeats in chunks; on failure returns what was not applied.
-    async fn apply_beats(&mut self, batch: Vec<Beat>) -> Result<(), (StoreError, Vec<Beat>)> {
+    /// Applies heartbeats in chunks (the applied ones go to `done`); on failure returns what
+    /// was not applied and the buckets that failed.
+    async fn apply_beats(
+        &mut self,
+        batch: Vec<Beat>,
+        done: &mut Vec<Beat>,
+    ) -> Result<(), (StoreError, Vec<Beat>, Vec<Bucket>)> {
         let mut retry: Vec<Beat> = Vec::new();
-        let mut done: Vec<Beat> = Vec::new();
+        let mut failed_buckets = Vec::new();
         let mut failed = None;
         let mut chunks = batch.chunks(APPLY_BATCH);
         for chunk in chunks.by_ref() {
-            let Err((e, next)) = self.apply_chunk(chunk, &mut done, &mut retry).await else {
+            let Err((e, next)) = self
+                .apply_chunk(chunk, done, &mut retry, &mut failed_buckets)
+                .await
+            else {
                 self.commit.health.set_redis_commands(true);
                 continue;
             };
@@ -184,44 +245,51 @@ impl Applier {
                 break;
             }
         }
-        self.recent.push(done);
         match failed {
             None => Ok(()),
             Some(e) => {
                 retry.extend(chunks.flatten().cloned());
-                Err((e, retry))
+                Err((e, retry, failed_buckets))
             }
         }
     }
 
-    /// Applies wills in one round trip (they are few: a device has at most one held);
-    /// counts them, hands on the offline transitions; on failure returns the wills of the
-    /// buckets that failed.
-    async fn apply_wills(&mut self, wills: Vec<Will>) -> Result<(), (StoreError, Vec<Will>)> {
-        if wills.is_empty() {
-            return Ok(());
+    /// Applies wills in chunks (the applied ones go to `done`): counts them, hands on the
+    /// offline transitions; on failure returns the wills of the buckets that failed and of
+    /// the chunks not tried, and the buckets that failed.
+    async fn apply_wills(
+        &mut self,
+        wills: Vec<Will>,
+        done: &mut Vec<Will>,
+    ) -> Result<(), (StoreError, Vec<Will>, Vec<Bucket>)> {
+        let mut wills = wills.into_iter();
+        loop {
+            let chunk: Vec<Will> = wills.by_ref().take(APPLY_BATCH).collect();
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            let turn = self.commit.order.turn().await;
+            let applied = self.commit.store.apply_wills(&chunk).await;
+            let mut committed = Vec::new();
+            let metrics = &self.commit.metrics;
+            for bucket in applied.done {
+                metrics.will_handled(WillResult::Applied, bucket.applied);
+                metrics.will_handled(WillResult::Stale, bucket.stale);
+                metrics.will_handled(WillResult::Ignored, bucket.ignored);
+                committed.extend(bucket.committed);
+            }
+            self.commit.hand_on(committed).await;
+            drop(turn);
+            let failed = applied.failed;
+            let (mut rest, ok): (Vec<Will>, Vec<Will>) = chunk
+                .into_iter()
+                .partition(|w| failed.contains(&bucket_of(w.device.as_str())));
+            done.extend(ok);
+            if let Some(e) = applied.error {
+                rest.extend(wills);
+                return Err((e, rest, failed));
+            }
         }
-        let turn = self.commit.order.turn().await;
-        let applied = self.commit.store.apply_wills(&wills).await;
-        let mut committed = Vec::new();
-        let metrics = &self.commit.metrics;
-        for bucket in applied.done {
-            metrics.will_handled(WillResult::Applied, bucket.applied);
-            metrics.will_handled(WillResult::Stale, bucket.stale);
-            metrics.will_handled(WillResult::Ignored, bucket.ignored);
-            committed.extend(bucket.committed);
-        }
-        self.commit.hand_on(committed).await;
-        drop(turn);
-        let Some(e) = applied.error else {
-            return Ok(());
-        };
-        let failed = applied.failed;
-        let rest = wills
-            .into_iter()
-            .filter(|w| failed.contains(&bucket_of(w.device.as_str())))
-            .collect();
-        Err((e, rest))
     }
 
     /// Applies one chunk in one round trip: the heartbeats of the buckets that worked go to
@@ -231,6 +299,7 @@ impl Applier {
         chunk: &[Beat],
         done: &mut Vec<Beat>,
         retry: &mut Vec<Beat>,
+        failed_buckets: &mut Vec<Bucket>,
     ) -> Result<(), (StoreError, Chunks)> {
         let turn = self.commit.order.turn().await;
         let applied = self
@@ -251,10 +320,9 @@ impl Applier {
                 done.push(beat.clone());
             }
         }
-        if !applied.failed.is_empty() {
-            // The failed buckets' master may be gone with writes it had acknowledged.
-            retry.extend(self.recent.take(&applied.failed));
-        }
+        // The failed buckets' master may be gone with writes it had acknowledged (see
+        // `Applier::apply`).
+        failed_buckets.extend(applied.failed.iter().copied());
         let Some(e) = applied.error else {
             return Ok(());
         };
