@@ -539,3 +539,76 @@ async fn across_replicas_the_later_arrival_wins_in_either_order() {
         }
     }
 }
+
+/// A stale will that reaches Redis before the fresher heartbeat another replica holds (a
+/// device reconnected with session 5 before the broker noticed its old connection died and
+/// sent the will of session 4): that heartbeat still ends the offline, though it arrived
+/// before the will.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_of_a_later_session_ends_a_stale_wills_offline() {
+    use presenced::beat::Beat;
+    use presenced::device::{now_ms, DeviceId, State};
+    use presenced::store::Store;
+    use presenced::will::Will;
+
+    let redis = RedisServer::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let a = Store::connect(&client, "presence").await.unwrap();
+    let b = Store::connect(&client, "presence").await.unwrap();
+    a.start_empty().await.unwrap();
+    let id = DeviceId::parse("reconnected").unwrap();
+    let t = now_ms() - 100;
+    let session = |s, at| Beat {
+        session: Some(s),
+        ..Beat::live(id.clone(), at, 60_000)
+    };
+    let mut seen = a
+        .apply_heartbeats(&[session(4, t)], 12_000)
+        .await
+        .into_result()
+        .unwrap();
+    let will = Will {
+        device: id.clone(),
+        arrival: t + 50,
+        session: Some(4),
+    };
+    let done = a.apply_wills(&[will]).await.into_result().unwrap();
+    seen.extend(done.into_iter().flat_map(|w| w.committed));
+    // Held at b since t + 20, applied only now.
+    seen.extend(
+        b.apply_heartbeats(&[session(5, t + 20)], 12_000)
+            .await
+            .into_result()
+            .unwrap(),
+    );
+    let states: Vec<_> = seen
+        .iter()
+        .filter_map(|c| c.event.device().map(|e| (e.seq, e.state)))
+        .collect();
+    assert_eq!(
+        states,
+        [(1, State::Online), (2, State::Offline), (3, State::Online)]
+    );
+    // A heartbeat of the will's own session, held as long, does not.
+    let other = DeviceId::parse("gone").unwrap();
+    let beat = |s, at| Beat {
+        session: Some(s),
+        ..Beat::live(other.clone(), at, 60_000)
+    };
+    a.apply_heartbeats(&[beat(4, t)], 12_000)
+        .await
+        .into_result()
+        .unwrap();
+    let will = Will {
+        device: other.clone(),
+        arrival: t + 50,
+        session: Some(4),
+    };
+    a.apply_wills(&[will]).await.into_result().unwrap();
+    let late = b
+        .apply_heartbeats(&[beat(4, t + 20)], 12_000)
+        .await
+        .into_result()
+        .unwrap();
+    assert!(late.is_empty(), "{late:?}");
+}
