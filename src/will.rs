@@ -2,7 +2,7 @@
 //! heartbeat or a will carries to fence stale wills.
 //!
 //! Owns [`Will`], [`WillPayload`] and [`session_of`]. Must not do I/O: the MQTT task reads
-//! wills, `presence::Wills` applies them (src/lua/will.lua decides).
+//! wills and holds them (src/held.rs), the applier applies them (src/lua/will.lua decides).
 
 use crate::device::{DeviceId, Millis};
 
