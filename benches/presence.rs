@@ -1025,41 +1025,6 @@ fn render(r: &Report, quick: bool, took: Duration) -> String {
 
 // === 7. Wills ===
 
-/// A device's own connection with a will on `devices/<id>/will`, connected; its event loop
-/// runs in the returned task (aborting it drops the socket without DISCONNECT: the broker
-/// publishes the will).
-async fn device_with_will(
-    mqtt: &Mosquitto,
-    id: &str,
-) -> (AsyncClient, tokio::task::JoinHandle<()>) {
-    let mut opts = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", mqtt.port);
-    opts.set_keep_alive(Duration::from_secs(60));
-    opts.set_last_will(rumqttc::LastWill::new(
-        format!("devices/{id}/will"),
-        "offline",
-        QoS::AtLeastOnce,
-        false,
-    ));
-    let (client, mut el) = AsyncClient::new(opts, 10);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(async move {
-        let mut tx = Some(tx);
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    });
-    rx.await.unwrap();
-    (client, task)
-}
-
 async fn wills(s: &Sizes, r: &mut Report) {
     let n = s.will_devices;
     let redis = RedisServer::start();

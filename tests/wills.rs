@@ -7,9 +7,8 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
+use rumqttc::QoS;
 use serde_json::Value;
 use support::*;
 
@@ -316,42 +315,6 @@ async fn heartbeats_and_wills_apply_in_their_order_of_arrival() {
     assert_eq!(wills_total(api, "applied").await, 40.0);
     check_invariants(&mqtt, api, &statuses).await;
     app.stop().await.unwrap();
-}
-
-/// A device-side client with a will, as a real device registers it.
-async fn device_with_will(
-    mqtt: &Mosquitto,
-    id: &str,
-) -> (AsyncClient, tokio::task::JoinHandle<()>) {
-    let mut opts = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", mqtt.port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_last_will(LastWill::new(
-        format!("devices/{id}/will"),
-        "offline",
-        QoS::AtLeastOnce,
-        false,
-    ));
-    let (client, mut el) = AsyncClient::new(opts, 10);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(async move {
-        let mut tx = Some(tx);
-        loop {
-            match el.poll().await {
-                Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) => {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), rx)
-        .await
-        .expect("device ConnAck")
-        .unwrap();
-    (client, task)
 }
 
 /// 100 devices with real wills, TTL 60 s: their connections dropped without DISCONNECT (the

@@ -217,3 +217,41 @@ pub async fn wait_online_then_offline(statuses: &Collector, ids: &[String]) {
         );
     }
 }
+
+/// A device's own connection with a will on `devices/<id>/will` (payload `offline`), as a
+/// real device registers it; connected. Its event loop runs in the returned task: aborting
+/// it drops the socket without DISCONNECT, so the broker publishes the will.
+pub async fn device_with_will(
+    mqtt: &Mosquitto,
+    id: &str,
+) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+    let mut opts = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", mqtt.port);
+    opts.set_keep_alive(Duration::from_secs(60));
+    opts.set_last_will(rumqttc::LastWill::new(
+        format!("devices/{id}/will"),
+        "offline",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (client, mut el) = AsyncClient::new(opts, 10);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut tx = Some(tx);
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("device ConnAck")
+        .unwrap();
+    (client, task)
+}
