@@ -34,6 +34,7 @@ pub(crate) mod clock;
 pub mod cluster;
 pub mod config;
 pub mod device;
+pub mod event_log;
 pub(crate) mod expiry;
 pub mod flap;
 pub(crate) mod forget;

@@ -78,7 +78,8 @@ impl Base {
             Some(_) => store.for_replica(&cfg.mqtt.client_id),
             None => store,
         }
-        .with_flap(cfg.presence.flap);
+        .with_flap(cfg.presence.flap)
+        .with_events(cfg.http.events);
         let common = Common {
             cfg,
             metrics,

@@ -70,16 +70,25 @@ pub(crate) fn spawn_http(base: Base, web: &mut Supervisor) -> (Common, Nodes) {
         nodes,
         listener,
     } = base;
+    let http_token = web.token().child_token();
+    let events = Arc::new(http::EventHub::default());
     let api = http::Api {
         store: common.store.clone(),
         metrics: common.metrics.clone(),
         health: common.health.clone(),
         auth: common.cfg.http.auth.clone(),
+        events: events.clone(),
+        stop: http_token.clone(),
     };
-    let http_token = web.token().child_token();
     web.spawn(
         "http",
         http::serve(listener, api, http_token).instrument(tracing::info_span!("http")),
+    );
+    // The event log is read from the start, like the API: it needs nothing but Redis.
+    web.spawn(
+        "events",
+        http::event_feed(common.store.clone(), events, web.token().child_token())
+            .instrument(tracing::info_span!("events")),
     );
     (common, nodes)
 }

@@ -505,7 +505,15 @@ async fn bearer_token_guards_everything_but_the_probes() {
     let wrong = format!("Authorization: Bearer {TOKEN}x\r\n");
     let short = "Authorization: Bearer tok\r\n".to_owned();
     let basic = "Authorization: Basic dXNlcjpwdw==\r\n".to_owned();
-    for path in ["/metrics", "/devices", "/devices/guarded", "/nope"] {
+    for path in [
+        "/metrics",
+        "/devices",
+        "/devices/guarded",
+        "/groups",
+        "/events",
+        "/instances",
+        "/nope",
+    ] {
         for refused in ["", &wrong, &short, &basic] {
             let (code, head, body) = get_with(addr, path, refused).await;
             assert_eq!(code, 401, "{path} with {refused:?}");

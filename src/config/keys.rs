@@ -300,6 +300,14 @@ pub const HTTP_AUTH_TOKEN_FILE: Key = key!(
     "File holding the HTTP bearer token (trailing newline trimmed)."
 );
 
+pub const HTTP_EVENTS_RETENTION: Key = key!(
+    "http",
+    "events_retention",
+    Duration,
+    Some("1h"),
+    "How far back /events can resume (at most 100,000 events)."
+);
+
 /// Every key of the contract, in the contract's order (mqtt, redis, presence, groups, http); the
 /// example config and `--help` list them in this order.
 pub const KEYS: &[Key] = &[
@@ -335,6 +343,7 @@ pub const KEYS: &[Key] = &[
     HTTP_LISTEN,
     HTTP_AUTH_TOKEN,
     HTTP_AUTH_TOKEN_FILE,
+    HTTP_EVENTS_RETENTION,
 ];
 
 /// Environment variables that are not config keys but are known (not warned about).

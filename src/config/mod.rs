@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::device::TopicTemplate;
+use crate::event_log::EventLog;
 use crate::flap::FlapRule;
 use crate::group_status::GroupTopic;
 use values::Values;
@@ -187,6 +188,8 @@ pub struct GroupsConfig {
 pub struct HttpConfig {
     pub listen: SocketAddr,
     pub auth: HttpAuth,
+    /// How long `/events` keeps what it can resume from (`http.events_retention`).
+    pub events: EventLog,
 }
 
 /// Who may read the HTTP API.

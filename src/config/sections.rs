@@ -17,6 +17,7 @@ use super::{
     PresenceConfig, Protocol, RedisConfig, Secret,
 };
 use crate::device::{Levels, TopicTemplate, DEVICE_PLACEHOLDER, GROUP_PLACEHOLDER};
+use crate::event_log::EventLog;
 use crate::flap::FlapRule;
 use crate::group_status::GroupTopic;
 
@@ -265,7 +266,13 @@ pub(crate) fn http(values: &Values) -> Result<HttpConfig, ConfigError> {
             HttpAuth::Bearer(token)
         }
     };
-    Ok(HttpConfig { listen, auth })
+    let retention = values.required_duration(&HTTP_EVENTS_RETENTION)?;
+    let events = EventLog::new(retention).map_err(|e| key_err(&HTTP_EVENTS_RETENTION, e))?;
+    Ok(HttpConfig {
+        listen,
+        auth,
+        events,
+    })
 }
 
 /// A secret given either inline (`inline`) or in a file (`file`): at most one of them, the

@@ -6,7 +6,9 @@
 //!
 //! It must not write to Redis or publish anything.
 
+mod events;
 mod groups;
+mod stall;
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -14,7 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -32,6 +35,9 @@ use crate::device::{DeviceId, GroupName, State};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::store::{ListFilter, Store};
+use events::Hub;
+
+pub(crate) use events::{feed as event_feed, Hub as EventHub};
 
 /// How long a request may wait on Redis before it is answered 503.
 const REDIS_WAIT: Duration = Duration::from_secs(2);
@@ -44,6 +50,10 @@ pub(crate) struct Api {
     pub(crate) metrics: Metrics,
     pub(crate) health: Arc<Health>,
     pub(crate) auth: HttpAuth,
+    /// The event log's feed, shared by the `/events` clients.
+    pub(crate) events: Arc<Hub>,
+    /// Cancelled at shutdown: ends the event streams.
+    pub(crate) stop: CancellationToken,
 }
 
 /// Whether a route needs the bearer token (when one is configured).
@@ -94,7 +104,7 @@ fn unauthorized() -> Response<Body> {
     r
 }
 
-type Body = Full<Bytes>;
+type Body = BoxBody<Bytes, Infallible>;
 
 /// Most connections served at once. Each costs a task, a file descriptor and a few KiB of
 /// buffers, so 2,048 is far below what the process can hold, yet well above what
@@ -107,6 +117,9 @@ pub(crate) const MAX_CONNECTIONS: usize = 2048;
 /// between requests on a kept-alive one. Without it a client that sends half a request
 /// holds its connection (and a slot of [`MAX_CONNECTIONS`]) forever.
 pub(crate) const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The send buffer of every HTTP connection (the kernel doubles it).
+const SEND_BUFFER: usize = 64 * 1024;
 
 /// Serves until cancelled, then lets requests in progress finish (up to 1 s).
 pub(crate) async fn serve(listener: TcpListener, api: Api, token: CancellationToken) {
@@ -138,12 +151,20 @@ pub(crate) async fn serve(listener: TcpListener, api: Api, token: CancellationTo
                 }
             },
         };
+        // Small socket buffers: an `/events` client that stops reading is noticed (its
+        // queue fills) after some hundreds of KiB, not after the kernel's several MiB; no
+        // answer of ours needs more in flight on loopback or a LAN.
+        if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER) {
+            debug!(error = %e, "Cannot size an HTTP socket's send buffer.");
+        }
         let api = api.clone();
         let service = hyper::service::service_fn(move |req| {
             let api = api.clone();
-            async move { Ok::<_, Infallible>(api.handle(req).await) }
+            async move { Ok::<_, Infallible>(api.handle(req, peer).await) }
         });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let conn = graceful.watch(
+            http.serve_connection(TokioIo::new(stall::WriteStall::new(stream, peer)), service),
+        );
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(error = %e, %peer, "HTTP connection ended with an error.");
@@ -161,7 +182,7 @@ pub(crate) async fn serve(listener: TcpListener, api: Api, token: CancellationTo
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()));
+    let mut r = Response::new(Full::new(body.into()).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(
         CONTENT_TYPE,
@@ -172,7 +193,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     let body = serde_json::to_vec(value).unwrap_or_default();
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -236,7 +257,7 @@ fn parse_limit(v: &str) -> Option<usize> {
 }
 
 impl Api {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, peer: std::net::SocketAddr) -> Response<Body> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return error(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
         }
@@ -258,6 +279,14 @@ impl Api {
             "/metrics" => self.metrics_page().await,
             "/devices" => self.list(&query).await,
             "/groups" => self.groups(&query).await,
+            "/events" => events::respond(
+                &self.store,
+                &self.events,
+                req.headers(),
+                &query,
+                peer.to_string(),
+                &self.stop,
+            ),
             p => {
                 if let Some(raw) = p.strip_prefix("/devices/") {
                     self.device(raw).await

@@ -177,3 +177,27 @@ local function group_seq(m)
   local seq = group_fields(m)
   return seq
 end
+-- The event log behind /events: one stream per bucket, appended to in the step that commits
+-- each transition (so an event is in the log exactly when its transition is committed), field
+-- "m" the outbox member. Every entry names the one before it ("p", the stream's last id before
+-- it was added), so that a reader can tell a contiguous read from one with a hole (entries
+-- trimmed away, or a Redis that lost its data). `rule` is "retention ms|most entries".
+local function stream_last(key)
+  if redis.call('EXISTS', key) == 0 then return '0-0' end
+  local info = redis.call('XINFO', 'STREAM', key)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then return info[i + 1] end
+  end
+  return '0-0'
+end
+local function log_events(key, rule, members, now)
+  if #members == 0 then return end
+  local keep, cap = string.match(rule, '^(%d+)|(%d+)$')
+  local prev = stream_last(key)
+  for _, m in ipairs(members) do
+    prev = redis.call('XADD', key, 'MAXLEN', '~', cap, '*', 'p', prev, 'm', m)
+  end
+  -- Exact by age (what aged out since the last call: a few entries), so that a resume from
+  -- past the retention is told `gap`; approximate by length (whole nodes, cheap).
+  redis.call('XTRIM', key, 'MINID', string.format('%d', now - tonumber(keep)))
+end

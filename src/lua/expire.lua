@@ -7,9 +7,11 @@
 -- Returns {next deadline or -1, 1 if more may be overdue else 0, the cutoff used, members...}.
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
 --       6 floors hash (replica -> "floor|written at"), 7 offline-since zset (forget.lua),
---       8 group counts hash, 9 flap until zset, 10 flap lex index (see flap_index)
+--       8 group counts hash, 9 flap until zset, 10 flap lex index (see flap_index),
+--       11 event log stream (see log_events)
 -- ARGV: 1 TTL key prefix, 2 cutoff, 3 outbox lease (ms), 4 limit, 5 floor lease (ms),
---       6 the caller's name in the floors, 7 flap rule ("threshold|half_life ms"), then ids
+--       6 the caller's name in the floors, 7 flap rule ("threshold|half_life ms"), 8 event
+--       log rule ("retention ms|most entries"), then ids
 local recs, deadlines, online, offline, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ttl_prefix, cutoff = ARGV[1], tonumber(ARGV[2])
 local lease, limit, floor_lease = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -19,9 +21,9 @@ if now < cutoff then cutoff = now end
 local floor = lowest_floor(KEYS[6], floor_lease, now, ARGV[6])
 if floor and floor - 1 < cutoff then cutoff = floor - 1 end
 local ids, dls, more = {}, {}, 0
-if #ARGV > 7 then
+if #ARGV > 8 then
   local seen = {}
-  for i = 8, #ARGV do
+  for i = 9, #ARGV do
     -- No deadline: not online (another replica already decided). Later deadline: a
     -- heartbeat extended it. An id named twice is decided once.
     local dl = tonumber(redis.call('ZSCORE', deadlines, ARGV[i]))
@@ -88,6 +90,7 @@ if #ids > 0 then
     redis.call('ZADD', KEYS[10], unpack(lex_args))
   end
   flap_index(KEYS[9], KEYS[10], nil, 0, now)
+  log_events(KEYS[11], ARGV[8], out, now)
 end
 local nxt = redis.call('ZRANGE', deadlines, 0, 0, 'WITHSCORES')
 local result = {nxt[2] or '-1', more, int(cutoff)}

@@ -3,9 +3,11 @@
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
 --       6 floors hash (see expire.lua), 7 offline-since zset (forget.lua), 8 group counts
 --       hash, 9 flap until zset, 10 flap lex index (see flap_index), 11 epoch key (present
---       exactly when the bucket's state is in Redis), 12 sessions hash (see will.lua)
+--       exactly when the bucket's state is in Redis), 12 sessions hash (see will.lua),
+--       13 event log stream (see log_events)
 -- ARGV: 1 TTL key prefix, 2 outbox lease (ms), 3 floor lease (ms), 4 the caller's name in the
---       floors, 5 flap rule ("threshold|half_life ms"), then per device 9 values:
+--       floors, 5 flap rule ("threshold|half_life ms"), 6 event log rule ("retention
+--       ms|most entries"), then per device 9 values:
 --   id, first arrival, latest arrival, latest deadline, lapse from, lapse to (0 0: none),
 --   timing ('1': queued while the monitor was away, counts as on time; '0': live),
 --   group named by the latest heartbeat ('': none named, the device keeps its group),
@@ -40,7 +42,7 @@ local function stage(id, nseq, state, since, seen, group, left, flags)
   redis.call('ZADD', outbox, now + lease, member)
   out[#out + 1] = member
 end
-for i = 6, #ARGV, 9 do
+for i = 7, #ARGV, 9 do
   local id, first, arrival = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local deadline, lapse_from, lapse_to = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
   local on_time = ARGV[i + 6] == '1'
@@ -137,4 +139,5 @@ for i = 6, #ARGV, 9 do
     end
   end
 end
+log_events(KEYS[13], ARGV[6], out, now)
 return out

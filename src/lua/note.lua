@@ -25,11 +25,12 @@
 -- end of the call.
 -- KEYS: 1 group states hash, 2 outbox zset, 3 epoch key (present exactly when the bucket's
 --       state is in Redis: without it the group states were lost, and deciding from none
---       would start a group's seq over; the caller keeps its notes until the rebuild)
+--       would start a group's seq over; the caller keeps its notes until the rebuild),
+--       4 event log stream (see log_events)
 -- ARGV: 1 group key prefix, 2 outbox lease (ms), 3 min devices, 4 fraction, 5 window (ms),
 --       6 recovery fraction, 7 'decide' or 'quiet' (the rebuild's notes of imported offline
---       devices: they make up figures and open nothing, their burst is history), then per
---       note 8 values: group, its devices, online and offline
+--       devices: they make up figures and open nothing, their burst is history), 8 event log
+--       rule ("retention ms|most entries"), then per note 8 values: group, its devices, online and offline
 --       (fleet-wide, read just before), id, seq, state ('1' online, '0' offline, 'x'
 --       forgotten, 'm' back online in another group), since
 -- Returns the group statuses staged.
@@ -141,7 +142,7 @@ local function fence(s, id, entry)
   redis.call('ZADD', s.fence, now, id)
 end
 
-for i = 8, #ARGV, 8 do
+for i = 9, #ARGV, 8 do
   local g, id, seq, state, since = ARGV[i], ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6], tonumber(ARGV[i + 7])
   local totals = {ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]}
   local s = group(g)
@@ -186,4 +187,5 @@ for g, s in pairs(groups) do
     redis.call('ZREM', s.fence, id)
   end
 end
+log_events(KEYS[4], ARGV[8], out, now)
 return out

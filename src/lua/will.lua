@@ -11,9 +11,11 @@
 -- KEYS: 1 records hash, 2 deadlines zset, 3 online index, 4 offline index, 5 outbox zset,
 --       6 floors hash (unused here), 7 offline-since zset (forget.lua), 8 group counts hash,
 --       9 flap until zset, 10 flap lex index, 11 epoch key, 12 sessions hash (id -> the
---       session of its latest heartbeat that named one; heartbeat.lua)
--- ARGV: 1 TTL key prefix, 2 outbox lease (ms), 3 flap rule ("threshold|half_life ms"), then
---       per will 3 values: id, arrival, session ('' for none)
+--       session of its latest heartbeat that named one; heartbeat.lua), 13 event log stream
+--       (see log_events)
+-- ARGV: 1 TTL key prefix, 2 outbox lease (ms), 3 flap rule ("threshold|half_life ms"),
+--       4 event log rule ("retention ms|most entries"), then per will 3 values: id, arrival,
+--       session ('' for none)
 if redis.call('EXISTS', KEYS[11]) == 0 then return redis.status_reply('LOST') end
 local recs, outbox = KEYS[1], KEYS[5]
 local ttl_prefix, lease = ARGV[1], tonumber(ARGV[2])
@@ -29,7 +31,7 @@ local function is_stale(id, arrival, session, last)
   local known = tonumber(redis.call('HGET', KEYS[12], id))
   return known ~= nil and tonumber(session) < known
 end
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local id, arrival, session = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   local state, seq, since, last, _, group, flap = parse(redis.call('HGET', recs, id))
   if state ~= '1' then
@@ -60,6 +62,7 @@ for i = 4, #ARGV, 3 do
     applied = applied + 1
   end
 end
+log_events(KEYS[13], ARGV[4], out, now)
 local result = {applied, stale, ignored}
 for _, m in ipairs(out) do result[#result + 1] = m end
 return result

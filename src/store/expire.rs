@@ -8,7 +8,7 @@ use redis::Value;
 use super::batch::Partial;
 use super::error::StoreError;
 use super::handle::Store;
-use super::keys::EXPIRE_KEYS;
+use super::keys::SWEEP_KEYS;
 use super::outbox::lease_ms;
 use super::reply::{Committed, Fields};
 use crate::bucket::{bucket_of, Bucket};
@@ -66,10 +66,11 @@ impl Store {
             |id| bucket_of(id.as_str()),
             |b, ids| {
                 let mut args = self.expire_args(b, cutoff, ids.len());
+                args.push(self.events.arg());
                 args.extend(ids.iter().map(|id| id.to_string()));
                 self.scripts
                     .expire
-                    .cmd(&self.keys.script(b, &EXPIRE_KEYS), args)
+                    .cmd(&self.keys.script(b, &SWEEP_KEYS), args)
             },
             |b, reply| Ok(Swept::parse(b, &reply)?.committed),
         )
@@ -87,10 +88,11 @@ impl Store {
         self.each_bucket(
             buckets,
             |b| {
-                let args = self.expire_args(b, cutoff, limit);
+                let mut args = self.expire_args(b, cutoff, limit);
+                args.push(self.events.arg());
                 self.scripts
                     .expire
-                    .cmd(&self.keys.script(b, &EXPIRE_KEYS), args)
+                    .cmd(&self.keys.script(b, &SWEEP_KEYS), args)
             },
             |b, reply| {
                 let mut swept = Swept::parse(b, &reply)?;
@@ -102,7 +104,8 @@ impl Store {
         .await
     }
 
-    /// The arguments expire.lua and forget.lua begin with (seven).
+    /// The arguments expire.lua and forget.lua begin with (seven; expire.lua's eighth is the
+    /// event log rule).
     pub(crate) fn expire_args(&self, b: Bucket, cutoff: Cutoff, limit: usize) -> Vec<String> {
         vec![
             self.keys.ttl_prefix(b),

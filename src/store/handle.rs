@@ -14,6 +14,7 @@ use super::scripts::Scripts;
 use crate::bucket::bucket_of;
 use crate::clock::Clock;
 use crate::device::{DeviceId, Millis};
+use crate::event_log::EventLog;
 use crate::flap::FlapRule;
 
 /// Handle to the Redis state. Cheap to clone: the connection is multiplexed and reconnects
@@ -29,6 +30,8 @@ pub struct Store {
     pub(super) replica: Arc<str>,
     /// The flapping rule the transition scripts apply.
     pub(super) flap: FlapRule,
+    /// What the transition scripts keep in the event log.
+    pub(super) events: EventLog,
 }
 
 impl Store {
@@ -41,6 +44,7 @@ impl Store {
             loss: Arc::default(),
             replica: Arc::from(""),
             flap: FlapRule::default(),
+            events: EventLog::default(),
         }
     }
 
@@ -95,6 +99,17 @@ impl Store {
     pub(crate) fn with_flap(mut self, rule: FlapRule) -> Store {
         self.flap = rule;
         self
+    }
+
+    /// The same store, keeping `log` in the event log of every transition it commits.
+    pub(crate) fn with_events(mut self, log: EventLog) -> Store {
+        self.events = log;
+        self
+    }
+
+    /// What the transition scripts keep in the event log.
+    pub(crate) fn event_log(&self) -> EventLog {
+        self.events
     }
 
     /// The offsets to every bucket's master clock (see [`Clock`]).

@@ -39,6 +39,7 @@ impl Store {
             floor_lease_ms.to_string(),
             self.replica.to_string(),
             self.flap.arg(),
+            self.events.arg(),
         ];
         let t = |local| self.clock.to_master(b, local).to_string();
         for beat in beats {

@@ -39,6 +39,9 @@ pub(crate) enum Key {
     /// The prefix of the per-group outage keys (`…:g:dev:<group>`, `off:`, `rec:`, `fence:`;
     /// note.lua).
     GroupOutages,
+    /// Stream: the bucket's committed transitions (and the outages decided in it), for
+    /// `/events`.
+    Events,
 }
 
 impl Key {
@@ -59,6 +62,7 @@ impl Key {
             Key::FlapUntil => "flap",
             Key::FlapIndex => "flapidx",
             Key::Sessions => "session",
+            Key::Events => "events",
         }
     }
 }
@@ -91,14 +95,34 @@ const fn state_and(own: [Key; 3]) -> [Key; 10] {
     ]
 }
 
-/// The `KEYS` of expire.lua and forget.lua (heartbeat.lua's begin so too).
+/// The `KEYS` forget.lua begins with, and expire.lua and heartbeat.lua too.
 pub(crate) const EXPIRE_KEYS: [Key; 10] = state_and([Key::Outbox, Key::Floors, Key::OfflineSince]);
 
-/// The `KEYS` of heartbeat.lua and will.lua: expire.lua's, the epoch key (a bucket without
-/// it is lost) and the sessions.
-pub(crate) const APPLY_KEYS: [Key; 12] = {
+/// The `KEYS` of expire.lua: [`EXPIRE_KEYS`] and the event log.
+pub(crate) const SWEEP_KEYS: [Key; 11] = {
     let [a, b, c, d, e, f, g, h, i, j] = EXPIRE_KEYS;
-    [a, b, c, d, e, f, g, h, i, j, Key::Epoch, Key::Sessions]
+    [a, b, c, d, e, f, g, h, i, j, Key::Events]
+};
+
+/// The `KEYS` of heartbeat.lua and will.lua: [`EXPIRE_KEYS`], the epoch key (a bucket
+/// without it is lost), the sessions and the event log.
+pub(crate) const APPLY_KEYS: [Key; 13] = {
+    let [a, b, c, d, e, f, g, h, i, j] = EXPIRE_KEYS;
+    [
+        a,
+        b,
+        c,
+        d,
+        e,
+        f,
+        g,
+        h,
+        i,
+        j,
+        Key::Epoch,
+        Key::Sessions,
+        Key::Events,
+    ]
 };
 
 /// The `KEYS` of forget.lua: expire.lua's and the sessions.
@@ -212,8 +236,9 @@ mod tests {
         assert_eq!(keys.of(3, Key::RepublishJob), "p:{3}:republish");
         assert_eq!(
             keys.script(3, &APPLY_KEYS)[10..],
-            ["p:{3}:epoch", "p:{3}:session"]
+            ["p:{3}:epoch", "p:{3}:session", "p:{3}:events"]
         );
+        assert_eq!(keys.script(3, &SWEEP_KEYS)[10], "p:{3}:events");
         assert_eq!(keys.script(3, &FORGET_KEYS)[10], "p:{3}:session");
     }
 }

@@ -34,6 +34,7 @@
 mod batch;
 mod connection;
 mod error;
+mod events;
 mod expire;
 mod floor;
 mod forget;
@@ -66,6 +67,7 @@ pub use outbox::OUTBOX_LEASE;
 pub use reply::Committed;
 pub use wills::WillsApplied;
 
+pub(crate) use events::{LogEntry, LogFrom, LogRead};
 pub(crate) use floor::Floor;
 pub(crate) use import::{ImportChunk, Imported};
 pub(crate) use list::{FleetCounts, ListFilter};

@@ -170,6 +170,7 @@ impl Store {
                     rule.window_ms.to_string(),
                     rule.recovery.to_string(),
                     mode.as_str().to_owned(),
+                    self.events.arg(),
                 ];
                 for n in notes {
                     let t = totals.get(&n.group).copied().unwrap_or_default();
@@ -191,7 +192,7 @@ impl Store {
                 }
                 let keys = self
                     .keys
-                    .script(b, &[Key::GroupStates, Key::Outbox, Key::Epoch]);
+                    .script(b, &[Key::GroupStates, Key::Outbox, Key::Epoch, Key::Events]);
                 self.scripts.note.cmd(&keys, args)
             },
             |b, reply| self.noted(b, reply),

@@ -96,6 +96,11 @@ impl<'a> Fields<'a> {
         self.items.next().and_then(text).unwrap_or_default()
     }
 
+    /// The next field as text, `None` at the end.
+    pub(crate) fn next_text(&mut self) -> Option<String> {
+        self.items.next().map(|v| text(v).unwrap_or_default())
+    }
+
     /// The next field as a flag (`1` is set).
     pub(crate) fn flag(&mut self) -> bool {
         self.text() == "1"

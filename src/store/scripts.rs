@@ -51,6 +51,7 @@ pub(crate) struct Scripts {
     pub(crate) note: LuaScript,
     pub(crate) import_groups: LuaScript,
     pub(crate) will: LuaScript,
+    pub(crate) events_read: LuaScript,
 }
 
 impl Scripts {
@@ -68,10 +69,11 @@ impl Scripts {
             note: LuaScript::new(include_str!("../lua/note.lua")),
             import_groups: LuaScript::new(include_str!("../lua/import_groups.lua")),
             will: LuaScript::new(include_str!("../lua/will.lua")),
+            events_read: LuaScript::new(include_str!("../lua/events_read.lua")),
         }
     }
 
-    fn all(&self) -> [&LuaScript; 12] {
+    fn all(&self) -> [&LuaScript; 13] {
         [
             &self.heartbeat,
             &self.expire,
@@ -85,6 +87,7 @@ impl Scripts {
             &self.note,
             &self.import_groups,
             &self.will,
+            &self.events_read,
         ]
     }
 

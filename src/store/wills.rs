@@ -57,6 +57,7 @@ impl Store {
                     self.keys.ttl_prefix(b),
                     lease_ms().to_string(),
                     self.flap.arg(),
+                    self.events.arg(),
                 ];
                 for w in wills {
                     args.extend([

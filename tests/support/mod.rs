@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod redis_cluster;
 pub mod replica;
 pub mod servers;
+pub mod sse;
 pub mod wait;
 
 // Each test crate uses some of these, and none all of them.

@@ -63,7 +63,7 @@ pub fn spawn_replica_with_env(
 ) -> (Proc, SocketAddr, String) {
     let id = format!("presenced-replica-{:08x}", fastrand::u32(..));
     let log = replica_log(&id);
-    spawn_replica_as(&id, redis_args, mqtt, extra, env, log)
+    spawn_replica_as(&id, redis_args, &mqtt.url(), extra, env, log)
 }
 
 /// [`spawn_replica`] with its log (stderr, `RUST_LOG=warn` unless
@@ -77,13 +77,24 @@ pub fn spawn_replica_logging_to(
     let id = format!("presenced-replica-{:08x}", fastrand::u32(..));
     let file = std::fs::File::create(log).unwrap();
     let redis_args = ["--redis-url".into(), redis.url()];
-    spawn_replica_as(&id, &redis_args, mqtt, extra, &[], Stdio::from(file))
+    spawn_replica_as(&id, &redis_args, &mqtt.url(), extra, &[], Stdio::from(file))
+}
+
+/// [`spawn_replica`] reaching the broker at `mqtt_url` (a [`FaultProxy`] in front of it).
+pub fn spawn_replica_via(
+    redis: &RedisServer,
+    mqtt_url: &str,
+    extra: &[&str],
+) -> (Proc, SocketAddr, String) {
+    let id = format!("presenced-replica-{:08x}", fastrand::u32(..));
+    let redis_args = ["--redis-url".into(), redis.url()];
+    spawn_replica_as(&id, &redis_args, mqtt_url, extra, &[], replica_log(&id))
 }
 
 fn spawn_replica_as(
     id: &str,
     redis_args: &[String],
-    mqtt: &Mosquitto,
+    mqtt_url: &str,
     extra: &[&str],
     env: &[(String, String)],
     log: Stdio,
@@ -98,7 +109,7 @@ fn spawn_replica_as(
         )
         .envs(env.iter().map(|(k, v)| (k, v)))
         .args(redis_args)
-        .args(["--mqtt-url", &mqtt.url()])
+        .args(["--mqtt-url", mqtt_url])
         .args(["--http-listen", &format!("127.0.0.1:{http}")])
         .args([
             "--mqtt-client-id",

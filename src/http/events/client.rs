@@ -1,0 +1,342 @@
+//! One `/events` client: its place in the log, the catch-up from Redis when it resumes, and
+//! the live events after it.
+//!
+//! Owns [`Session`] and [`Resume`]. A client's place is one stream id per bucket
+//! ([`Position`]); every event it is sent carries the place as its `id`, so a resume at any
+//! replica continues exactly after it. Bounded: a client has a queue of [`QUEUE`] chunks
+//! toward its socket (a burst waits there); one that leaves it full for [`PATIENCE`] is cut
+//! off (it can resume). Each client has its own task, so a slow one holds up nobody else: while
+//! it waits, what it misses stays in Redis and in the feed's broadcast.
+//! Must not write to Redis.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::feed::{Hub, Item, Kind, LiveEvent};
+use crate::bucket::{Bucket, BUCKETS};
+use crate::device::{DeviceId, GroupName};
+use crate::event_log::{Position, StreamId};
+use crate::store::{LogFrom, LogRead, Store};
+
+/// Chunks (events, comments) queued toward one client's socket at most.
+pub(crate) const QUEUE: usize = 512;
+/// A comment is sent after this long without anything else (the contract asks for one at
+/// least every 15 s; proxies close idle connections).
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// How long a client may leave its queue full before it is cut off.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(5);
+/// Entries read per bucket and round trip while catching up.
+const CATCH_UP_BATCH: usize = 200;
+/// How long to wait for the feed to start (it reads every bucket's end first).
+const FEED_WAIT: Duration = Duration::from_secs(5);
+
+/// Where a client asked to begin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Resume {
+    /// A fresh connection: live, no replay.
+    Live,
+    /// Exactly after this place.
+    After(Position),
+    /// An id that is no place of ours: `gap`, then from the oldest event kept.
+    Unknown,
+}
+
+/// What a client wants to see.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Filter {
+    pub(crate) device: Option<DeviceId>,
+    pub(crate) group: Option<GroupName>,
+}
+
+impl Filter {
+    fn passes(&self, kind: &Kind) -> bool {
+        match kind {
+            Kind::Unreadable => false,
+            Kind::Status { device, group } => {
+                self.device.as_ref().is_none_or(|d| d == device)
+                    && self
+                        .group
+                        .as_ref()
+                        .is_none_or(|g| group.as_ref() == Some(g))
+            }
+            Kind::Group(group) => {
+                self.device.is_none() && self.group.as_ref().is_none_or(|g| g == group)
+            }
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    /// The client went away, or the server is stopping.
+    Gone,
+    /// The client did not take what it was sent.
+    Slow,
+}
+
+/// One client's stream.
+pub(crate) struct Session {
+    pub(crate) store: Store,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) filter: Filter,
+    pub(crate) tx: mpsc::Sender<Bytes>,
+    pub(crate) token: CancellationToken,
+    pub(crate) peer: String,
+    /// The client's place.
+    pub(crate) at: Position,
+    pub(crate) last_write: Instant,
+}
+
+impl Session {
+    /// Streams until the client goes, falls behind or the server stops.
+    pub(crate) async fn run(mut self, resume: Resume) {
+        match self.stream(resume).await {
+            Err(Stop::Slow) => warn!(
+                peer = %self.peer,
+                queued = QUEUE,
+                "An /events client did not keep up and was disconnected; it can resume with Last-Event-ID."
+            ),
+            Ok(()) | Err(Stop::Gone) => debug!(peer = %self.peer, "An /events client left."),
+        }
+    }
+
+    async fn stream(&mut self, resume: Resume) -> Result<(), Stop> {
+        self.try_write(Bytes::from_static(b": presenced events\nretry: 2000\n\n"))?;
+        let (feed_at, mut rx) = self.feed().await?;
+        match resume {
+            Resume::Live => self.at = feed_at,
+            Resume::After(p) => {
+                // Past the retention the promise ends: say so, then send what is still kept
+                // after the place (a quiet bucket keeps its entries until its next write).
+                let expired = p.newest_ms() + self.retention_ms() < self.store.clock().now(0);
+                self.at = p;
+                if expired {
+                    self.gap("older than the retention").await?;
+                }
+                self.catch_up(&feed_at, &[], expired).await?;
+            }
+            Resume::Unknown => {
+                self.at = Position::default();
+                self.gap("unknown id").await?;
+                let all: Vec<Bucket> = (0..BUCKETS).collect();
+                self.catch_up(&feed_at, &all, true).await?;
+            }
+        }
+        loop {
+            let idle = self.last_write + KEEP_ALIVE;
+            tokio::select! {
+                item = rx.recv() => match item {
+                    Ok(Item::Event(ev)) => self.live(&ev).await?,
+                    Ok(Item::Restart(b)) => {
+                        self.at.set(b, StreamId::START);
+                        self.try_write(self.gap_frame("log lost"))?;
+                    }
+                    // This session fell behind the feed (it was catching up, or starved):
+                    // what it missed is in Redis.
+                    Err(RecvError::Lagged(_)) => {
+                        let (feed_at, fresh) = self.feed().await?;
+                        rx = fresh;
+                        self.catch_up(&feed_at, &[], false).await?;
+                    }
+                    Err(RecvError::Closed) => return Ok(()),
+                },
+                () = tokio::time::sleep_until(idle) => {
+                    self.try_write(Bytes::from_static(b": keep-alive\n\n"))?;
+                }
+                () = self.tx.closed() => return Err(Stop::Gone),
+                () = self.token.cancelled() => return Err(Stop::Gone),
+            }
+        }
+    }
+
+    /// The feed's place and its broadcast, once it has started.
+    async fn feed(&self) -> Result<(Position, broadcast::Receiver<Item>), Stop> {
+        let give_up = Instant::now() + FEED_WAIT;
+        loop {
+            if let Some(follow) = self.hub.follow() {
+                return Ok(follow);
+            }
+            if Instant::now() >= give_up || self.token.is_cancelled() {
+                return Err(Stop::Gone);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A live event: skipped if the client has it (it resumed ahead of this replica's feed),
+    /// preceded by `gap` if the client's place is not the one just before it.
+    async fn live(&mut self, ev: &LiveEvent) -> Result<(), Stop> {
+        let mine = self.at.get(ev.bucket);
+        if ev.id <= mine {
+            return Ok(());
+        }
+        if ev.prev != mine {
+            self.gap("events were lost").await?;
+        }
+        self.at.set(ev.bucket, ev.id);
+        if self.filter.passes(&ev.kind) {
+            let frame = self.frame(ev.kind.name(), &ev.data);
+            self.write(frame).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the log from the client's place up to `until` (the feed's place: what comes
+    /// after it arrives live), bucket by bucket in pages. `oldest`: buckets to read from
+    /// their first entry kept; `told_gap`: the client was told `gap` already.
+    async fn catch_up(
+        &mut self,
+        until: &Position,
+        oldest: &[Bucket],
+        mut told_gap: bool,
+    ) -> Result<(), Stop> {
+        let mut from_oldest: Vec<bool> = (0..BUCKETS).map(|b| oldest.contains(&b)).collect();
+        let mut pending: Vec<Bucket> = (0..BUCKETS)
+            .filter(|&b| from_oldest[usize::from(b)] || self.at.get(b) < until.get(b))
+            .collect();
+        while !pending.is_empty() {
+            let from: Vec<_> = pending
+                .iter()
+                .map(|&b| match from_oldest[usize::from(b)] {
+                    true => (b, LogFrom::Oldest),
+                    false => (b, LogFrom::After(self.at.get(b))),
+                })
+                .collect();
+            let reads = self.store.read_events(&from, CATCH_UP_BATCH).await;
+            if reads.done.is_empty() {
+                // Redis does not answer: wait, as long as the client is there.
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    () = self.tx.closed() => return Err(Stop::Gone),
+                    () = self.token.cancelled() => return Err(Stop::Gone),
+                }
+            }
+            for read in reads.done {
+                let b = read.bucket;
+                let was_oldest = std::mem::take(&mut from_oldest[usize::from(b)]);
+                let (done, hole) = self.page(read, until.get(b), was_oldest).await?;
+                if hole == Hole::Unknown {
+                    from_oldest[usize::from(b)] = true;
+                }
+                if hole != Hole::None && !told_gap {
+                    told_gap = true;
+                    self.gap("older than the log").await?;
+                }
+                if done && hole != Hole::Unknown {
+                    pending.retain(|&p| p != b);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one page of a bucket's catch-up; whether the bucket is done, and the hole found
+    /// before the page.
+    async fn page(
+        &mut self,
+        read: LogRead,
+        until: StreamId,
+        from_oldest: bool,
+    ) -> Result<(bool, Hole), Stop> {
+        let b = read.bucket;
+        let mine = self.at.get(b);
+        let first = read.entries.first().map(|e| e.prev);
+        let hole = match first {
+            _ if from_oldest => Hole::None,
+            Some(prev) if prev != mine => Hole::Trimmed,
+            Some(_) => Hole::None,
+            // Nothing after the client's place: it is the stream's end, or no place in it.
+            None if read.last == mine => Hole::None,
+            None if read.last < mine => Hole::Unknown,
+            None => {
+                self.at.set(b, read.last);
+                Hole::Trimmed
+            }
+        };
+        if hole == Hole::Unknown {
+            self.at.set(b, StreamId::START);
+            return Ok((false, hole));
+        }
+        let full = read.entries.len() >= CATCH_UP_BATCH;
+        for entry in read.entries {
+            if entry.id > until {
+                return Ok((true, hole));
+            }
+            let ev = LiveEvent::of(b, entry);
+            self.at.set(b, ev.id);
+            if self.filter.passes(&ev.kind) {
+                let frame = self.frame(ev.kind.name(), &ev.data);
+                self.write(frame).await?;
+            }
+        }
+        Ok((!full || self.at.get(b) >= until, hole))
+    }
+
+    fn retention_ms(&self) -> u64 {
+        u64::try_from(self.store.event_log().retention().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    async fn gap(&mut self, reason: &str) -> Result<(), Stop> {
+        let frame = self.gap_frame(reason);
+        self.write(frame).await
+    }
+
+    fn gap_frame(&self, reason: &str) -> Bytes {
+        let data = serde_json::json!({ "reason": reason }).to_string();
+        self.frame("gap", data.as_bytes())
+    }
+
+    fn frame(&self, name: &str, data: &[u8]) -> Bytes {
+        let mut out = Vec::with_capacity(data.len() + 400);
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\nid: ");
+        out.extend_from_slice(self.at.to_string().as_bytes());
+        out.extend_from_slice(b"\ndata: ");
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
+    }
+
+    /// Queues a chunk without waiting: a full queue means the client does not read.
+    fn try_write(&mut self, chunk: Bytes) -> Result<(), Stop> {
+        match self.tx.try_send(chunk) {
+            Ok(()) => {
+                self.last_write = Instant::now();
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(Stop::Slow),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Stop::Gone),
+        }
+    }
+
+    /// Queues a chunk, waiting for the client up to [`PATIENCE`].
+    async fn write(&mut self, chunk: Bytes) -> Result<(), Stop> {
+        match tokio::time::timeout(PATIENCE, self.tx.send(chunk)).await {
+            Ok(Ok(())) => {
+                self.last_write = Instant::now();
+                Ok(())
+            }
+            Ok(Err(_)) => Err(Stop::Gone),
+            Err(_) => Err(Stop::Slow),
+        }
+    }
+}
+
+/// What lies between a client's place and the next entry of a bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hole {
+    None,
+    /// Entries after the place were trimmed (older than the retention, or over the cap).
+    Trimmed,
+    /// The place is not in the stream (an id of a log Redis lost): read from the oldest.
+    Unknown,
+}
