@@ -6,6 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::instances::Instances;
 use crate::metrics::Metrics;
 
 /// Why the monitor is not ready: one reason per line.
@@ -31,6 +32,8 @@ pub(crate) struct Health {
     redis_listener: AtomicBool,
     mqtt_connected: AtomicBool,
     mqtt_subscribed: AtomicBool,
+    /// The replicas the broker says are running (for the status page).
+    pub(crate) instances: Instances,
 }
 
 impl Health {
@@ -43,6 +46,7 @@ impl Health {
             redis_listener: AtomicBool::new(false),
             mqtt_connected: AtomicBool::new(false),
             mqtt_subscribed: AtomicBool::new(false),
+            instances: Instances::default(),
         }
     }
 

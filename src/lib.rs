@@ -42,6 +42,7 @@ pub mod group_status;
 pub(crate) mod health;
 pub(crate) mod held;
 pub(crate) mod http;
+pub(crate) mod instances;
 pub mod metrics;
 pub(crate) mod mqtt;
 pub(crate) mod presence;

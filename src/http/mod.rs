@@ -1,6 +1,8 @@
 //! The HTTP server (hyper 1): `/metrics`, `/healthz`, `/readyz`, `/devices/{id}`,
-//! `/devices?state=&group=&limit=&cursor=`, and the groups (`groups.rs`). It only reads:
-//! Redis for devices, groups and fleet counts, [`Health`] for readiness. With
+//! `/devices?state=&group=&limit=&cursor=`, the groups (`groups.rs`), the event stream
+//! (`events/`), the status page (`page/`) and `/instances` (the running replicas, for the
+//! page). It only reads: Redis for devices, groups, fleet counts and the event log,
+//! [`Health`] for readiness and the replicas. With
 //! `http.auth_token` set, every route but `/`, `/healthz` and `/readyz` needs that bearer
 //! token.
 //!
@@ -8,6 +10,7 @@
 
 mod events;
 mod groups;
+mod page;
 mod stall;
 
 use std::borrow::Cow;
@@ -271,6 +274,8 @@ impl Api {
             }
         }
         match path.as_str() {
+            "/" => page::page(),
+            "/instances" => json(StatusCode::OK, &self.health.instances.to_json()),
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => match self.health.readiness() {
                 Ok(()) => text(StatusCode::OK, "ready\n"),

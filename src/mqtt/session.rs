@@ -181,6 +181,8 @@ impl Session {
             .collect();
         let mut filters = shared.clone();
         filters.extend([sync.topic().to_owned(), BROKER_TOPIC.to_owned()]);
+        // The replicas' presence, for the status page (and, sharing, for the floors).
+        filters.push(instance_topic("+"));
         let share = cfg.shared_group.as_ref().map(|group| {
             filters.extend(Share::filters(group));
             let (redis_ok, health) = (task.redis_ok.clone(), task.health.clone());
@@ -458,6 +460,9 @@ impl Session {
                 share.beacon(topic);
             }
         } else if topic.starts_with(INSTANCES.as_bytes()) {
+            if let Some(who) = std::str::from_utf8(&topic[INSTANCES.len()..]).ok() {
+                self.health.instances.note(who, payload);
+            }
             if let Some(who) = gone_instance(topic, payload) {
                 // Full: the floor's lease ends it anyway.
                 let _ = self.gone.try_send(who);

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::client::{Client, Qos, Retain};
-use super::topics::{beacon_topic, instance_topic, INSTANCES};
+use super::topics::{beacon_topic, INSTANCES};
 use crate::health::{Health, MqttLink};
 
 /// How often a replica that reaches Redis says so to the others.
@@ -61,10 +61,11 @@ impl Share {
         }
     }
 
-    /// What a member subscribes to besides heartbeats: the other replicas' presence (a will
-    /// tells at once that one is gone) and their beacons (which of them reach Redis).
-    pub(super) fn filters(group: &str) -> [String; 2] {
-        [instance_topic("+"), beacon_topic(group, "+")]
+    /// What a member subscribes to besides heartbeats and the replicas' presence (which
+    /// every replica reads: a will tells at once that one is gone): their beacons (which of
+    /// them reach Redis).
+    pub(super) fn filters(group: &str) -> [String; 1] {
+        [beacon_topic(group, "+")]
     }
 
     /// A (re)connection subscribes to everything.
