@@ -460,7 +460,7 @@ impl Session {
                 share.beacon(topic);
             }
         } else if topic.starts_with(INSTANCES.as_bytes()) {
-            if let Some(who) = std::str::from_utf8(&topic[INSTANCES.len()..]).ok() {
+            if let Ok(who) = std::str::from_utf8(&topic[INSTANCES.len()..]) {
                 self.health.instances.note(who, payload);
             }
             if let Some(who) = gone_instance(topic, payload) {
