@@ -469,7 +469,8 @@ async fn an_outage_a_dead_replica_staged_is_published() {
 }
 
 /// A Redis for note.lua itself, called as the monitor calls it (common.lua first), with keys
-/// `t:gstate`, `t:outbox` and `t:epoch` (present: the bucket's state is in Redis).
+/// `t:gstate`, `t:outbox`, `t:epoch` (present: the bucket's state is in Redis) and `t:events`
+/// (its event log), and the event log rule after the mode.
 async fn note_script() -> (
     RedisServer,
     redis::aio::MultiplexedConnection,
@@ -501,14 +502,18 @@ async fn a_burst_noted_out_of_order_counts_every_device() {
     let t0: u64 = 1_800_000_000_000;
     let note = |ids: std::ops::Range<u64>| {
         let mut inv = script.prepare_invoke();
-        inv.key("t:gstate").key("t:outbox").key("t:epoch");
+        inv.key("t:gstate")
+            .key("t:outbox")
+            .key("t:epoch")
+            .key("t:events");
         inv.arg("t:g:")
             .arg(30_000)
             .arg(50)
             .arg(0.5)
             .arg(60_000)
             .arg(0.9)
-            .arg("decide");
+            .arg("decide")
+            .arg("3600000|4096");
         // Reversed: the device that went offline last is noted first.
         for i in ids.rev() {
             inv.arg("site").arg(100).arg(40).arg(60);
@@ -664,14 +669,18 @@ async fn late_copies_of_notes_change_nothing() {
     let (_redis, mut conn, script) = note_script().await;
     let mut note = async |id: &str, seq: u64, state: &str, since: u64| {
         let mut inv = script.prepare_invoke();
-        inv.key("t:gstate").key("t:outbox").key("t:epoch");
+        inv.key("t:gstate")
+            .key("t:outbox")
+            .key("t:epoch")
+            .key("t:events");
         inv.arg("t:g:")
             .arg(30_000)
             .arg(50)
             .arg(0.5)
             .arg(60_000)
             .arg(0.9)
-            .arg("decide");
+            .arg("decide")
+            .arg("3600000|4096");
         inv.arg("site").arg(100).arg(99).arg(1);
         inv.arg(id).arg(seq).arg(state).arg(since);
         let staged: Vec<String> = inv.invoke_async(&mut conn).await.unwrap();

@@ -121,8 +121,10 @@ pub(crate) const MAX_CONNECTIONS: usize = 2048;
 /// holds its connection (and a slot of [`MAX_CONNECTIONS`]) forever.
 pub(crate) const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The send buffer of every HTTP connection (the kernel doubles it).
-const SEND_BUFFER: usize = 64 * 1024;
+/// The send buffer of every HTTP connection (the kernel doubles it): enough for a LAN or a
+/// nearby WAN at full speed, and what an `/events` client that stops reading holds at most
+/// in the kernel until [`stall::WRITE_STALL`] drops it.
+const SEND_BUFFER: usize = 256 * 1024;
 
 /// Serves until cancelled, then lets requests in progress finish (up to 1 s).
 pub(crate) async fn serve(listener: TcpListener, api: Api, token: CancellationToken) {
@@ -154,9 +156,8 @@ pub(crate) async fn serve(listener: TcpListener, api: Api, token: CancellationTo
                 }
             },
         };
-        // Small socket buffers: an `/events` client that stops reading is noticed (its
-        // queue fills) after some hundreds of KiB, not after the kernel's several MiB; no
-        // answer of ours needs more in flight on loopback or a LAN.
+        // A bounded socket buffer (not the kernel's autotuned several MiB): what a client
+        // that stops reading can hold.
         if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER) {
             debug!(error = %e, "Cannot size an HTTP socket's send buffer.");
         }

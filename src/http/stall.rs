@@ -15,6 +15,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tracing::warn;
 
+use crate::telemetry::LogLimiter;
+
+static STALLED: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+
 /// How long a write may wait for the peer before the connection is dropped.
 pub(crate) const WRITE_STALL: Duration = Duration::from_secs(5);
 
@@ -43,7 +47,9 @@ impl<T> WriteStall<T> {
         match timer.as_mut().poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(()) => {
-                warn!(peer = %self.peer, "An HTTP client took nothing for 5 s; disconnected.");
+                if let Some(suppressed) = STALLED.check() {
+                    warn!(peer = %self.peer, suppressed, "An HTTP client took nothing for 5 s; disconnected.");
+                }
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "the client stopped reading",

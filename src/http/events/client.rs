@@ -20,10 +20,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::feed::{Hub, Item, Kind, LiveEvent};
-use crate::bucket::{Bucket, BUCKETS};
+use crate::bucket::{bucket_of, Bucket, BUCKETS};
 use crate::device::{DeviceId, GroupName};
 use crate::event_log::{Position, StreamId};
 use crate::store::{LogFrom, LogRead, Store};
+use crate::telemetry::LogLimiter;
+
+static SLOW: LogLimiter = LogLimiter::new(Duration::from_secs(10));
 
 /// Chunks (events, comments) queued toward one client's socket at most.
 pub(crate) const QUEUE: usize = 512;
@@ -99,11 +102,16 @@ impl Session {
     /// Streams until the client goes, falls behind or the server stops.
     pub(crate) async fn run(mut self, resume: Resume) {
         match self.stream(resume).await {
-            Err(Stop::Slow) => warn!(
-                peer = %self.peer,
-                queued = QUEUE,
-                "An /events client did not keep up and was disconnected; it can resume with Last-Event-ID."
-            ),
+            Err(Stop::Slow) => {
+                if let Some(suppressed) = SLOW.check() {
+                    warn!(
+                        peer = %self.peer,
+                        queued = QUEUE,
+                        suppressed,
+                        "An /events client did not keep up and was disconnected; it can resume with Last-Event-ID."
+                    );
+                }
+            }
             Ok(()) | Err(Stop::Gone) => debug!(peer = %self.peer, "An /events client left."),
         }
     }
@@ -116,45 +124,70 @@ impl Session {
             Resume::After(p) => {
                 // Past the retention the promise ends: say so, then send what is still kept
                 // after the place (a quiet bucket keeps its entries until its next write).
-                let expired = p.newest_ms() + self.retention_ms() < self.store.clock().now(0);
+                let expired =
+                    p.newest_ms().saturating_add(self.retention_ms()) < self.store.clock().now(0);
                 self.at = p;
                 if expired {
                     self.gap("older than the retention").await?;
                 }
-                self.catch_up(&feed_at, &[], expired).await?;
+                self.catch_up(&feed_at, false, expired).await?;
             }
             Resume::Unknown => {
                 self.at = Position::default();
                 self.gap("unknown id").await?;
-                let all: Vec<Bucket> = (0..BUCKETS).collect();
-                self.catch_up(&feed_at, &all, true).await?;
+                self.catch_up(&feed_at, true, true).await?;
             }
         }
+        // The client's place from now on, even before an event passes its filter.
+        self.try_write(self.place_frame(""))?;
         loop {
             let idle = self.last_write + KEEP_ALIVE;
             tokio::select! {
                 item = rx.recv() => match item {
                     Ok(Item::Event(ev)) => self.live(&ev).await?,
-                    Ok(Item::Restart(b)) => {
-                        self.at.set(b, StreamId::START);
-                        self.try_write(self.gap_frame("log lost"))?;
+                    Ok(Item::Restart(b, last)) => {
+                        self.at.set(b, last);
+                        if self.relevant(b) {
+                            self.gap("events were lost").await?;
+                        }
+                    }
+                    Ok(Item::Known(b, last)) => {
+                        if self.at.get(b) == StreamId::START {
+                            self.at.set(b, last);
+                        }
                     }
                     // This session fell behind the feed (it was catching up, or starved):
                     // what it missed is in Redis.
                     Err(RecvError::Lagged(_)) => {
                         let (feed_at, fresh) = self.feed().await?;
                         rx = fresh;
-                        self.catch_up(&feed_at, &[], false).await?;
+                        self.catch_up(&feed_at, false, false).await?;
                     }
                     Err(RecvError::Closed) => return Ok(()),
                 },
-                () = tokio::time::sleep_until(idle) => {
-                    self.try_write(Bytes::from_static(b": keep-alive\n\n"))?;
-                }
+                () = tokio::time::sleep_until(idle) => self.keep_alive()?,
                 () = self.tx.closed() => return Err(Stop::Gone),
                 () = self.token.cancelled() => return Err(Stop::Gone),
             }
         }
+    }
+
+    /// Whether the client can see events of bucket `b` (a device filter names one bucket).
+    fn relevant(&self, b: Bucket) -> bool {
+        self.filter
+            .device
+            .as_ref()
+            .is_none_or(|d| bucket_of(d.as_str()) == b)
+    }
+
+    /// A comment, with the client's place (an `id` without data moves a browser's
+    /// `Last-Event-ID` and dispatches nothing).
+    fn keep_alive(&mut self) -> Result<(), Stop> {
+        self.try_write(self.place_frame(": keep-alive\n"))
+    }
+
+    fn place_frame(&self, before: &str) -> Bytes {
+        Bytes::from(format!("{before}id: {}\n\n", self.at))
     }
 
     /// The feed's place and its broadcast, once it has started.
@@ -178,7 +211,7 @@ impl Session {
         if ev.id <= mine {
             return Ok(());
         }
-        if ev.prev != mine {
+        if ev.prev != mine && self.relevant(ev.bucket) {
             self.gap("events were lost").await?;
         }
         self.at.set(ev.bucket, ev.id);
@@ -190,18 +223,34 @@ impl Session {
     }
 
     /// Reads the log from the client's place up to `until` (the feed's place: what comes
-    /// after it arrives live), bucket by bucket in pages. `oldest`: buckets to read from
-    /// their first entry kept; `told_gap`: the client was told `gap` already.
+    /// after it arrives live), bucket by bucket in pages; a place that differs from the
+    /// feed's either way is read (one ahead of it is checked, not trusted). `oldest`: read
+    /// every bucket from its first entry kept; `told_gap`: the client was told `gap`
+    /// already. Buckets a device filter rules out are not read (their place becomes the
+    /// feed's).
     async fn catch_up(
         &mut self,
         until: &Position,
-        oldest: &[Bucket],
+        oldest: bool,
         mut told_gap: bool,
     ) -> Result<(), Stop> {
-        let mut from_oldest: Vec<bool> = (0..BUCKETS).map(|b| oldest.contains(&b)).collect();
-        let mut pending: Vec<Bucket> = (0..BUCKETS)
-            .filter(|&b| from_oldest[usize::from(b)] || self.at.get(b) < until.get(b))
-            .collect();
+        let mut from_oldest = vec![oldest; usize::from(BUCKETS)];
+        let mut pending = Vec::new();
+        for b in 0..BUCKETS {
+            if !self.relevant(b) {
+                self.at.set(b, until.get(b));
+            } else if oldest || self.at.get(b) != until.get(b) {
+                pending.push(b);
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let _turn = tokio::select! {
+            turn = self.hub.catch_ups.clone().acquire_owned() => turn.ok(),
+            () = self.tx.closed() => return Err(Stop::Gone),
+            () = self.token.cancelled() => return Err(Stop::Gone),
+        };
         while !pending.is_empty() {
             let from: Vec<_> = pending
                 .iter()
@@ -213,6 +262,9 @@ impl Session {
             let reads = self.store.read_events(&from, CATCH_UP_BATCH).await;
             if reads.done.is_empty() {
                 // Redis does not answer: wait, as long as the client is there.
+                if self.last_write + KEEP_ALIVE <= Instant::now() {
+                    self.keep_alive()?;
+                }
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(500)) => continue,
                     () = self.tx.closed() => return Err(Stop::Gone),
@@ -222,53 +274,60 @@ impl Session {
             for read in reads.done {
                 let b = read.bucket;
                 let was_oldest = std::mem::take(&mut from_oldest[usize::from(b)]);
-                let (done, hole) = self.page(read, until.get(b), was_oldest).await?;
-                if hole == Hole::Unknown {
-                    from_oldest[usize::from(b)] = true;
-                }
-                if hole != Hole::None && !told_gap {
-                    told_gap = true;
-                    self.gap("older than the log").await?;
-                }
-                if done && hole != Hole::Unknown {
-                    pending.retain(|&p| p != b);
+                let step = self
+                    .page(read, until.get(b), was_oldest, &mut told_gap)
+                    .await?;
+                match step {
+                    Step::Done => pending.retain(|&p| p != b),
+                    Step::More => {}
+                    Step::FromOldest => from_oldest[usize::from(b)] = true,
                 }
             }
         }
         Ok(())
     }
 
-    /// Sends one page of a bucket's catch-up; whether the bucket is done, and the hole found
-    /// before the page.
+    /// Sends one page of a bucket's catch-up, after `gap` if there is a hole before it.
     async fn page(
         &mut self,
         read: LogRead,
         until: StreamId,
         from_oldest: bool,
-    ) -> Result<(bool, Hole), Stop> {
+        told_gap: &mut bool,
+    ) -> Result<Step, Stop> {
         let b = read.bucket;
         let mine = self.at.get(b);
         let first = read.entries.first().map(|e| e.prev);
         let hole = match first {
-            _ if from_oldest => Hole::None,
-            Some(prev) if prev != mine => Hole::Trimmed,
-            Some(_) => Hole::None,
+            // From the oldest kept: the place is the one before it (a gap was told).
+            _ if from_oldest => {
+                self.at.set(b, first.unwrap_or(read.last));
+                false
+            }
+            Some(prev) => prev != mine,
             // Nothing after the client's place: it is the stream's end, or no place in it.
-            None if read.last == mine => Hole::None,
-            None if read.last < mine => Hole::Unknown,
+            None if read.last == mine => false,
+            None if read.last < mine => {
+                if !*told_gap {
+                    *told_gap = true;
+                    self.gap("unknown id").await?;
+                }
+                self.at.set(b, StreamId::START);
+                return Ok(Step::FromOldest);
+            }
             None => {
                 self.at.set(b, read.last);
-                Hole::Trimmed
+                true
             }
         };
-        if hole == Hole::Unknown {
-            self.at.set(b, StreamId::START);
-            return Ok((false, hole));
+        if hole && !*told_gap {
+            *told_gap = true;
+            self.gap("older than the log").await?;
         }
         let full = read.entries.len() >= CATCH_UP_BATCH;
         for entry in read.entries {
             if entry.id > until {
-                return Ok((true, hole));
+                return Ok(Step::Done);
             }
             let ev = LiveEvent::of(b, entry);
             self.at.set(b, ev.id);
@@ -277,7 +336,11 @@ impl Session {
                 self.write(frame).await?;
             }
         }
-        Ok((!full || self.at.get(b) >= until, hole))
+        Ok(if full && self.at.get(b) < until {
+            Step::More
+        } else {
+            Step::Done
+        })
     }
 
     fn retention_ms(&self) -> u64 {
@@ -331,12 +394,11 @@ impl Session {
     }
 }
 
-/// What lies between a client's place and the next entry of a bucket.
+/// What a page of a bucket's catch-up leaves to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hole {
-    None,
-    /// Entries after the place were trimmed (older than the retention, or over the cap).
-    Trimmed,
-    /// The place is not in the stream (an id of a log Redis lost): read from the oldest.
-    Unknown,
+enum Step {
+    Done,
+    More,
+    /// The place is not in the stream (an id of a log Redis lost): read it from the oldest.
+    FromOldest,
 }

@@ -96,9 +96,13 @@ impl LiveEvent {
 #[derive(Clone, Debug)]
 pub(crate) enum Item {
     Event(Arc<LiveEvent>),
-    /// The bucket's stream starts over below where the feed was (a Redis that lost its data
-    /// and whose clock is behind): clients forget their place in it.
-    Restart(Bucket),
+    /// The bucket's stream ends below where the feed was (Redis lost entries: a failover to
+    /// a replica that had not got them, or lost data): the feed goes on from the stream's
+    /// end, and clients are told `gap`.
+    Restart(Bucket, StreamId),
+    /// The feed learnt a bucket's end only now (its master did not answer at start):
+    /// clients that had no place in it take this one.
+    Known(Bucket, StreamId),
 }
 
 /// The feed's place and the clients' way in.
@@ -106,13 +110,19 @@ pub(crate) struct Hub {
     state: Mutex<HubState>,
     /// Client slots.
     pub(crate) slots: Arc<Semaphore>,
+    /// Catch-ups from Redis under way at once: they share the monitor's connection, so a
+    /// crowd of clients resuming together (after a restart) reads the log a few at a time.
+    pub(crate) catch_ups: Arc<Semaphore>,
 }
 
 struct HubState {
-    /// Where the feed is; `None` until it read every bucket's end once.
+    /// Where the feed is; `None` until it has started.
     at: Option<Position>,
     tx: broadcast::Sender<Item>,
 }
+
+/// Catch-ups at once (see [`Hub::catch_ups`]).
+const CATCH_UPS: usize = 4;
 
 impl Default for Hub {
     fn default() -> Self {
@@ -122,6 +132,7 @@ impl Default for Hub {
                 tx: broadcast::channel(BROADCAST).0,
             }),
             slots: Arc::new(Semaphore::new(MAX_CLIENTS)),
+            catch_ups: Arc::new(Semaphore::new(CATCH_UPS)),
         }
     }
 }
@@ -130,69 +141,86 @@ impl Hub {
     /// The feed's place and a receiver of everything after it (taken together, so nothing
     /// falls between them); `None` while the feed has not started.
     pub(crate) fn follow(&self) -> Option<(Position, broadcast::Receiver<Item>)> {
-        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = self.lock();
         let at = state.at.clone()?;
         Some((at, state.tx.subscribe()))
     }
 
-    fn start(&self, at: Position) {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner).at = Some(at);
+    /// The feed's place.
+    fn place(&self) -> Option<Position> {
+        self.lock().at.clone()
     }
 
-    /// Hands one read of a bucket on; returns whether the bucket may have more.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn start(&self, at: Position) {
+        self.lock().at = Some(at);
+    }
+
+    /// A bucket's end learnt late (see [`Item::Known`]).
+    fn known(&self, b: Bucket, last: StreamId) {
+        let mut state = self.lock();
+        let HubState { at: Some(at), tx } = &mut *state else {
+            return;
+        };
+        at.set(b, last);
+        let _ = tx.send(Item::Known(b, last));
+    }
+
+    /// Hands one read of a bucket on; returns whether the bucket may have more. The events
+    /// are made outside the lock (clients take it to follow).
     fn publish(&self, read: LogRead) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let b = read.bucket;
+        let more = read.entries.len() >= READ_BATCH;
+        let events: Vec<Arc<LiveEvent>> = read
+            .entries
+            .into_iter()
+            .map(|e| Arc::new(LiveEvent::of(b, e)))
+            .collect();
+        let mut state = self.lock();
         let HubState { at: Some(at), tx } = &mut *state else {
             return false;
         };
-        let b = read.bucket;
         if read.last < at.get(b) {
-            warn!(bucket = b, "The event log of a bucket starts over (Redis lost it); clients following it get a gap.");
-            at.set(b, StreamId::START);
-            let _ = tx.send(Item::Restart(b));
+            warn!(bucket = b, "The event log of a bucket lost entries (Redis failed over or lost data); clients following it get a gap.");
+            at.set(b, read.last);
+            let _ = tx.send(Item::Restart(b, read.last));
             return true;
         }
-        let more = read.entries.len() >= READ_BATCH;
-        for entry in read.entries {
-            at.set(b, entry.id);
+        for ev in events {
+            at.set(b, ev.id);
             // No receiver: nobody follows; the place moves on all the same.
-            let _ = tx.send(Item::Event(Arc::new(LiveEvent::of(b, entry))));
+            let _ = tx.send(Item::Event(ev));
         }
         more
     }
 }
 
-/// The `events` task: reads every bucket's end, then polls the log until cancelled.
+/// The `events` task: reads every bucket's end, then polls the log until cancelled. A
+/// bucket whose end cannot be read at start (its master is down) is left out of the polls
+/// until it can.
 pub(crate) async fn run(store: Store, hub: Arc<Hub>, token: CancellationToken) {
-    let all: Vec<Bucket> = (0..BUCKETS).collect();
-    let start = loop {
-        let ends = all
-            .iter()
-            .map(|&b| (b, LogFrom::Oldest))
-            .collect::<Vec<_>>();
-        match store.read_events(&ends, 0).await.into_result() {
-            Ok(reads) => {
-                let mut at = Position::default();
-                for r in reads {
-                    at.set(r.bucket, r.last);
-                }
-                break at;
-            }
-            Err(e) => {
-                if let Some(n) = READ_FAILED.check() {
-                    warn!(error = %e, suppressed = n, "Cannot read the event log yet; /events waits.");
-                }
-            }
+    let mut unknown: Vec<Bucket> = (0..BUCKETS).collect();
+    let mut start = Position::default();
+    while unknown.len() == usize::from(BUCKETS) {
+        learn_ends(&store, &mut unknown, |b, last| start.set(b, last)).await;
+        if unknown.len() < usize::from(BUCKETS) {
+            break;
         }
         tokio::select! {
             () = token.cancelled() => return,
             () = tokio::time::sleep(POLL_EVERY * 10) => {}
         }
-    };
+    }
     hub.start(start);
-    info!("Following the event log.");
+    info!(unknown = unknown.len(), "Following the event log.");
     loop {
-        let more = poll(&store, &hub, &all).await;
+        if !unknown.is_empty() {
+            learn_ends(&store, &mut unknown, |b, last| hub.known(b, last)).await;
+        }
+        let more = poll(&store, &hub, &unknown).await;
         if !more {
             tokio::select! {
                 () = token.cancelled() => return,
@@ -204,14 +232,33 @@ pub(crate) async fn run(store: Store, hub: Arc<Hub>, token: CancellationToken) {
     }
 }
 
-/// One read of every bucket after the feed's place; whether any bucket may have more.
-async fn poll(store: &Store, hub: &Hub, all: &[Bucket]) -> bool {
-    let Some((at, _)) = hub.follow() else {
+/// Reads the ends of the `unknown` buckets; those that answered leave the list.
+async fn learn_ends(
+    store: &Store,
+    unknown: &mut Vec<Bucket>,
+    mut learnt: impl FnMut(Bucket, StreamId),
+) {
+    let ends: Vec<_> = unknown.iter().map(|&b| (b, LogFrom::Oldest)).collect();
+    let reads = store.read_events(&ends, 0).await;
+    if let Some(e) = &reads.error {
+        if let Some(n) = READ_FAILED.check() {
+            warn!(error = %e, suppressed = n, failed = reads.failed.len(), "Cannot read the end of the event log of some buckets yet.");
+        }
+    }
+    for r in reads.done {
+        learnt(r.bucket, r.last);
+        unknown.retain(|&b| b != r.bucket);
+    }
+}
+
+/// One read of every known bucket after the feed's place; whether any may have more.
+async fn poll(store: &Store, hub: &Hub, unknown: &[Bucket]) -> bool {
+    let Some(at) = hub.place() else {
         return false;
     };
-    let from: Vec<_> = all
-        .iter()
-        .map(|&b| (b, LogFrom::After(at.get(b))))
+    let from: Vec<_> = (0..BUCKETS)
+        .filter(|b| !unknown.contains(b))
+        .map(|b| (b, LogFrom::After(at.get(b))))
         .collect();
     let reads = store.read_events(&from, READ_BATCH).await;
     if let Some(e) = &reads.error {

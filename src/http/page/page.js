@@ -11,6 +11,7 @@
     lagSamples: [],
     offline: new Map(),
     flapping: new Map(),
+    seqs: new Map(),
     stream: null,
     deviceStream: null,
     device: null,
@@ -184,7 +185,7 @@
     $("groups-empty").hidden = groups.length > 0;
     const outages = groups.filter((g) => g.state === "outage").length;
     $("groups-note").textContent = groups.length
-      ? outages + " in outage of " + groups.length + (page.next_cursor ? "+" : "") : "";
+      ? outages + " in outage of " + groups.length + (page.next_cursor ? " (the first 1,000 groups by name)" : "") : "";
   }
 
   // --- devices ----------------------------------------------------------------------------
@@ -203,9 +204,26 @@
     li.append(b);
     return li;
   }
-  function renderList(id, map) {
-    const recs = [...map.values()].sort((a, b) => (a.device < b.device ? -1 : 1)).slice(0, 200);
-    $(id).replaceChildren(...recs.map(deviceItem));
+  // Lists are redrawn at most once a frame, from maps of at most 1,000 devices: a mass
+  // expiry's thousands of events must not freeze the page when it is needed most.
+  const LIST_CAP = 1000;
+  const dirty = new Set();
+  function renderList(id) {
+    if (dirty.size === 0) requestAnimationFrame(drawLists);
+    dirty.add(id);
+  }
+  function drawLists() {
+    for (const id of dirty) {
+      const map = state[id];
+      const recs = [...map.values()].sort((a, b) => (a.device < b.device ? -1 : 1)).slice(0, 200);
+      $(id).replaceChildren(...recs.map(deviceItem));
+    }
+    dirty.clear();
+  }
+  function keep(map, rec) {
+    map.delete(rec.device);
+    if (map.size >= LIST_CAP) map.delete(map.keys().next().value);
+    map.set(rec.device, rec);
   }
   async function refreshLists() {
     const [off, flap] = await Promise.all([
@@ -214,19 +232,25 @@
     ]);
     state.offline = new Map(off.devices.map((d) => [d.device, d]));
     state.flapping = new Map(flap.devices.map((d) => [d.device, d]));
-    renderList("offline", state.offline);
-    renderList("flapping", state.flapping);
+    renderList("offline");
+    renderList("flapping");
     $("offline-more").textContent = off.next_cursor ? "(first 200)" : "";
   }
 
   const hex = (s) => [...new TextEncoder().encode(s)].map((b) => b.toString(16).padStart(2, "0")).join("");
-  // Listing is in id order: start after the prefix without its last character (so that the
-  // prefix itself is included), skip what sorts before it, stop at the first id past it.
+  // Where a listing must start (it lists the ids after its cursor, in id order) to begin
+  // with the ids that start with `prefix`: the prefix with its last character one lower and
+  // the highest character after it; "" to start at the beginning.
+  function searchCursor(prefix) {
+    const chars = [...prefix];
+    const last = chars.pop().codePointAt(0);
+    if (last <= 0x20) return chars.length ? hex(chars.join("")) : "";
+    return hex(chars.join("") + String.fromCodePoint(last - 1) + "\u{10FFFF}");
+  }
   async function search(prefix) {
     const found = new Map();
-    const shorter = [...prefix].slice(0, -1).join("");
-    let cursor = shorter ? hex(shorter) : "";
-    for (let pages = 0; pages < 5 && found.size < 50; pages++) {
+    let cursor = searchCursor(prefix);
+    for (let pages = 0; pages < 10 && found.size < 50; pages++) {
       const page = await json("/devices?limit=100" + (cursor ? "&cursor=" + cursor : ""));
       let past = false;
       for (const d of page.devices) {
@@ -296,6 +320,9 @@
   }
 
   function onStatus(s) {
+    // Delivery is at least once: a status not newer than the one shown changes nothing.
+    const seen = state.seqs.get(s.device);
+    if (seen !== undefined && s.seq <= seen) return;
     addEvent("events", s, 50);
     const c = state.counts;
     if (c.online !== null) {
@@ -304,9 +331,12 @@
       else c.online++;
       showCounts();
     }
-    if (s.state === "offline") state.offline.set(s.device, s); else state.offline.delete(s.device);
-    renderList("offline", state.offline);
-    if (s.flapping) { state.flapping.set(s.device, s); renderList("flapping", state.flapping); }
+    if (state.seqs.size >= 100000) state.seqs.clear();
+    state.seqs.set(s.device, s.seq);
+    if (s.state === "offline") keep(state.offline, s); else state.offline.delete(s.device);
+    renderList("offline");
+    if (s.flapping) keep(state.flapping, s); else state.flapping.delete(s.device);
+    renderList("flapping");
     if (s.group) refreshSoon();
   }
 
@@ -335,7 +365,10 @@
 
   async function refreshReplicas() {
     const r = await json("/instances");
-    $("replicas").replaceChildren(...r.instances.map((i) => {
+    const online = r.instances.filter((i) => i.state === "online");
+    $("replicas-note").textContent = online.length + " running" +
+      (r.instances.length > online.length ? ", " + (r.instances.length - online.length) + " stopped (not listed)" : "");
+    $("replicas").replaceChildren(...online.map((i) => {
       const li = document.createElement("li");
       const st = document.createElement("span");
       st.className = "state-" + i.state;
@@ -357,7 +390,9 @@
       setInterval(() => refreshGroups().catch(() => {}), 15000),
       setInterval(() => refreshReplicas().catch(() => {}), 10000),
     ];
-    refreshAll().then(connect);
+    // The stream first, then the snapshot: nothing falls between them.
+    connect();
+    refreshAll();
   }
   start();
 })();
