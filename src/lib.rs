@@ -17,7 +17,10 @@
 //! * `mqtt`: all MQTT I/O: heartbeat ingest and acknowledged status publishing.
 //! * `rebuild`: notices a Redis that lost its data and rebuilds it from the retained
 //!   statuses on the broker.
-//! * `http`: `/metrics`, `/healthz`, `/readyz`, `/devices`.
+//! * `http`: `/metrics`, `/healthz`, `/readyz`, `/devices`, `/groups`, `/events` (the event
+//!   stream) and `/` (the status page).
+//! * [`event_log`]: the event log behind `/events`, as values (retention, places in it).
+//! * `instances`: the running replicas, from their retained presence on the broker.
 //! * [`metrics`], `health`, [`telemetry`]: what operators see.
 //! * [`simulate`]: the fleet simulator behind `presenced simulate`.
 //! * [`check`]: `presenced check-config`, the read-only checks of Redis and the broker.

@@ -14,6 +14,7 @@ use tracing::info;
 use crate::config::{Config, RedisConfig};
 use crate::expiry::Nodes;
 use crate::health::Health;
+use crate::http::EventHub;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
@@ -39,6 +40,9 @@ pub(crate) struct Common {
     pub(crate) health: Arc<Health>,
     /// The command store, under this replica's floor name when replicas share a group.
     pub(crate) store: Store,
+    /// The event log's feed: `/events` clients follow it from the start, the `events` task
+    /// runs it once Redis is usable.
+    pub(crate) events: Arc<EventHub>,
 }
 
 /// What the tasks are built from.
@@ -85,6 +89,7 @@ impl Base {
             metrics,
             health,
             store,
+            events: Arc::default(),
         };
         Ok(Base {
             common,

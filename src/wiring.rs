@@ -71,25 +71,19 @@ pub(crate) fn spawn_http(base: Base, web: &mut Supervisor) -> (Common, Nodes) {
         listener,
     } = base;
     let http_token = web.token().child_token();
-    let events = Arc::new(http::EventHub::default());
     let api = http::Api {
         store: common.store.clone(),
         metrics: common.metrics.clone(),
         health: common.health.clone(),
         auth: common.cfg.http.auth.clone(),
-        events: events.clone(),
+        events: common.events.clone(),
         stop: http_token.clone(),
     };
     web.spawn(
         "http",
         http::serve(listener, api, http_token).instrument(tracing::info_span!("http")),
     );
-    // The event log is read from the start, like the API: it needs nothing but Redis.
-    web.spawn(
-        "events",
-        http::event_feed(common.store.clone(), events, web.token().child_token())
-            .instrument(tracing::info_span!("events")),
-    );
+
     (common, nodes)
 }
 
@@ -193,6 +187,11 @@ pub(crate) async fn spawn_workers(common: &Common, redis: RedisSide, workers: &m
     } = ends;
     let (gone_tx, gone_rx) = mpsc::channel(GONE_QUEUE);
     let (redis_ok_tx, redis_ok_rx) = watch::channel(true);
+    workers.spawn(
+        "events",
+        http::event_feed(common.store.clone(), common.events.clone(), token.clone())
+            .instrument(tracing::info_span!("events")),
+    );
     let cfg = &common.cfg;
     let pulse = links.pulse.clone();
     let pulse_token = token.child_token();
@@ -257,6 +256,7 @@ fn spawn_deciders(common: &Common, links: &Links, redis: RedisSide, workers: &mu
         metrics,
         health,
         store,
+        events: _,
     } = common;
     let RedisSide {
         expired_rx,
