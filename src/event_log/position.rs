@@ -72,9 +72,13 @@ impl Position {
         self.at[usize::from(b)] = id;
     }
 
-    /// The time of the newest entry the reader has (ms, the masters' clocks).
-    pub(crate) fn newest_ms(&self) -> u64 {
-        self.at.iter().map(|id| id.ms).max().unwrap_or(0)
+    /// The bucket of the newest entry the reader has, and its time (ms, that bucket's
+    /// master's clock).
+    pub(crate) fn newest(&self) -> (Bucket, u64) {
+        (0..BUCKETS)
+            .map(|b| (b, self.get(b).ms))
+            .max_by_key(|(_, ms)| *ms)
+            .unwrap_or((0, 0))
     }
 
     /// Reads an event `id`; `None` for anything that is not one (the caller answers `gap`).

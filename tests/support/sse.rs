@@ -40,6 +40,8 @@ struct Seen {
     status: u16,
     headers: String,
     events: Vec<SseEvent>,
+    /// The latest `id` the server sent (events, and id-only frames: the client's place).
+    place: String,
     comments: usize,
     ended: bool,
 }
@@ -64,8 +66,11 @@ impl SseClient {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let task = tokio::spawn(read(stream, seen.clone()));
         let client = SseClient { seen, task };
-        eventually("the response head", || async {
-            (client.seen.lock().unwrap().status != 0).then_some(())
+        // A stream is followed once its first place arrives (the session has joined the
+        // feed, and caught up if it resumed); a refusal has no stream.
+        eventually("the response head and the client's place", || async {
+            let s = client.seen.lock().unwrap();
+            (s.status != 0 && (s.status != 200 || !s.place.is_empty() || s.ended)).then_some(())
         })
         .await;
         client
@@ -165,6 +170,7 @@ async fn read(stream: TcpStream, seen: Arc<Mutex<Seen>>) {
             event.event = v.to_owned();
         } else if let Some(v) = line.strip_prefix("id: ") {
             event.id = v.to_owned();
+            s.place = v.to_owned();
         } else if let Some(v) = line.strip_prefix("data: ") {
             event.data = v.to_owned();
         }

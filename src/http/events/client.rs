@@ -35,6 +35,8 @@ pub(crate) const QUEUE: usize = 512;
 pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// How long a client may leave its queue full before it is cut off.
 pub(crate) const PATIENCE: Duration = Duration::from_secs(5);
+/// How long a catch-up waits for buckets whose master does not answer before it leaves them.
+const GIVE_UP: Duration = Duration::from_secs(5);
 /// Entries read per bucket and round trip while catching up.
 const CATCH_UP_BATCH: usize = 200;
 /// How long to wait for the feed to start (it reads every bucket's end first).
@@ -124,8 +126,9 @@ impl Session {
             Resume::After(p) => {
                 // Past the retention the promise ends: say so, then send what is still kept
                 // after the place (a quiet bucket keeps its entries until its next write).
-                let expired =
-                    p.newest_ms().saturating_add(self.retention_ms()) < self.store.clock().now(0);
+                let (newest_bucket, newest_ms) = p.newest();
+                let expired = newest_ms.saturating_add(self.retention_ms())
+                    < self.store.clock().now(newest_bucket);
                 self.at = p;
                 if expired {
                     self.gap("older than the retention").await?;
@@ -138,8 +141,10 @@ impl Session {
                 self.catch_up(&feed_at, true, true).await?;
             }
         }
-        // The client's place from now on, even before an event passes its filter.
-        self.try_write(self.place_frame(""))?;
+        // The client's place from now on, even before an event passes its filter (after a
+        // catch-up the queue may be full: wait for room like the catch-up did).
+        let place = self.place_frame("");
+        self.write(place).await?;
         loop {
             let idle = self.last_write + KEEP_ALIVE;
             tokio::select! {
@@ -246,11 +251,7 @@ impl Session {
         if pending.is_empty() {
             return Ok(());
         }
-        let _turn = tokio::select! {
-            turn = self.hub.catch_ups.clone().acquire_owned() => turn.ok(),
-            () = self.tx.closed() => return Err(Stop::Gone),
-            () = self.token.cancelled() => return Err(Stop::Gone),
-        };
+        let mut stuck_since: Option<Instant> = None;
         while !pending.is_empty() {
             let from: Vec<_> = pending
                 .iter()
@@ -259,9 +260,23 @@ impl Session {
                     false => (b, LogFrom::After(self.at.get(b))),
                 })
                 .collect();
+            // The turn covers the read only: writing to a slow client holds up nobody.
+            let turn = self.turn().await?;
             let reads = self.store.read_events(&from, CATCH_UP_BATCH).await;
+            drop(turn);
             if reads.done.is_empty() {
-                // Redis does not answer: wait, as long as the client is there.
+                // Redis does not answer for these buckets. Past GIVE_UP they are left
+                // (`gap`, their place the feed's): the client follows the rest live.
+                let since = *stuck_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= GIVE_UP {
+                    if !told_gap {
+                        self.gap("part of the log is unreachable").await?;
+                    }
+                    for &b in &pending {
+                        self.at.set(b, until.get(b));
+                    }
+                    return Ok(());
+                }
                 if self.last_write + KEEP_ALIVE <= Instant::now() {
                     self.keep_alive()?;
                 }
@@ -271,6 +286,7 @@ impl Session {
                     () = self.token.cancelled() => return Err(Stop::Gone),
                 }
             }
+            stuck_since = None;
             for read in reads.done {
                 let b = read.bucket;
                 let was_oldest = std::mem::take(&mut from_oldest[usize::from(b)]);
@@ -285,6 +301,21 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// A turn to read the log (see `Hub::catch_ups`), with keep-alives while waiting.
+    async fn turn(&mut self) -> Result<tokio::sync::OwnedSemaphorePermit, Stop> {
+        loop {
+            let idle = self.last_write + KEEP_ALIVE;
+            tokio::select! {
+                turn = self.hub.catch_ups.clone().acquire_owned() => {
+                    return turn.map_err(|_| Stop::Gone);
+                }
+                () = tokio::time::sleep_until(idle) => self.keep_alive()?,
+                () = self.tx.closed() => return Err(Stop::Gone),
+                () = self.token.cancelled() => return Err(Stop::Gone),
+            }
+        }
     }
 
     /// Sends one page of a bucket's catch-up, after `gap` if there is a hole before it.
@@ -304,9 +335,21 @@ impl Session {
                 self.at.set(b, first.unwrap_or(read.last));
                 false
             }
-            Some(prev) => prev != mine,
+            Some(prev) if prev != mine => {
+                // Told below; from here the client is at the entry before the page.
+                self.at.set(b, prev);
+                true
+            }
+            Some(_) => false,
             // Nothing after the client's place: it is the stream's end, or no place in it.
             None if read.last == mine => false,
+            // Past the stream's end, yet not in the future: Redis lost entries (a failover,
+            // lost data). Go on from the end, as the feed does (no replay).
+            None if read.last < mine && mine.ms <= self.store.clock().now(b) => {
+                self.at.set(b, read.last);
+                true
+            }
+            // A place from the future (a forged id): read the bucket from its oldest entry.
             None if read.last < mine => {
                 if !*told_gap {
                     *told_gap = true;

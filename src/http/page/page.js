@@ -244,8 +244,13 @@
   function searchCursor(prefix) {
     const chars = [...prefix];
     const last = chars.pop().codePointAt(0);
-    if (last <= 0x20) return chars.length ? hex(chars.join("")) : "";
-    return hex(chars.join("") + String.fromCodePoint(last - 1) + "\u{10FFFF}");
+    const lower = last - 1;
+    const shorter = chars.length ? hex(chars.join("")) : "";
+    // Fall back to the prefix without its last character where the step down is no id
+    // character (control, surrogate) or the cursor would pass 128 bytes.
+    if (lower <= 0x20 || (lower >= 0x7f && lower <= 0x9f) || (lower >= 0xd800 && lower <= 0xdfff)) return shorter;
+    const cursor = chars.join("") + String.fromCodePoint(lower) + "\u{10FFFF}";
+    return new TextEncoder().encode(cursor).length > 128 ? shorter : hex(cursor);
   }
   async function search(prefix) {
     const found = new Map();
@@ -320,9 +325,9 @@
   }
 
   function onStatus(s) {
-    // Delivery is at least once: a status not newer than the one shown changes nothing.
-    const seen = state.seqs.get(s.device);
-    if (seen !== undefined && s.seq <= seen) return;
+    // Delivery is at least once: a copy of the status last shown changes nothing (a lower
+    // seq is a new life: a forgotten device starts again at 1).
+    if (state.seqs.get(s.device) === s.seq) return;
     addEvent("events", s, 50);
     const c = state.counts;
     if (c.online !== null) {
@@ -351,14 +356,18 @@
     const es = follow("/events", (ev, data) => {
       if (ev === "status") onStatus(data);
       else if (ev === "group") refreshGroups().catch(() => {});
-      else refreshAll();
+      else { state.seqs.clear(); refreshAllSoon(); }
     });
     es.addEventListener("open", () => { $("link").textContent = "live"; $("link").className = "link live"; });
     es.addEventListener("error", () => {
       $("link").className = "link down";
       $("link").textContent = es.readyState === EventSource.CLOSED ? "stream closed" : "reconnecting…";
-      // A closed stream is one the server refused (a token?): the API tells why.
-      if (es.readyState === EventSource.CLOSED) refreshAll();
+      // A closed stream is one the server refused (a token, or too many clients): the API
+      // tells why; try again later.
+      if (es.readyState === EventSource.CLOSED) {
+        refreshAllSoon();
+        setTimeout(() => { if (state.stream === es) connect(); }, 5000);
+      }
     });
     state.stream = es;
   }
@@ -376,6 +385,12 @@
       li.append(i.instance + " ", st, i.since ? " since " + new Date(i.since).toLocaleTimeString() : "");
       return li;
     }));
+  }
+
+  let allSoon = null;
+  function refreshAllSoon() {
+    if (allSoon) return;
+    allSoon = setTimeout(() => { allSoon = null; refreshAll(); }, 1000);
   }
 
   function refreshAll() {
