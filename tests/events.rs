@@ -365,7 +365,7 @@ async fn a_place_from_the_future_gets_a_gap_and_the_events_kept() {
         .unwrap()
         .as_millis() as u64
         + 86_400_000;
-    let future = format!("{}{}", radix36(day_ahead), ".0".repeat(64));
+    let future = presenced::event_log::id_at(day_ahead);
     let resumed = SseClient::connect(addr, "/events", &[("Last-Event-ID", &future)]).await;
     resumed.wait_statuses(2).await;
     assert_eq!(resumed.events()[0].event, "gap", "{:?}", resumed.events());
@@ -408,18 +408,4 @@ async fn a_log_that_lost_entries_is_told_as_a_gap() {
     let kinds: Vec<_> = live.events().into_iter().map(|e| e.event).collect();
     assert_eq!(kinds, ["status", "gap", "status"], "{:?}", live.events());
     check_invariants(&mqtt, addr, &statuses).await;
-}
-
-fn radix36(mut n: u64) -> String {
-    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = Vec::new();
-    loop {
-        out.push(digits[(n % 36) as usize]);
-        n /= 36;
-        if n == 0 {
-            break;
-        }
-    }
-    out.reverse();
-    String::from_utf8(out).unwrap()
 }

@@ -75,12 +75,7 @@ async fn the_page_shows_the_fleet_live() {
     browser
         .until("the offline count", &count_is("n-offline", offline))
         .await;
-    browser
-        .until(
-            "the live stream",
-            r#"return document.getElementById("link").textContent === "live";"#,
-        )
-        .await;
+    browser.until_live().await;
     let load = browser
         .js(
             r#"return performance.getEntriesByType("navigation")[0].duration;"#,
@@ -109,20 +104,8 @@ async fn the_page_shows_the_fleet_live() {
     );
 
     // The search by id prefix.
-    let input = browser
-        .client
-        .find(fantoccini::Locator::Id("prefix"))
-        .await
-        .unwrap();
-    input.send_keys("lone-").await.unwrap();
-    browser
-        .client
-        .find(fantoccini::Locator::Css("#search button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.type_into("prefix", "lone-").await;
+    browser.click("#search button").await;
     let found = browser
         .until(
             "the search results",
@@ -192,29 +175,12 @@ async fn with_a_token_the_page_asks_for_it_and_then_works() {
             r#"return document.getElementById("token-dialog").open;"#,
         )
         .await;
-    let input = browser
-        .client
-        .find(fantoccini::Locator::Id("token"))
-        .await
-        .unwrap();
-    input.send_keys("s3cret-page").await.unwrap();
-    browser
-        .client
-        .find(fantoccini::Locator::Css("#token-form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.type_into("token", "s3cret-page").await;
+    browser.click("#token-form button").await;
     browser
         .until("the online count", &count_is("n-online", 3))
         .await;
-    browser
-        .until(
-            "the live stream",
-            r#"return document.getElementById("link").textContent === "live";"#,
-        )
-        .await;
+    browser.until_live().await;
     // The token stays with the tab, not in the address bar or a cookie.
     let kept = browser
         .js(r#"return [sessionStorage.getItem("presenced-token"), document.cookie, location.search];"#, vec![])

@@ -11,5 +11,6 @@
 mod position;
 mod retention;
 
+pub use position::id_at;
 pub(crate) use position::{Position, StreamId};
 pub use retention::EventLog;

@@ -49,6 +49,17 @@ impl fmt::Display for StreamId {
     }
 }
 
+/// The event `id` of the place at `ms` in every bucket: a resume from it gets what was
+/// written after that time (after a `gap`, since no entry sits exactly there). The status
+/// page builds the same text for a device's recent events.
+pub fn id_at(ms: u64) -> String {
+    let mut p = Position::default();
+    for b in 0..BUCKETS {
+        p.set(b, StreamId { ms, seq: 0 });
+    }
+    p.to_string()
+}
+
 /// A reader's place in the log: the last entry it has of every bucket's stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Position {
@@ -182,6 +193,14 @@ mod tests {
         let text = p.to_string();
         assert!(text.len() < 450, "{}", text.len());
         assert_eq!(Position::parse(&text), Some(p));
+    }
+
+    #[test]
+    fn a_place_at_a_time_is_that_time_in_every_bucket() {
+        let p = Position::parse(&id_at(1_764_806_400_123)).unwrap();
+        assert_eq!(p.newest().1, 1_764_806_400_123);
+        assert!((0..BUCKETS).all(|b| p.get(b).ms == 1_764_806_400_123));
+        assert_eq!(id_at(36 * 36), format!("100{}", ".0".repeat(64)));
     }
 
     #[test]

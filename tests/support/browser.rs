@@ -4,7 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use fantoccini::{Client, ClientBuilder};
+use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
 use super::servers::free_port;
@@ -62,6 +62,27 @@ impl Browser {
     /// Ends the session (the browser closes).
     pub async fn close(&self) {
         let _ = self.client.clone().close().await;
+    }
+
+    /// Types `text` into the element with id `id`.
+    pub async fn type_into(&self, id: &str, text: &str) {
+        let input = self.client.find(Locator::Id(id)).await.unwrap();
+        input.send_keys(text).await.unwrap();
+    }
+
+    /// Clicks the element `css` selects.
+    pub async fn click(&self, css: &str) {
+        let el = self.client.find(Locator::Css(css)).await.unwrap();
+        el.click().await.unwrap();
+    }
+
+    /// Waits until the status page says it follows the event stream.
+    pub async fn until_live(&self) {
+        self.until(
+            "the live stream",
+            r#"return document.getElementById("link").textContent === "live";"#,
+        )
+        .await;
     }
 
     /// Runs `script` (a function body; `arguments[i]` are `args`) in the page.
