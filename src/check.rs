@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use crate::broker::Findings;
 use crate::config::Config;
 use crate::redis_version::{self, CheckError, RedisVersion};
 use crate::startup::{seed_infos, seed_urls};
@@ -53,9 +54,47 @@ pub async fn report(cfg: &Config) -> Result<Vec<String>, Error> {
     })
     .await
     .map_err(|_| mqtt::Error::ConnectTimeout)?;
-    connack?;
+    if let Err(e) = connack {
+        return Err(match e.hint() {
+            Some(hint) => Error::MqttHint(e, hint),
+            None => Error::Mqtt(e),
+        });
+    }
     report.push("mqtt: reachable".into());
+    check_broker(cfg, &mut report).await?;
     Ok(report)
+}
+
+/// What the broker cannot do (see `mqtt::probe`): a feature the configuration needs is an
+/// error, one it can do without a report line.
+async fn check_broker(cfg: &Config, report: &mut Vec<String>) -> Result<(), Error> {
+    let id = format!("{}-check-{:08x}", cfg.mqtt.client_id, fastrand::u32(..));
+    let findings = mqtt::probe(&cfg.mqtt, id, cfg.mqtt.shared_group.as_deref()).await;
+    if let Some(lack) = findings.blocking().next() {
+        return Err(Error::BrokerUnsupported(lack.explain()));
+    }
+    match &findings {
+        Findings::Known(missing) if missing.is_empty() => {
+            let shared = if cfg.mqtt.shared_group.is_some() {
+                "shared subscriptions, "
+            } else {
+                ""
+            };
+            report.push(format!(
+                "mqtt: the broker serves {shared}retained messages to wildcard subscriptions, QoS 1"
+            ));
+        }
+        Findings::Known(missing) => {
+            report.extend(missing.iter().map(|l| l.explain().to_owned()));
+        }
+        Findings::Unknown(why) => {
+            report.push(format!(
+                "mqtt: could not probe the broker's features: {why}"
+            ));
+        }
+        Findings::Pending => {}
+    }
+    Ok(())
 }
 
 /// How long check-config waits for each Redis step.

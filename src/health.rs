@@ -6,6 +6,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio::sync::watch;
+
+use crate::broker::Findings;
 use crate::instances::Instances;
 use crate::metrics::Metrics;
 
@@ -32,6 +35,8 @@ pub(crate) struct Health {
     redis_listener: AtomicBool,
     mqtt_connected: AtomicBool,
     mqtt_subscribed: AtomicBool,
+    /// What the latest probe found the broker cannot do.
+    broker: watch::Sender<Findings>,
     /// The replicas the broker says are running (for the status page).
     pub(crate) instances: Instances,
 }
@@ -46,6 +51,7 @@ impl Health {
             redis_listener: AtomicBool::new(false),
             mqtt_connected: AtomicBool::new(false),
             mqtt_subscribed: AtomicBool::new(false),
+            broker: watch::channel(Findings::Pending).0,
             instances: Instances::default(),
         }
     }
@@ -75,6 +81,18 @@ impl Health {
         self.metrics.set_mqtt_up(connected && subscribed);
     }
 
+    /// A probe of the broker finished (or a new connection awaits one: `Pending`, which
+    /// keeps the gauges as they were).
+    pub(crate) fn set_broker(&self, findings: Findings) {
+        self.metrics.set_broker(&findings);
+        self.broker.send_replace(findings);
+    }
+
+    /// The latest findings, and each new one.
+    pub(crate) fn broker(&self) -> watch::Receiver<Findings> {
+        self.broker.subscribe()
+    }
+
     /// `Ok` when ready, else the reasons.
     pub(crate) fn readiness(&self) -> Result<(), NotReady> {
         let mut reasons = Vec::new();
@@ -89,6 +107,7 @@ impl Health {
         } else if !self.mqtt_subscribed.load(Ordering::Relaxed) {
             reasons.push("mqtt: not subscribed");
         }
+        reasons.extend(self.broker.borrow().blocking().map(|l| l.explain()));
         if reasons.is_empty() {
             Ok(())
         } else {

@@ -31,6 +31,7 @@
 //! [`run`] wires them together and owns the shutdown order.
 
 pub mod beat;
+pub(crate) mod broker;
 pub mod bucket;
 pub mod check;
 pub(crate) mod clock;
@@ -93,6 +94,11 @@ pub enum Error {
     Redis(#[from] StoreError),
     #[error("mqtt: {0}")]
     Mqtt(#[from] mqtt::Error),
+    #[error("mqtt: {0} ({1})")]
+    MqttHint(mqtt::Error, &'static str),
+    /// The broker lacks a feature the configuration needs (`check-config`).
+    #[error("{0}")]
+    BrokerUnsupported(&'static str),
     /// A task panicked: the monitor stopped rather than run without it.
     #[error("task '{task}' panicked: {message}")]
     TaskPanicked { task: &'static str, message: String },

@@ -17,6 +17,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::broker::{Findings, Lack};
 use crate::device::{GroupName, State};
 use crate::store::{FleetCounts, GroupCounts};
 
@@ -70,6 +71,8 @@ pub(crate) struct Metrics {
     missed: IntCounter,
     forgotten: IntCounter,
     rebuilds: IntCounter,
+    blind_rebuilds: IntCounter,
+    broker_missing: IntGaugeVec,
     redis_up: IntGauge,
     mqtt_up: IntGauge,
     build_info: IntGaugeVec,
@@ -152,6 +155,9 @@ impl Metrics {
                 .with_label_values(&[OTHER_GROUP, state])
                 .set(0);
         }
+        for lack in Lack::ALL {
+            m.broker_missing.with_label_values(&[lack.label()]).set(0);
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -171,6 +177,8 @@ impl Metrics {
             Box::new(self.missed.clone()),
             Box::new(self.forgotten.clone()),
             Box::new(self.rebuilds.clone()),
+            Box::new(self.blind_rebuilds.clone()),
+            Box::new(self.broker_missing.clone()),
             Box::new(self.redis_up.clone()),
             Box::new(self.mqtt_up.clone()),
             Box::new(self.build_info.clone()),
@@ -237,6 +245,17 @@ impl Metrics {
             "presenced_state_rebuilds_total",
             "Rebuilds of the state from the retained statuses on the broker this replica ran.",
         )?;
+        let blind_rebuilds = IntCounter::new(
+            "presenced_state_rebuilds_blind_total",
+            "Rebuilds that could not read the retained statuses (the broker does not deliver retained messages to wildcard subscriptions): the lost buckets started empty.",
+        )?;
+        let broker_missing = IntGaugeVec::new(
+            Opts::new(
+                "presenced_broker_feature_missing",
+                "1 when the latest probe of the broker found this feature missing (shared subscriptions only probed with mqtt.shared_group).",
+            ),
+            &["feature"],
+        )?;
         let redis_up = IntGauge::new(
             "presenced_redis_up",
             "1 when Redis commands and the keyspace listener are connected, else 0.",
@@ -280,6 +299,8 @@ impl Metrics {
             missed,
             forgotten,
             rebuilds,
+            blind_rebuilds,
+            broker_missing,
             redis_up,
             mqtt_up,
             build_info,
@@ -324,6 +345,22 @@ impl Metrics {
 
     pub(crate) fn state_rebuilt(&self) {
         self.rebuilds.inc();
+    }
+
+    pub(crate) fn blind_rebuild(&self) {
+        self.blind_rebuilds.inc();
+    }
+
+    /// The latest probe's findings (nothing is set while they are unknown).
+    pub(crate) fn set_broker(&self, findings: &Findings) {
+        if let Findings::Known(missing) = findings {
+            for lack in Lack::ALL {
+                let set = i64::from(missing.contains(&lack));
+                self.broker_missing
+                    .with_label_values(&[lack.label()])
+                    .set(set);
+            }
+        }
     }
 
     pub(crate) fn set_fleet(&self, counts: FleetCounts) {

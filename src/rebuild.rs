@@ -25,11 +25,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::broker::{Findings, Lack};
 use crate::bucket::{bucket_of, Bucket, BUCKETS};
 use crate::config::{MqttConfig, TtlRules};
 use crate::device::{DeviceId, DeviceRecord, GroupName, State, StatusEvent, TopicTemplate};
@@ -69,7 +70,12 @@ pub(crate) struct Rebuilder {
     pub(crate) metrics: Metrics,
     /// Asks the expirer to sweep every bucket (it learns the new deadlines).
     pub(crate) reconcile: Arc<Notify>,
+    /// What the broker cannot do (see `mqtt::probe`).
+    pub(crate) broker: watch::Receiver<Findings>,
 }
+
+/// How long a rebuild waits for the broker probe's first findings.
+const PROBE_PATIENCE: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 enum RebuildError {
@@ -136,7 +142,13 @@ impl Rebuilder {
             buckets = lost.len(),
             "Redis has no state for some buckets (lost, or a first start); rebuilding from the retained statuses."
         );
-        let snapshot = collect(&self.mqtt, token).await?;
+        let snapshot = if self.blind().await {
+            self.metrics.blind_rebuild();
+            warn!("The broker delivers retained messages only to exact-topic subscriptions, so the retained statuses cannot be read: the lost buckets start empty (devices start over at seq 1; a device that was online and stays silent keeps its retained online status).");
+            Snapshot::default()
+        } else {
+            collect(&self.mqtt, token).await?
+        };
         let groups: Vec<GroupStatus> = snapshot.groups.values().cloned().collect();
         let groups_written = self.store.import_groups(&groups, lost, &self.rule).await?;
         let written = self.import(&snapshot.by_bucket(lost), lost, token).await?;
@@ -162,6 +174,16 @@ impl Rebuilder {
             "Rebuilt the state from the retained statuses."
         );
         Ok(())
+    }
+
+    /// Whether the broker was found not to deliver retained messages to wildcard
+    /// subscriptions (waiting a while for the first probe of the session's connection).
+    async fn blind(&self) -> bool {
+        let mut broker = self.broker.clone();
+        let found =
+            tokio::time::timeout(PROBE_PATIENCE, broker.wait_for(|f| *f != Findings::Pending))
+                .await;
+        matches!(found, Ok(Ok(f)) if f.lacks(Lack::WildcardRetained))
     }
 
     /// Imports the records of the lost buckets in chunks (one pipelined round of script

@@ -293,6 +293,7 @@ fn spawn_deciders(common: &Common, links: &Links, redis: RedisSide, workers: &mu
             rule: OutageRule::new(&cfg.groups),
             metrics: metrics.clone(),
             reconcile: reconcile.clone(),
+            broker: health.broker(),
         }
         .run(token.child_token())
         .instrument(tracing::info_span!("rebuild")),

@@ -56,4 +56,16 @@ impl Error {
         };
         io.kind() == std::io::ErrorKind::ConnectionRefused
     }
+
+    /// A v5 connection the broker closed before its CONNACK: what a broker that speaks
+    /// only MQTT 3.1.1 does (RabbitMQ before 3.13, for one). The hint for the log.
+    pub(crate) fn hint(&self) -> Option<&'static str> {
+        use rumqttc::v5::{ConnectionError as C, StateError as S};
+        match self {
+            Error::ConnectionV5(e) if matches!(e.as_ref(), C::MqttState(S::ConnectionAborted)) => {
+                Some("the broker closed the connection before its CONNACK: if it speaks only MQTT 3.1.1, set mqtt.protocol = \"v3.1.1\"")
+            }
+            _ => None,
+        }
+    }
 }

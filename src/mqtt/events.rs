@@ -20,6 +20,8 @@ pub(crate) enum EventLoop {
 pub(crate) enum Event {
     ConnAck {
         session_present: bool,
+        /// What a v5 broker says it offers (nothing is said in v3.1.1).
+        offers: Offers,
     },
     /// `retained`: sent because we (re)subscribed, not published while we were subscribed.
     Publish {
@@ -40,6 +42,14 @@ pub(crate) enum Event {
     },
     Disconnected,
     Other,
+}
+
+/// What a v5 broker's CONNACK says it does not do (absent: it does, or did not say).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Offers {
+    pub(crate) shared_subscriptions: Option<bool>,
+    pub(crate) retain: Option<bool>,
+    pub(crate) max_qos: Option<u8>,
 }
 
 impl Event {
@@ -69,7 +79,8 @@ impl EventLoop {
                 if matches!(
                     event,
                     Event::ConnAck {
-                        session_present: false
+                        session_present: false,
+                        ..
                     }
                 ) {
                     drop_stale_acks(&mut l.state.events);
@@ -85,9 +96,17 @@ fn from_v5(event: rumqttc::v5::Event) -> Event {
     use rumqttc::v5::{Event as E, Incoming as I};
     let success = |c: &SubscribeReasonCode| matches!(c, SubscribeReasonCode::Success(_));
     match event {
-        E::Incoming(I::ConnAck(c)) => Event::ConnAck {
-            session_present: c.session_present,
-        },
+        E::Incoming(I::ConnAck(c)) => {
+            let offers = c.properties.map_or_else(Offers::default, |p| Offers {
+                shared_subscriptions: p.shared_subscription_available.map(|v| v != 0),
+                retain: p.retain_available.map(|v| v != 0),
+                max_qos: p.max_qos,
+            });
+            Event::ConnAck {
+                session_present: c.session_present,
+                offers,
+            }
+        }
         E::Incoming(I::Publish(p)) => Event::publish(p.topic, p.payload, p.retain),
         E::Incoming(I::SubAck(s)) => Event::suback(s.return_codes.iter().map(success)),
         E::Incoming(I::PubAck(a)) => Event::PubAck {
@@ -112,6 +131,7 @@ fn from_v4(event: rumqttc::Event) -> Event {
     match event {
         E::Incoming(I::ConnAck(c)) => Event::ConnAck {
             session_present: c.session_present,
+            offers: Offers::default(),
         },
         E::Incoming(I::Publish(p)) => {
             Event::publish(Bytes::from(p.topic.into_bytes()), p.payload, p.retain)
@@ -200,7 +220,9 @@ mod tests {
             l.state.events.extend(leftover_events());
             let mut l = EventLoop::V4(Box::new(l));
             let ev = l.poll().await.unwrap();
-            assert!(matches!(ev, Event::ConnAck { session_present: p } if p == session_present));
+            assert!(
+                matches!(ev, Event::ConnAck { session_present: p, .. } if p == session_present)
+            );
             let next = l.poll().await.unwrap();
             if session_present {
                 assert!(matches!(next, Event::Sent { pkid: 2 }), "{next:?}");

@@ -12,6 +12,8 @@
 //!   retained marker check;
 //! * [`tracker`]: PUBACKs matched to the publishes they acknowledge;
 //! * [`outgoing`]: what is published (statuses, presence, markers), rendered;
+//! * [`probe`]: what the broker cannot do (shared subscriptions, retained messages to
+//!   wildcards, retain, QoS 1), tried with messages of our own;
 //! * [`share`]: membership of the shared subscription, the peers' beacons and presence;
 //! * [`topics`]: the monitor's own topics.
 //!
@@ -25,6 +27,7 @@ mod error;
 mod events;
 mod ingest;
 mod outgoing;
+mod probe;
 mod session;
 mod share;
 mod sync;
@@ -35,4 +38,5 @@ pub(crate) use client::{Client, Qos, Retain};
 pub(crate) use connect::{client, ConnectOptions, SessionMode};
 pub use error::Error;
 pub(crate) use events::{Event, EventLoop};
+pub(crate) use probe::probe;
 pub(crate) use session::MqttTask;

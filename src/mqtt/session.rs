@@ -26,10 +26,12 @@ use super::error::Error;
 use super::events::{Event, EventLoop};
 use super::ingest::{Delivery, Ingest};
 use super::outgoing::{offline_payload, Kind, Outgoing, StatusTopics};
+use super::probe::probe;
 use super::share::{gone_instance, Share};
 use super::sync::SyncMarker;
 use super::topics::{instance_topic, BEACONS, BROKER_TOPIC, INSTANCES};
 use super::tracker::Tracker;
+use crate::broker::{Findings, Lack, Requirement};
 use crate::clock::Clock;
 use crate::config::{MqttConfig, PresenceConfig};
 use crate::device::now_ms;
@@ -86,7 +88,8 @@ enum Flow {
 
 impl MqttTask {
     pub(crate) async fn run(mut self, token: CancellationToken) {
-        let (mut session, mut eventloop) = Session::connect(&self);
+        let (probe_tx, mut probe_rx) = mpsc::channel(1);
+        let (mut session, mut eventloop) = Session::connect(&self, probe_tx);
         let out_rx = &mut self.out_rx;
         loop {
             if let Flow::Stop = session.prepare(out_rx) {
@@ -101,6 +104,7 @@ impl MqttTask {
                 () = tokio::time::sleep_until(sync_at), if session.sync.outstanding() => session.on_sync_timeout(),
                 ev = eventloop.poll() => session.on_event(ev),
                 out = out_rx.recv(), if session.can_take() => session.on_status(out),
+                Some((connection, found)) = probe_rx.recv() => session.on_probe(connection, found),
             };
             match flow {
                 Flow::Continue => {}
@@ -148,11 +152,62 @@ struct Session {
     republish: Arc<Notify>,
     connection_log: LogLimiter,
     refused_log: LogLimiter,
+    broker: BrokerProbe,
+}
+
+/// The broker probe of the current connection (see `probe`).
+struct BrokerProbe {
+    cfg: MqttConfig,
+    /// Counts the connections: a probe's findings are for the one it was started on.
+    connection: u64,
+    /// The findings for this connection, once in.
+    found: Option<Findings>,
+    /// The backlog is in and the gate waits for the findings.
+    gate_waits: bool,
+    task: Option<tokio::task::JoinHandle<()>>,
+    tx: mpsc::Sender<(u64, Findings)>,
+}
+
+impl BrokerProbe {
+    /// A new connection: a probe of its own (the previous one, if still running, is moot).
+    fn start(&mut self) {
+        self.connection += 1;
+        self.found = None;
+        self.gate_waits = false;
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        let (cfg, tx, connection) = (self.cfg.clone(), self.tx.clone(), self.connection);
+        let id = format!("{}-probe-{:08x}", cfg.client_id, fastrand::u32(..));
+        self.task = Some(tokio::spawn(async move {
+            let found = probe(&cfg, id, cfg.shared_group.as_deref()).await;
+            let _ = tx.send((connection, found)).await;
+        }));
+    }
+
+    /// Whether expiries may be decided on what this connection delivers: without a shared
+    /// group always; with one, once the probe did not find shared subscriptions missing
+    /// (a probe that could not tell holds nothing up).
+    fn gate_may_open(&self) -> bool {
+        self.cfg.shared_group.is_none()
+            || self
+                .found
+                .as_ref()
+                .is_some_and(|f| !f.lacks(Lack::SharedSubscriptions))
+    }
+}
+
+impl Drop for BrokerProbe {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
 }
 
 impl Session {
     /// The client (nothing connects until the event loop is polled) and the session.
-    fn connect(task: &MqttTask) -> (Session, EventLoop) {
+    fn connect(task: &MqttTask, probes: mpsc::Sender<(u64, Findings)>) -> (Session, EventLoop) {
         let cfg = &task.cfg;
         let instance = cfg.client_id.clone();
         let (client, eventloop) = client(ConnectOptions {
@@ -223,6 +278,14 @@ impl Session {
             republish: task.republish.clone(),
             connection_log: LogLimiter::new(Duration::from_secs(30)),
             refused_log: LogLimiter::new(Duration::from_secs(10)),
+            broker: BrokerProbe {
+                cfg: cfg.clone(),
+                connection: 0,
+                found: None,
+                gate_waits: false,
+                task: None,
+                tx: probes,
+            },
         };
         (session, eventloop)
     }
@@ -375,7 +438,45 @@ impl Session {
             self.republish.notify_one();
             self.resend.push_back(Outgoing::broker_marker());
         }
-        self.sync.open();
+        self.broker.gate_waits = true;
+        self.open_gate();
+    }
+
+    /// Opens the gate once the backlog is in and the probe does not hold it (see
+    /// [`BrokerProbe::gate_may_open`]).
+    fn open_gate(&mut self) {
+        if self.broker.gate_waits && self.broker.gate_may_open() {
+            self.broker.gate_waits = false;
+            self.sync.open();
+        }
+    }
+
+    /// A probe's findings: logged, in `/readyz` and the metrics, and the gate may open.
+    fn on_probe(&mut self, connection: u64, found: Findings) -> Flow {
+        if connection != self.broker.connection || !self.connected {
+            return Flow::Continue;
+        }
+        match &found {
+            Findings::Known(missing) => {
+                for lack in missing {
+                    match lack.required() {
+                        Requirement::Required => error!("{}", lack.explain()),
+                        Requirement::Degrades => warn!("{}", lack.explain()),
+                    }
+                }
+                if missing.contains(&Lack::SharedSubscriptions) {
+                    error!("Expiries are not decided by this replica until a connection to a broker that serves shared subscriptions.");
+                }
+            }
+            Findings::Unknown(why) => {
+                warn!(reason = %why, "Could not probe what the broker supports; going on as if it supported everything.");
+            }
+            Findings::Pending => {}
+        }
+        self.health.set_broker(found.clone());
+        self.broker.found = Some(found);
+        self.open_gate();
+        Flow::Continue
     }
 
     fn on_status(&mut self, out: Option<StatusOut>) -> Flow {
@@ -393,7 +494,9 @@ impl Session {
 
     fn on_event(&mut self, ev: Result<Event, Error>) -> Flow {
         match ev {
-            Ok(Event::ConnAck { session_present }) => self.on_connack(session_present),
+            Ok(Event::ConnAck {
+                session_present, ..
+            }) => self.on_connack(session_present),
             Ok(Event::SubAck { granted }) => self.on_suback(&granted),
             Ok(Event::Publish {
                 topic,
@@ -423,6 +526,7 @@ impl Session {
         }
         self.stalls = self.pulse.reader_beat();
         let marker = self.sync.connected(session_present, self.stalls);
+        self.broker.start();
         if let Some(share) = self.share.as_mut() {
             share.joined();
         }
@@ -541,12 +645,14 @@ impl Session {
                 self.sync.refused();
             }
             if let Some(n) = self.connection_log.check() {
-                warn!(error = %e, suppressed = n, "Cannot connect to the MQTT broker; retrying.");
+                let hint = e.hint().unwrap_or_default();
+                warn!(error = %e, hint, suppressed = n, "Cannot connect to the MQTT broker; retrying.");
             }
         }
         self.connected = false;
         self.health.set_mqtt(MqttLink::Down);
         self.sync.lost();
+        self.broker.gate_waits = false;
         Flow::Pause(self.backoff.next_delay())
     }
 
