@@ -530,6 +530,23 @@ fn check_config_reaches_the_servers() {
         out.contains("ttl: 1s for every device (unless its heartbeat asks with ttl_s)"),
         "{out}"
     );
+    // The broker probe found mosquitto complete (shared subscriptions only with a group).
+    assert!(
+        out.contains("mqtt: the broker serves retained messages to wildcard subscriptions, QoS 1"),
+        "{out}"
+    );
+    let o = run({
+        let mut c = presenced();
+        c.arg("check-config")
+            .args(server_flags(&redis, &mqtt.url(), free_port()))
+            .args(["--mqtt-shared-group", "g"]);
+        c
+    });
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("mqtt: the broker serves shared subscriptions, retained messages to wildcard subscriptions, QoS 1"),
+        "{}", String::from_utf8_lossy(&o.stdout)
+    );
 
     // The effective TTL rules, in their order.
     let o = run({

@@ -118,6 +118,11 @@ async fn three_replicas_commit_each_transition_once() {
             metric(&m, r#"presenced_devices{state="offline"}"#),
             Some(1000.0)
         );
+        // The broker probe found mosquitto serving shared subscriptions.
+        for feature in ["shared_subscriptions", "wildcard_retained"] {
+            let series = format!("presenced_broker_feature_missing{{feature=\"{feature}\"}}");
+            assert_eq!(metric(&m, &series), Some(0.0), "{series}");
+        }
     }
     assert_eq!((online, offline), (1000.0, 1000.0));
     let finals = check_invariants(&mqtt, apps[0].http(), &statuses).await;

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 
 /// A config for tests: the given servers, short TTLs, a free HTTP port; `extra` overrides.
-pub fn config(redis: &RedisServer, mqtt: &Mosquitto, extra: &[(&str, &str)]) -> Config {
+pub fn config(redis: &RedisServer, mqtt: &impl Broker, extra: &[(&str, &str)]) -> Config {
     let http = format!("127.0.0.1:{}", free_port());
     let mut flags: Vec<(String, String)> = vec![
         ("redis.url".into(), redis.url()),
@@ -23,6 +23,9 @@ pub fn config(redis: &RedisServer, mqtt: &Mosquitto, extra: &[(&str, &str)]) -> 
             format!("presenced-test-{:08x}", fastrand::u32(..)),
         ),
     ];
+    if let Some(protocol) = mqtt.protocol() {
+        flags.push(("mqtt.protocol".into(), protocol.into()));
+    }
     flags.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     Config::load(&Sources {
         file: None,
@@ -34,7 +37,11 @@ pub fn config(redis: &RedisServer, mqtt: &Mosquitto, extra: &[(&str, &str)]) -> 
 }
 
 /// [`config`] for a Redis Cluster.
-pub fn cluster_config(cluster: &RedisCluster, mqtt: &Mosquitto, extra: &[(&str, &str)]) -> Config {
+pub fn cluster_config(
+    cluster: &RedisCluster,
+    mqtt: &impl Broker,
+    extra: &[(&str, &str)],
+) -> Config {
     let seeds = cluster.seeds();
     let mut all = vec![("redis.cluster_nodes", seeds.as_str())];
     all.extend_from_slice(extra);

@@ -57,7 +57,7 @@ pub fn by_device(seen: &[Seen]) -> std::collections::HashMap<String, Vec<Value>>
 /// starting online; the retained status a late subscriber gets, the HTTP API and the last
 /// status seen all agree. Returns the devices' final states.
 pub async fn check_invariants(
-    mqtt: &Mosquitto,
+    mqtt: &impl Broker,
     api: SocketAddr,
     seen: &Collector,
 ) -> std::collections::BTreeMap<String, String> {
@@ -70,7 +70,15 @@ pub async fn check_invariants(
                 .push(s.json.clone());
         }
     }
-    let late = Collector::start(mqtt, "devices/+/status").await;
+    let filters: Vec<String> = if mqtt.wildcard_retained() {
+        vec!["devices/+/status".into()]
+    } else {
+        by_device
+            .keys()
+            .map(|d| format!("devices/{d}/status"))
+            .collect()
+    };
+    let late = Collector::start_many(mqtt, &filters).await;
     let n = by_device.len();
     late.wait_for("every retained status", |s| s.len() >= n)
         .await;

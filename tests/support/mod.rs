@@ -15,6 +15,7 @@ pub mod invariants;
 pub mod mqtt_clients;
 pub mod outage;
 pub mod proxy;
+pub mod rabbitmq;
 pub mod redis_cluster;
 pub mod replica;
 pub mod servers;

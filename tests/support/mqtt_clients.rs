@@ -28,26 +28,47 @@ pub struct Collector {
 }
 
 impl Collector {
-    pub async fn start(mqtt: &Mosquitto, filter: &str) -> Collector {
+    pub async fn start(mqtt: &impl Broker, filter: &str) -> Collector {
+        Self::start_many(mqtt, &[filter.to_owned()]).await
+    }
+
+    /// [`Collector::start`] on several filters (one SUBSCRIBE): on a broker that sends
+    /// retained messages to exact topics only, a late subscriber names each topic.
+    pub async fn start_many(mqtt: &impl Broker, filters: &[String]) -> Collector {
+        Self::start_with(mqtt, filters, false).await
+    }
+
+    /// [`Collector::start`] with a persistent session: what is published while the broker
+    /// is down (and this client reconnecting) waits for it, so it misses no status across a
+    /// broker restart that keeps sessions.
+    pub async fn start_durable(mqtt: &impl Broker, filter: &str) -> Collector {
+        Self::start_with(mqtt, &[filter.to_owned()], true).await
+    }
+
+    async fn start_with(mqtt: &impl Broker, filters: &[String], durable: bool) -> Collector {
         let mut opts = MqttOptions::new(
             format!("collector-{:08x}", fastrand::u32(..)),
             "127.0.0.1",
-            mqtt.port,
+            mqtt.port(),
         );
-        opts.set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_max_packet_size(1 << 20, 1 << 20)
+            .set_clean_session(!durable);
         let (client, mut el) = AsyncClient::new(opts, 100);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let s = seen.clone();
         let c = client.clone();
-        let filter = filter.to_owned();
+        let filters: Vec<rumqttc::SubscribeFilter> = filters
+            .iter()
+            .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
+            .collect();
         let task = tokio::spawn(async move {
             let mut ready = Some(ready_tx);
             loop {
                 match el.poll().await {
                     // Subscribe on every connection: a restarted broker forgot us.
                     Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                        let _ = c.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                        let _ = c.try_subscribe_many(filters.clone());
                     }
                     Ok(Event::Incoming(Incoming::SubAck(_))) => {
                         if let Some(tx) = ready.take() {
@@ -117,11 +138,11 @@ pub struct Devices {
 }
 
 impl Devices {
-    pub async fn connect(mqtt: &Mosquitto) -> Devices {
+    pub async fn connect(mqtt: &impl Broker) -> Devices {
         let mut opts = MqttOptions::new(
             format!("devices-{:08x}", fastrand::u32(..)),
             "127.0.0.1",
-            mqtt.port,
+            mqtt.port(),
         );
         opts.set_max_packet_size(4 << 20, 4 << 20).set_inflight(200);
         let (client, mut el) = AsyncClient::new(opts, 1000);
@@ -222,10 +243,10 @@ pub async fn wait_online_then_offline(statuses: &Collector, ids: &[String]) {
 /// real device registers it; connected. Its event loop runs in the returned task: aborting
 /// it drops the socket without DISCONNECT, so the broker publishes the will.
 pub async fn device_with_will(
-    mqtt: &Mosquitto,
+    mqtt: &impl Broker,
     id: &str,
 ) -> (AsyncClient, tokio::task::JoinHandle<()>) {
-    let mut opts = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", mqtt.port);
+    let mut opts = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", mqtt.port());
     opts.set_keep_alive(Duration::from_secs(60));
     opts.set_last_will(rumqttc::LastWill::new(
         format!("devices/{id}/will"),

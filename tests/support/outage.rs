@@ -74,7 +74,7 @@ fn nth_offline_detected(statuses: &Collector, ids: &[String], n: usize) -> u64 {
 /// The devices still beating keep beating until the returned guard is dropped: the caller's
 /// invariant check must not race their expiry.
 pub async fn one_outage_opened_and_closed(
-    mqtt: &Mosquitto,
+    mqtt: &impl Broker,
     api: std::net::SocketAddr,
     statuses: &Collector,
 ) -> Beating {

@@ -38,7 +38,7 @@ impl std::ops::DerefMut for Proc {
 /// The built binary as a replica: `(process, http address, client id)`.
 pub fn spawn_replica(
     redis: &RedisServer,
-    mqtt: &Mosquitto,
+    mqtt: &impl Broker,
     extra: &[&str],
 ) -> (Proc, SocketAddr, String) {
     spawn_replica_on(&["--redis-url".into(), redis.url()], mqtt, extra)
@@ -47,7 +47,7 @@ pub fn spawn_replica(
 /// [`spawn_replica`] with the Redis arguments given (e.g. `--redis-cluster-nodes`).
 pub fn spawn_replica_on(
     redis_args: &[String],
-    mqtt: &Mosquitto,
+    mqtt: &impl Broker,
     extra: &[&str],
 ) -> (Proc, SocketAddr, String) {
     spawn_replica_with_env(redis_args, mqtt, extra, &[])
@@ -57,7 +57,7 @@ pub fn spawn_replica_on(
 /// [`faketime::skewed_clock`] for a replica whose wall clock is off.
 pub fn spawn_replica_with_env(
     redis_args: &[String],
-    mqtt: &Mosquitto,
+    mqtt: &impl Broker,
     extra: &[&str],
     env: &[(String, String)],
 ) -> (Proc, SocketAddr, String) {
@@ -70,7 +70,7 @@ pub fn spawn_replica_with_env(
 /// `PRESENCED_TEST_RUST_LOG` says otherwise) written to `log`, for a test that reads it.
 pub fn spawn_replica_logging_to(
     redis: &RedisServer,
-    mqtt: &Mosquitto,
+    mqtt: &impl Broker,
     extra: &[&str],
     log: &Path,
 ) -> (Proc, SocketAddr, String) {

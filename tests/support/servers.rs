@@ -49,6 +49,31 @@ pub fn wait_port(port: u16, child: &mut Child, log: &Path) -> bool {
     );
 }
 
+/// An MQTT broker the tests run against: Mosquitto, or RabbitMQ (`rabbitmq`).
+pub trait Broker {
+    fn port(&self) -> u16;
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port())
+    }
+
+    /// The `mqtt.protocol` the monitor must use, if not its default.
+    fn protocol(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Whether retained messages reach wildcard subscriptions.
+    fn wildcard_retained(&self) -> bool {
+        true
+    }
+}
+
+impl Broker for Mosquitto {
+    fn port(&self) -> u16 {
+        self.port
+    }
+}
+
 // === Redis ===
 
 pub struct RedisServer {
