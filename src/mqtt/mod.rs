@@ -8,6 +8,7 @@
 //! * [`session`]: the MQTT task ([`MqttTask`]), one handler per event;
 //! * [`drain`]: the shutdown sequence (flush, offline presence, disconnect);
 //! * [`ingest`]: heartbeats validated and held for Redis;
+//! * [`queued`]: the marker put into our own offline queue before each reconnect;
 //! * [`sync`]: the sync marker, how heartbeats are stamped until it is back, the broker's
 //!   retained marker check;
 //! * [`tracker`]: PUBACKs matched to the publishes they acknowledge;
@@ -28,6 +29,7 @@ mod events;
 mod ingest;
 mod outgoing;
 mod probe;
+mod queued;
 mod session;
 mod share;
 mod sync;

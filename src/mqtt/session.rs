@@ -27,6 +27,7 @@ use super::events::{Event, EventLoop};
 use super::ingest::{Delivery, Ingest};
 use super::outgoing::{offline_payload, Kind, Outgoing, StatusTopics};
 use super::probe::probe;
+use super::queued;
 use super::share::{gone_instance, Share};
 use super::sync::SyncMarker;
 use super::topics::{instance_topic, BEACONS, BROKER_TOPIC, INSTANCES};
@@ -91,6 +92,10 @@ impl MqttTask {
         let (probe_tx, mut probe_rx) = mpsc::channel(1);
         let (mut session, mut eventloop) = Session::connect(&self, probe_tx);
         let out_rx = &mut self.out_rx;
+        if let Flow::Stop = session.queue_marker(&token).await {
+            session.stopped();
+            return;
+        }
         loop {
             if let Flow::Stop = session.prepare(out_rx) {
                 break;
@@ -111,6 +116,9 @@ impl MqttTask {
                 Flow::Stop => break,
                 Flow::Pause(delay) => {
                     if let Flow::Stop = session.pause(delay, &token).await {
+                        break;
+                    }
+                    if let Flow::Stop = session.queue_marker(&token).await {
                         break;
                     }
                 }
@@ -302,6 +310,30 @@ impl Session {
             self.look_for_a_stall();
         }
         Flow::Continue
+    }
+
+    /// Before (re)connecting a persistent session: a marker into our offline queue (see
+    /// `queued`), noting for the pulse meanwhile.
+    async fn queue_marker(&mut self, token: &CancellationToken) -> Flow {
+        if !self.broker.cfg.persistent_session() {
+            return Flow::Continue;
+        }
+        let cfg = self.broker.cfg.clone();
+        let topic = self.sync.topic().to_owned();
+        let put = queued::put(&cfg, &topic);
+        tokio::pin!(put);
+        loop {
+            tokio::select! {
+                () = token.cancelled() => return Flow::Stop,
+                stored = &mut put => {
+                    if let Some(marker) = stored {
+                        self.sync.queued(marker);
+                    }
+                    return Flow::Continue;
+                }
+                () = tokio::time::sleep(WATCHDOG) => self.look_for_a_stall(),
+            }
+        }
     }
 
     /// Connected and not shutting down.
@@ -581,7 +613,7 @@ impl Session {
         } else if retained {
             // A replay of a retained message because we (re)subscribed: not news.
         } else if topic.as_ref() == self.sync.topic().as_bytes() {
-            if self.sync.is_back(payload) {
+            if self.sync.arrived(payload) {
                 self.backlog_in();
                 debug!("Queued heartbeats delivered.");
             }

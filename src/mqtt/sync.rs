@@ -46,6 +46,11 @@ pub(super) struct SyncMarker {
     ingest: watch::Sender<Option<Synced>>,
     /// The outstanding marker's token and when it was sent.
     outstanding: Option<(Bytes, Instant)>,
+    /// The outstanding marker came back (the queued one may still be awaited).
+    marker_back: bool,
+    /// The token of the marker put into our offline queue before this connection (see
+    /// `queued`), while it is awaited.
+    queued: Option<Bytes>,
     /// The process's stall count when the latest marker was sent: the marker proves nothing
     /// about a later stall.
     stalls: u64,
@@ -63,6 +68,8 @@ impl SyncMarker {
             topic: sync_topic(instance),
             ingest,
             outstanding: None,
+            marker_back: false,
+            queued: None,
             stalls: 0,
             progress: Instant::now(),
             stamp: Stamp::OnTime,
@@ -103,6 +110,8 @@ impl SyncMarker {
             .map_or(Stamp::OnTime, Stamp::BrokerReturned);
         if !session_present {
             self.broker = BrokerCheck::Awaiting;
+            // Queued in a session that is gone: it will not come.
+            self.queued = None;
         }
         self.fresh_marker(stalls)
     }
@@ -125,6 +134,7 @@ impl SyncMarker {
     fn fresh_marker(&mut self, stalls: u64) -> Outgoing {
         let (out, token) = Outgoing::marker(&self.topic);
         self.outstanding = Some((token, Instant::now()));
+        self.marker_back = false;
         self.stalls = stalls;
         out
     }
@@ -134,9 +144,16 @@ impl SyncMarker {
         self.refused_at = Some(now_ms());
     }
 
+    /// A marker was put into our offline queue (before connecting): the backlog is in once
+    /// it is back too.
+    pub(super) fn queued(&mut self, token: Bytes) {
+        self.queued = Some(token);
+    }
+
     /// The connection is lost: no marker is outstanding, and the gate is closed.
     pub(super) fn lost(&mut self) {
         self.outstanding = None;
+        self.queued = None;
         let _ = self.ingest.send(None);
     }
 
@@ -159,9 +176,20 @@ impl SyncMarker {
         }
     }
 
-    /// A message on our sync topic: `true` if it is the outstanding marker.
-    pub(super) fn is_back(&self, payload: &Bytes) -> bool {
-        self.outstanding.as_ref().is_some_and(|(t, _)| t == payload)
+    /// A message on our sync topic: `true` once both the outstanding marker and the
+    /// queued one (if any) are back.
+    pub(super) fn arrived(&mut self, payload: &Bytes) -> bool {
+        if self.outstanding.is_none() {
+            return false;
+        }
+        if self.queued.as_ref() == Some(payload) {
+            self.queued = None;
+        } else if self.outstanding.as_ref().is_some_and(|(t, _)| t == payload) {
+            self.marker_back = true;
+        } else {
+            return false;
+        }
+        self.marker_back && self.queued.is_none()
     }
 
     /// The marker is back, or given up on: heartbeats are live again. Returns `true` when
@@ -169,6 +197,7 @@ impl SyncMarker {
     /// lost its retained messages. Then [`SyncMarker::open`].
     pub(super) fn finish(&mut self) -> bool {
         self.outstanding = None;
+        self.queued = None;
         self.stamp = Stamp::Live;
         let lost = self.broker == BrokerCheck::Awaiting;
         self.broker = BrokerCheck::Idle;
@@ -201,8 +230,8 @@ mod tests {
         assert_eq!(out.topic, "presenced/sync/a");
         assert_eq!(s.stamp(), Stamp::OnTime);
         assert!(s.outstanding());
-        assert!(!s.is_back(&Bytes::from_static(b"someone else's")));
-        assert!(s.is_back(&out.payload));
+        assert!(!s.arrived(&Bytes::from_static(b"someone else's")));
+        assert!(s.arrived(&out.payload));
         assert!(!s.finish(), "no broker check after a ConnAck with session");
         s.open();
         assert_eq!(s.stamp(), Stamp::Live);
@@ -211,9 +240,9 @@ mod tests {
         // A stall: a fresh marker is due; the old one proves nothing any more.
         let again = s.restart(1);
         assert_ne!(again.payload, out.payload);
-        assert!(!s.is_back(&out.payload));
+        assert!(!s.arrived(&out.payload));
         assert_eq!(s.stamp(), Stamp::OnTime);
-        assert!(s.is_back(&again.payload));
+        assert!(s.arrived(&again.payload));
         assert!(!s.finish());
         s.open();
         assert_eq!(
@@ -221,6 +250,29 @@ mod tests {
             Some(1),
             "the gate knows which stall it covers"
         );
+    }
+
+    #[test]
+    fn a_queued_marker_must_come_back_too() {
+        let (mut s, _rx) = marker();
+        let queued = Bytes::from_static(b"queued");
+        // Passed by the session's own marker (a broker that streams the queue meanwhile).
+        s.queued(queued.clone());
+        let out = s.connected(true, 0);
+        assert!(!s.arrived(&out.payload));
+        assert!(s.outstanding(), "the wait goes on");
+        assert!(s.arrived(&queued));
+        // In order: the queued one first.
+        s.finish();
+        s.queued(queued.clone());
+        let out = s.connected(true, 0);
+        assert!(!s.arrived(&queued));
+        assert!(s.arrived(&out.payload));
+        // A session the broker lost had no queue: only our own marker counts.
+        s.finish();
+        s.queued(queued.clone());
+        let out = s.connected(false, 0);
+        assert!(s.arrived(&out.payload));
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! leaves unused is not dead, hence the `dead_code` allowance.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod aedes;
 pub mod app;
+pub mod brokers;
 pub mod browser;
 pub mod fake_redis;
 pub mod faketime;

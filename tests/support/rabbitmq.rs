@@ -148,6 +148,14 @@ impl Broker for RabbitMq {
     fn wildcard_retained(&self) -> bool {
         false
     }
+
+    fn shared_subscriptions(&self) -> bool {
+        false
+    }
+
+    fn restart(&mut self) {
+        RabbitMq::restart(self);
+    }
 }
 
 impl Drop for RabbitMq {

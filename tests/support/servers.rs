@@ -66,11 +66,24 @@ pub trait Broker {
     fn wildcard_retained(&self) -> bool {
         true
     }
+
+    /// Whether `$share/<group>/...` subscriptions are served.
+    fn shared_subscriptions(&self) -> bool {
+        true
+    }
+
+    /// Kills the broker and starts it again on the same port (keeping what its
+    /// configuration persists).
+    fn restart(&mut self);
 }
 
 impl Broker for Mosquitto {
     fn port(&self) -> u16 {
         self.port
+    }
+
+    fn restart(&mut self) {
+        Mosquitto::restart(self);
     }
 }
 
