@@ -25,6 +25,11 @@ async fn an_outage_opens_and_closes_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_wills_take_devices_offline() {
+    brokers::wills(&Aedes::start()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_group_is_not_ready_and_decides_nothing() {
     brokers::shared_group_is_not_ready(&Aedes::start()).await;
 }

@@ -1,10 +1,10 @@
 //! The monitor against a second real broker: RabbitMQ's MQTT plugin (Debian's 3.10, MQTT
 //! 3.1.1 only). Its known gaps: no shared subscriptions (a `$share/...` filter is taken as
 //! a literal topic), retained messages delivered to exact-topic subscriptions only. What
-//! works must hold the contract (lifecycle, API, a monitor restart, an outage, a broker
-//! crash, each ended by the invariant check, which reads the retained statuses topic by
-//! topic here); what cannot work must be said (not ready, a refused check, a rebuild that
-//! says it cannot read the statuses) instead of running half-blind.
+//! works must hold the contract (lifecycle, API, a monitor restart, an outage, device
+//! wills, a broker crash, each ended by the invariant check, which reads the retained
+//! statuses topic by topic here); what cannot work must be said (not ready, a refused
+//! check, a rebuild that says it cannot read the statuses) instead of running half-blind.
 //!
 //! The node takes ~10 s to start, so one test runs the scenarios in turn against one node,
 //! each with its own Redis and monitor.
@@ -23,6 +23,7 @@ async fn the_monitor_on_rabbitmq() {
     step("lifecycle and API", lifecycle_and_api(&broker)).await;
     step("a monitor restart", monitor_restart(&broker)).await;
     step("an outage", outage(&broker)).await;
+    step("device wills", wills(&broker)).await;
     step(
         "a shared group is refused",
         shared_group_is_not_ready(&broker),

@@ -118,6 +118,49 @@ async fn wait_all_offline(statuses: &Collector, ids: &[String]) {
     .await;
 }
 
+/// Devices' own wills (MQTT 3.1.1 LWT, no delay): a dropped connection is an offline with
+/// reason `will` long before the TTL (60 s here) runs out.
+pub async fn wills(broker: &impl Broker) {
+    let redis = RedisServer::start();
+    let cfg = config(
+        &redis,
+        broker,
+        &[("mqtt.will_topic", "devices/{device}/will")],
+    );
+    let app = TestApp::spawn(cfg).await;
+    let statuses = wildcard_status_collector(broker).await;
+    let fleet = ids("lwt", 10);
+    let mut tasks = Vec::new();
+    for id in &fleet {
+        let (client, task) = device_with_will(broker, id).await;
+        let beat = br#"{"ttl_s":60}"#;
+        client
+            .publish(
+                format!("devices/{id}/heartbeat"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                &beat[..],
+            )
+            .await
+            .unwrap();
+        tasks.push((client, task));
+    }
+    statuses
+        .wait_for("all online", |s| s.len() >= fleet.len())
+        .await;
+    // Aborting the event loop closes the socket without DISCONNECT: the broker sends the will.
+    for (_, task) in &tasks {
+        task.abort();
+    }
+    wait_all_offline(&statuses, &fleet).await;
+    for id in &fleet {
+        let off = statuses.device(id).pop().unwrap();
+        assert_eq!(off["reason"], "will", "{off}");
+    }
+    check_invariants(broker, app.http(), &statuses).await;
+    app.stop().await.unwrap();
+}
+
 /// The group outage scenario: one opening, one closing.
 pub async fn outage(broker: &impl Broker) {
     let redis = RedisServer::start();
